@@ -1,0 +1,7 @@
+"""Lowering targets (importable as ``graphpeft.backends``); each registers with the core."""
+
+from __future__ import annotations
+
+from . import onnx
+
+__all__ = ["onnx"]

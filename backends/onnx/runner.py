@@ -1,0 +1,51 @@
+"""Run exported graphs in plain onnxruntime."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+
+from graphpeft.errors import ExportError
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+class OnnxRunner:
+    """An ``onnxruntime.InferenceSession`` that takes and returns the graph's flat inputs."""
+
+    def __init__(self, path: Union[str, os.PathLike], providers: Sequence[str] = ("CPUExecutionProvider",),
+                 threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(os.fspath(path), opts, providers=list(providers))
+        except Exception as e:  # noqa: BLE001
+            raise ExportError(f"onnxruntime could not load {os.fspath(path)}: {e}") from e
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, inputs: Sequence[Any]) -> list[np.ndarray]:
+        if len(inputs) != len(self.input_names):
+            raise ExportError(f"the graph takes {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
+        feed = {name: _to_numpy(x) for name, x in zip(self.input_names, inputs)}
+        return self.session.run(self.output_names, feed)
+
+    __call__ = run
+
+
+def max_abs_diff(a: Sequence[Any], b: Sequence[Any]) -> float:
+    """Largest absolute difference between two lists of tensors / arrays."""
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} outputs vs {len(b)}")
+    return max(float(np.max(np.abs(_to_numpy(x).astype(np.float64) - _to_numpy(y).astype(np.float64))))
+               for x, y in zip(a, b))

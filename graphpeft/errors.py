@@ -1,0 +1,39 @@
+"""Typed errors. Every error says what went wrong and what to do about it."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+class GraphPeftError(Exception):
+    """Base class of every error graphpeft raises on purpose."""
+
+
+class PlanError(GraphPeftError, ValueError):
+    """A plan is malformed, or does not fit the model it is applied to."""
+
+
+class TraceError(GraphPeftError):
+    """A model could not be turned into a graph."""
+
+
+class PassError(GraphPeftError):
+    """A pass failed; names the pass and the passes that ran before it."""
+
+    def __init__(self, pass_name: str, message: str, ran_before: Sequence[str] = ()) -> None:
+        self.pass_name = pass_name
+        self.ran_before = list(ran_before)
+        before = ", ".join(self.ran_before) if self.ran_before else "none"
+        super().__init__(f"pass '{pass_name}' failed: {message} (passes run before it: {before})")
+
+
+class VerificationError(GraphPeftError):
+    """A graph broke an invariant (graph lint, parameter roles, shapes)."""
+
+
+class AdapterFileError(GraphPeftError):
+    """An adapter file is missing, corrupted, or does not fit the model."""
+
+
+class ExportError(GraphPeftError):
+    """A backend could not lower or run a graph."""

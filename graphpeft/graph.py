@@ -1,0 +1,346 @@
+"""The IR: an aten-level ``torch.fx.GraphModule`` plus graphpeft metadata.
+
+Conventions every pass relies on:
+
+* Parameters and buffers are ``get_attr`` nodes whose target is the tensor's original dotted
+  path (``model.layers.0.self_attn.q_proj.weight``); new tensors are registered the same way
+  (``...q_proj.lora_A.weight``), so names in the graph are the names in a state dict.
+* Every parameter and buffer has exactly one :class:`Role`, kept in ``gm.meta``.
+* Every node a pass creates carries :class:`Provenance` in ``node.meta["graphpeft"]`` and the
+  ``nn_module_stack`` of the layer it belongs to, so it traces back to that layer.
+* Nodes carry ``meta["val"]`` (a fake tensor) so shapes and dtypes can be checked without
+  running the graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+aten = torch.ops.aten
+
+META_KEY = "graphpeft"
+
+
+class Role(str, enum.Enum):
+    """What a tensor of the graph is for; decides gradients, checkpoints and export."""
+
+    FROZEN = "frozen"
+    TRAINABLE = "trainable"
+    TRAINABLE_SLICE = "trainable-slice"
+    ADAPTER = "adapter"
+    ADAPTER_CONST = "adapter-const"
+    BUFFER = "buffer"
+
+    @property
+    def trainable(self) -> bool:
+        return self in (Role.TRAINABLE, Role.TRAINABLE_SLICE, Role.ADAPTER)
+
+
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """Where a node came from: the pass, the rule and the layer (module path) it adapts."""
+
+    pass_name: str
+    rule: str = ""
+    origin: str = ""
+    adapter: str = ""
+    part: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+
+# --- graph-level metadata -------------------------------------------------------------------
+
+
+def graph_meta(gm: fx.GraphModule) -> dict[str, Any]:
+    """graphpeft's metadata dictionary of a graph module (created on first use)."""
+    return gm.meta.setdefault(META_KEY, {"roles": {}, "adapters": {}})
+
+
+def roles(gm: fx.GraphModule) -> dict[str, Role]:
+    """Mapping tensor name -> :class:`Role` for every parameter and buffer of ``gm``."""
+    return graph_meta(gm)["roles"]
+
+
+def set_role(gm: fx.GraphModule, name: str, role: Role) -> None:
+    roles(gm)[name] = Role(role)
+    tensor = _get_tensor(gm, name)
+    if isinstance(tensor, torch.nn.Parameter):
+        tensor.requires_grad_(Role(role).trainable)
+
+
+def names_with_role(gm: fx.GraphModule, *wanted: Role) -> list[str]:
+    return [n for n, r in roles(gm).items() if r in wanted]
+
+
+def adapters(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
+    """Adapter records: adapter id -> {method, layer, tensors, config, join node name}."""
+    return graph_meta(gm)["adapters"]
+
+
+def _get_tensor(gm: fx.GraphModule, name: str) -> torch.Tensor:
+    *path, leaf = name.split(".")
+    mod: Any = gm
+    for p in path:
+        mod = getattr(mod, p)
+    return getattr(mod, leaf)
+
+
+def get_tensor(gm: fx.GraphModule, name: str) -> torch.Tensor:
+    """The parameter or buffer registered in ``gm`` under a dotted name."""
+    return _get_tensor(gm, name)
+
+
+def _owner(root: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    *path, leaf = name.split(".")
+    mod: torch.nn.Module = root
+    for p in path:
+        if not hasattr(mod, p):
+            mod.add_module(p, torch.nn.Module())
+        mod = getattr(mod, p)
+    return mod, leaf
+
+
+def attach_tensor(root: torch.nn.Module, name: str, tensor: torch.Tensor, role: Role) -> None:
+    """Register a parameter (or buffer, for :attr:`Role.BUFFER`) on ``root`` by dotted name."""
+    owner, leaf = _owner(root, name)
+    if Role(role) == Role.BUFFER:
+        owner.register_buffer(leaf, tensor)
+    else:
+        param = tensor if isinstance(tensor, torch.nn.Parameter) else torch.nn.Parameter(tensor)
+        param.requires_grad_(Role(role).trainable)
+        owner.register_parameter(leaf, param)
+
+
+def register_tensor(gm: fx.GraphModule, name: str, tensor: torch.Tensor, role: Role) -> None:
+    """Register a tensor on ``gm`` under a dotted name and record its role."""
+    attach_tensor(gm, name, tensor, role)
+    roles(gm)[name] = Role(role)
+
+
+def remove_tensor(gm: fx.GraphModule, name: str) -> None:
+    owner, leaf = _owner(gm, name)
+    owner._parameters.pop(leaf, None)
+    owner._buffers.pop(leaf, None)
+    roles(gm).pop(name, None)
+
+
+def fake_mode_of(gm: fx.GraphModule):
+    """The fake mode the graph's ``meta['val']`` tensors live in (None if there are none)."""
+    from torch._guards import detect_fake_mode
+
+    vals = [n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    return detect_fake_mode(vals) if vals else None
+
+
+def val(node: fx.Node) -> Optional[torch.Tensor]:
+    v = node.meta.get("val")
+    return v if isinstance(v, torch.Tensor) else None
+
+
+# --- building nodes --------------------------------------------------------------------------
+
+
+class GraphBuilder:
+    """Creates nodes after an anchor, stamping provenance, module stack and ``meta['val']``.
+
+    Every rewrite goes through a builder, which is how the "provenance on every created node"
+    invariant holds without each pass remembering it.
+    """
+
+    def __init__(self, gm: fx.GraphModule, anchor: fx.Node, provenance: Provenance,
+                 module_stack: Optional[dict] = None) -> None:
+        self.gm = gm
+        self.provenance = provenance
+        self._cursor = anchor
+        self._module_stack = module_stack if module_stack is not None else anchor.meta.get("nn_module_stack")
+        self._fake_mode = fake_mode_of(gm)
+        self.created: list[fx.Node] = []
+
+    def _stamp(self, node: fx.Node) -> fx.Node:
+        node.meta[META_KEY] = self.provenance.as_dict()
+        if self._module_stack is not None:
+            node.meta["nn_module_stack"] = dict(self._module_stack)
+        self.created.append(node)
+        return node
+
+    def _insert(self, make: Callable[[], fx.Node]) -> fx.Node:
+        with self.gm.graph.inserting_after(self._cursor):
+            node = make()
+        self._cursor = node
+        return node
+
+    def param(self, name: str, tensor: torch.Tensor, role: Role) -> fx.Node:
+        """Register ``tensor`` as ``name`` with ``role`` and return a ``get_attr`` node for it."""
+        register_tensor(self.gm, name, tensor, role)
+        node = self._insert(lambda: self.gm.graph.get_attr(name))
+        if self._fake_mode is not None:
+            node.meta["val"] = self._fake_mode.from_tensor(get_tensor(self.gm, name), static_shapes=True)
+        return self._stamp(node)
+
+    def call(self, target: Callable, *args: Any, **kwargs: Any) -> fx.Node:
+        node = self._insert(lambda: self.gm.graph.call_function(target, args, kwargs))
+        if self._fake_mode is not None:
+            node.meta["val"] = fake_eval(self._fake_mode, target, args, kwargs)
+        return self._stamp(node)
+
+
+def fake_eval(fake_mode: Any, target: Callable, args: Sequence[Any], kwargs: dict) -> Any:
+    """Evaluate ``target`` on the fake values of its argument nodes."""
+
+    def to_val(a: Any) -> Any:
+        return a.meta.get("val") if isinstance(a, fx.Node) else a
+
+    fargs, fkwargs = pytree.tree_map(to_val, (tuple(args), dict(kwargs)))
+    with fake_mode:
+        return target(*fargs, **fkwargs)
+
+
+def stamp_existing(node: fx.Node, provenance: Provenance) -> None:
+    node.meta[META_KEY] = provenance.as_dict()
+
+
+def provenance(node: fx.Node) -> Optional[dict[str, str]]:
+    return node.meta.get(META_KEY)
+
+
+# --- layers: the parameter-consuming ops passes target ---------------------------------------
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+@dataclasses.dataclass
+class Layer:
+    """One weight-carrying op of the graph, named by its module path."""
+
+    path: str
+    kind: str  # "linear" | "conv" | "embedding"
+    node: fx.Node
+    weight: str
+    bias: Optional[str]
+    in_features: int
+    out_features: int
+    module_class: str
+    # Weight stored as (in, out) like GPT-2's Conv1D; PEFT calls this fan_in_fan_out.
+    fan_in_fan_out: bool = False
+    #: other layers that read the same weight (tied weights, e.g. GPT-2's lm_head and wte)
+    shared_with: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def layer_index(self) -> Optional[int]:
+        """The first integer component of the path (``model.layers.3.mlp`` -> 3)."""
+        m = _LAYER_INDEX.search(self.path)
+        return int(m.group(1)) if m else None
+
+
+def _attr_name(node: Any) -> Optional[str]:
+    return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def _module_of(node: fx.Node, weight: str) -> tuple[str, str]:
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path, cls = list(stack.values())[-1]
+        cls_name = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
+        return _clean_path(path), cls_name.rsplit(".", 1)[-1]
+    return weight.rsplit(".", 1)[0], ""
+
+
+def _clean_path(path: str) -> str:
+    # strict-mode stacks look like "L['self'].model.layers[0]"; normalise to "model.layers.0"
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    return path.strip(".")
+
+
+def find_layers(gm: fx.GraphModule) -> list[Layer]:
+    """Every linear, conv and embedding op whose weight is a graph tensor, in graph order."""
+    layers: list[Layer] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or META_KEY in node.meta:
+            continue  # nodes created by passes (adapter branches) are not layers
+        layer = _as_layer(gm, node)
+        if layer is not None:
+            layers.append(layer)
+    for layer in layers:
+        layer.shared_with = [o.path for o in layers if o.weight == layer.weight and o is not layer]
+    return layers
+
+
+def _as_layer(gm: fx.GraphModule, node: fx.Node) -> Optional[Layer]:
+    t = node.target
+    if t == aten.linear.default:
+        w, b = _attr_name(node.args[1]), _attr_name(node.args[2]) if len(node.args) > 2 else None
+        if w is None:
+            return None
+        out_f, in_f = get_tensor(gm, w).shape
+        path, cls = _module_of(node, w)
+        return Layer(path, "linear", node, w, b, in_f, out_f, cls)
+    if t in (aten.conv2d.default, aten.conv1d.default):
+        w = _attr_name(node.args[1])
+        if w is None:
+            return None
+        b = _attr_name(node.args[2]) if len(node.args) > 2 else None
+        weight = get_tensor(gm, w)
+        path, cls = _module_of(node, w)
+        return Layer(path, "conv", node, w, b, weight.shape[1], weight.shape[0], cls)
+    if t == aten.embedding.default:
+        w = _attr_name(node.args[0])
+        if w is None:
+            return None
+        num, dim = get_tensor(gm, w).shape
+        path, cls = _module_of(node, w)
+        return Layer(path, "embedding", node, w, None, num, dim, cls)
+    if t == aten.addmm.default:
+        # GPT-2's Conv1D: addmm(bias, x, W) with W stored (in, out)
+        w, b = _attr_name(node.args[2]), _attr_name(node.args[0])
+        if w is None:
+            return None
+        in_f, out_f = get_tensor(gm, w).shape
+        path, cls = _module_of(node, w)
+        return Layer(path, "linear", node, w, b, in_f, out_f, cls, fan_in_fan_out=True)
+    return None
+
+
+def op_args(node: fx.Node) -> dict[str, Any]:
+    """All arguments of an aten op node by schema name, defaults filled in."""
+    schema = node.target._schema  # type: ignore[union-attr]
+    out: dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            out[arg.name] = arg.default_value
+    return out
+
+
+def tensor_users(gm: fx.GraphModule, name: str) -> list[fx.Node]:
+    """The nodes that read tensor ``name`` (through any ``get_attr`` of it)."""
+    users: list[fx.Node] = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target == name:
+            users.extend(node.users)
+    return users
+
+
+def op_count(gm: fx.GraphModule) -> int:
+    """Number of ``call_function`` nodes: the size measure merge tests compare."""
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function")
+
+
+def iter_created(gm: fx.GraphModule, adapter: Optional[str] = None) -> Iterator[fx.Node]:
+    for node in gm.graph.nodes:
+        prov = node.meta.get(META_KEY)
+        if prov and (adapter is None or prov.get("adapter") == adapter):
+            yield node

@@ -1,0 +1,311 @@
+"""Plans: what to adapt, declared as rules (Python objects or plain data with one schema).
+
+A rule selects layers (module paths of weight-carrying ops) and says what to do with them::
+
+    Plan([LoRA(targets=r".*\\.(q_proj|v_proj)", r=8, alpha=16)])
+    Plan.from_dict({"rules": [{"lora": {"targets": ["q_proj", "v_proj"], "r": 8}}]})
+
+Selection: ``targets`` as a string is a regular expression that must match the whole module
+path; as a list it is PEFT-style (a path matches when it equals an entry or ends with
+``"." + entry``); ``"all-linear"`` selects every linear layer except the output head.
+``kind`` restricts to ``linear`` / ``conv`` / ``embedding``; ``layers`` keeps only paths whose
+first integer component (``model.layers.3.mlp`` -> 3) is listed; ``exclude`` removes paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+from typing import Any, ClassVar, Iterable, Optional, Sequence, Union
+
+from .errors import PlanError
+from .graph import Layer
+from .registry import RULES, load_plugins
+
+PLAN_VERSION = 1
+KINDS = ("linear", "conv", "embedding")
+HEAD_NAMES = {"lm_head", "score", "classifier", "head", "output", "embed_out"}
+
+Targets = Union[str, Sequence[str]]
+
+
+def _as_list(x: Any) -> Optional[list]:
+    if x is None:
+        return None
+    if isinstance(x, (str, int)):
+        return [x]
+    return list(x)
+
+
+@dataclasses.dataclass
+class Rule:
+    """Base class of plan rules. Subclasses are dataclasses with a ``key`` (their data name).
+
+    ``select`` and ``check`` are the rule's half of match -> check -> rewrite: ``select`` says
+    whether the rule wants a layer, ``check`` whether the layer can take it (with a reason).
+    """
+
+    key: ClassVar[str] = ""
+    #: kinds of layer the method can adapt
+    supported_kinds: ClassVar[tuple[str, ...]] = KINDS
+    #: whether the rule puts an adapter on a layer (two such rules may not share a layer)
+    is_adapter: ClassVar[bool] = True
+
+    targets: Targets = ""
+    kind: Optional[Union[str, Sequence[str]]] = None
+    layers: Optional[Union[int, Sequence[int]]] = None
+    exclude: Optional[Targets] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str) and self.targets != "all-linear":
+            try:
+                re.compile(self.targets)
+            except re.error as e:
+                raise PlanError(f"{self.key}: targets {self.targets!r} is not a valid regular expression: {e}") from e
+        elif not isinstance(self.targets, str):
+            if not all(isinstance(t, str) for t in self.targets) or not list(self.targets):
+                raise PlanError(f"{self.key}: targets must be a regex string or a non-empty list of names")
+        for k in _as_list(self.kind) or []:
+            if k not in KINDS:
+                raise PlanError(f"{self.key}: unknown kind {k!r}; use one of {list(KINDS)}")
+        for i in _as_list(self.layers) or []:
+            if not isinstance(i, int):
+                raise PlanError(f"{self.key}: layers must be integers, got {i!r}")
+
+    # -- selection -------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        t = self.targets if isinstance(self.targets, str) else ",".join(self.targets)
+        return f"{self.key}[{t}]"
+
+    def _path_matches(self, targets: Targets, layer: Layer) -> bool:
+        if isinstance(targets, str):
+            if targets == "all-linear":
+                return layer.kind == "linear" and layer.path.rsplit(".", 1)[-1] not in HEAD_NAMES
+            return re.fullmatch(targets, layer.path) is not None
+        return any(layer.path == t or layer.path.endswith("." + t) for t in targets)
+
+    def select(self, layer: Layer) -> Optional[str]:
+        """None when the rule wants ``layer``, else the reason it does not."""
+        if not self._path_matches(self.targets, layer):
+            return f"path does not match targets {self.targets!r}"
+        if self.exclude is not None and self._path_matches(self.exclude, layer):
+            return f"path matches exclude {self.exclude!r}"
+        kinds = _as_list(self.kind)
+        if kinds is not None and layer.kind not in kinds:
+            return f"layer kind {layer.kind!r} is not in kind={kinds}"
+        layers = _as_list(self.layers)
+        if layers is not None and layer.layer_index not in layers:
+            return f"layer index {layer.layer_index} is not in layers={layers}"
+        if layer.kind not in self.supported_kinds:
+            return f"{self.key} does not support {layer.kind} layers (supports {list(self.supported_kinds)})"
+        return None
+
+    def check(self, layer: Layer) -> Optional[str]:
+        """None when ``layer`` can take this rule, else why not. Overridden by methods."""
+        return None
+
+    # -- data form ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        body = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, tuple):
+                v = list(v)
+            if f.name == "targets" or v != f.default:
+                body[f.name] = v
+        return {self.key: body}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> "Rule":
+        if not isinstance(body, dict):
+            raise PlanError(f"{cls.key}: expected a mapping of options, got {type(body).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(body) - fields)
+        if unknown:
+            hints = [f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, fields, 1)) else repr(u)
+                     for u in unknown]
+            raise PlanError(f"{cls.key}: unknown option(s) {', '.join(hints)}; allowed: {sorted(fields)}")
+        if "targets" not in body:
+            raise PlanError(f"{cls.key}: 'targets' is required (a regex, a list of names, or 'all-linear')")
+        try:
+            return cls(**body)
+        except TypeError as e:
+            raise PlanError(f"{cls.key}: {e}") from e
+
+
+@dataclasses.dataclass
+class LayerDecision:
+    """What the plan decided for one layer (shown by ``explain``)."""
+
+    layer: Layer
+    rule: Optional[str] = None  # the rule that took it
+    reasons: dict[str, str] = dataclasses.field(default_factory=dict)  # rule name -> why not
+
+
+@dataclasses.dataclass
+class Resolution:
+    """A plan applied to a graph's layers: which rule takes which layer, and why not others."""
+
+    decisions: list[LayerDecision]
+    matches: dict[str, list[Layer]]  # rule name -> layers it takes
+
+    def explain(self) -> str:
+        lines = []
+        for d in self.decisions:
+            l = d.layer
+            head = f"{l.path} ({l.kind} {l.module_class or '?'} {l.in_features}->{l.out_features})"
+            if d.rule:
+                lines.append(f"  + {head}: {d.rule}")
+            else:
+                why = "; ".join(f"{r}: {reason}" for r, reason in d.reasons.items()) or "no rule"
+                lines.append(f"  - {head}: {why}")
+        return "\n".join(lines)
+
+
+class Plan:
+    """An ordered list of rules. Construct from Python objects, a dict, YAML or JSON."""
+
+    def __init__(self, rules: Iterable[Rule] = ()) -> None:
+        self.rules: list[Rule] = list(rules)
+        for r in self.rules:
+            if not isinstance(r, Rule):
+                raise PlanError(f"plan entries must be rules like gp.LoRA(...), got {type(r).__name__}")
+        names = [r.name for r in self.rules]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise PlanError(f"the plan has the same rule twice: {sorted(dup)}")
+
+    def __repr__(self) -> str:
+        return f"Plan({self.rules!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Plan) and self.to_dict() == other.to_dict()
+
+    # -- data form ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": PLAN_VERSION, "rules": [r.to_dict() for r in self.rules]}
+
+    @classmethod
+    def from_dict(cls, data: Union[dict[str, Any], list]) -> "Plan":
+        load_plugins()
+        if isinstance(data, list):
+            data = {"rules": data}
+        if not isinstance(data, dict):
+            raise PlanError(f"a plan is a mapping with 'rules', got {type(data).__name__}")
+        unknown = sorted(set(data) - {"version", "rules"})
+        if unknown:
+            raise PlanError(f"unknown plan key(s) {unknown}; a plan has 'version' and 'rules'")
+        version = data.get("version", PLAN_VERSION)
+        if version != PLAN_VERSION:
+            raise PlanError(f"plan version {version} is not supported (this graphpeft reads version {PLAN_VERSION})")
+        rules = []
+        for i, entry in enumerate(data.get("rules") or []):
+            if not isinstance(entry, dict) or len(entry) != 1:
+                raise PlanError(f"rule #{i} must be a mapping with exactly one method key, like "
+                                "{'lora': {'targets': [...], 'r': 8}}")
+            (key, body), = entry.items()
+            if key not in RULES:
+                near = difflib.get_close_matches(key, list(RULES), 1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise PlanError(f"rule #{i}: unknown method {key!r}{hint}; known: {sorted(RULES)}")
+            rules.append(RULES[key].from_body(body))
+        if not rules:
+            raise PlanError("the plan has no rules")
+        return cls(rules)
+
+    @classmethod
+    def from_yaml(cls, path_or_text: Union[str, os.PathLike]) -> "Plan":
+        import yaml
+
+        text = _read_or_text(path_or_text)
+        try:
+            return cls.from_dict(yaml.safe_load(text))
+        except yaml.YAMLError as e:
+            raise PlanError(f"the plan is not valid YAML: {e}") from e
+
+    @classmethod
+    def from_json(cls, path_or_text: Union[str, os.PathLike]) -> "Plan":
+        text = _read_or_text(path_or_text)
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise PlanError(f"the plan is not valid JSON: {e}") from e
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    # -- applying to a graph -----------------------------------------------------------------
+
+    def resolve(self, layers: Sequence[Layer]) -> Resolution:
+        """Decide which rule takes which layer; raise :class:`PlanError` on a bad fit.
+
+        Errors: a rule that selects nothing (with the nearest candidate paths), a layer that
+        a rule selects but cannot take (rank larger than the layer, tied weight ...), and two
+        adapter rules claiming one layer.
+        """
+        decisions = [LayerDecision(l) for l in layers]
+        matches: dict[str, list[Layer]] = {r.name: [] for r in self.rules}
+        problems: list[str] = []
+        for rule in self.rules:
+            for d in decisions:
+                why = rule.select(d.layer)
+                if why is None:
+                    why = rule.check(d.layer)
+                    if why is not None:
+                        problems.append(f"{rule.name} selects {d.layer.path} but cannot adapt it: {why}")
+                if why is not None:
+                    d.reasons[rule.name] = why
+                    continue
+                if d.rule is not None and rule.is_adapter:
+                    problems.append(f"{d.layer.path} is claimed by two rules: {d.rule} and {rule.name}; "
+                                    "narrow one of them with exclude= or a tighter targets")
+                    continue
+                d.rule = rule.name
+                matches[rule.name].append(d.layer)
+            if not matches[rule.name] and not any(rule.name in p for p in problems):
+                problems.append(_nothing_matched(rule, layers))
+        if problems:
+            raise PlanError("the plan does not fit this model:\n  " + "\n  ".join(problems))
+        return Resolution(decisions, matches)
+
+
+def _nothing_matched(rule: Rule, layers: Sequence[Layer]) -> str:
+    paths = [l.path for l in layers]
+    targets = [rule.targets] if isinstance(rule.targets, str) else list(rule.targets)
+    near: list[str] = []
+    for t in targets:
+        probe = re.sub(r"[\\^$.*+?()\[\]{}|]", "", t) if isinstance(rule.targets, str) else t
+        near += difflib.get_close_matches(probe, paths, 3, 0.3)
+        near += difflib.get_close_matches(probe, [p.rsplit(".", 1)[-1] for p in paths], 3, 0.5)
+    near = list(dict.fromkeys(near))[:5] or paths[:5]
+    reasons = {}
+    for l in layers:
+        why = rule.select(l)
+        if why and not why.startswith("path does not match"):
+            reasons[l.path] = why
+    extra = ""
+    if reasons:
+        p, w = next(iter(reasons.items()))
+        extra = f"; e.g. {p} matched the path but {w}"
+    return (f"{rule.name} matches no layer{extra}. Nearest candidates: {near}. "
+            "Regex targets must match the whole module path (use '.*\\\\.q_proj'); "
+            "list targets match path suffixes (['q_proj']).")
+
+
+def _read_or_text(path_or_text: Union[str, os.PathLike]) -> str:
+    s = os.fspath(path_or_text)
+    if "\n" not in s and os.path.exists(s):
+        with open(s, encoding="utf-8") as f:
+            return f.read()
+    if "\n" not in s and s.endswith((".yaml", ".yml", ".json")):
+        raise PlanError(f"plan file {s!r} does not exist")
+    return s

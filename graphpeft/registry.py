@@ -1,0 +1,80 @@
+"""The core's registry. The pass library and the backends register into it; so do plugins.
+
+Core code looks things up here and never imports ``graphpeft.passes`` or
+``graphpeft.backends``. A user's own method registers exactly the way a built-in one does:
+with the decorators below, or through the ``graphpeft.plugins`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import metadata
+from typing import Any, Callable, Optional, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RULES: dict[str, type] = {}  # plan key -> rule class (e.g. "lora" -> LoRA)
+PASSES: dict[str, type] = {}  # pass name -> pass class
+METHODS: dict[str, Any] = {}  # adapter method name -> AdapterMethod (insert pass, merge, io)
+BACKENDS: dict[str, Any] = {}  # backend name -> backend object
+PIPELINES: dict[str, Callable[..., Any]] = {}  # pipeline name -> factory
+
+_plugins_loaded = False
+
+
+def register_rule(cls: type[T]) -> type[T]:
+    """Class decorator: make a plan rule available under its ``key`` (data form)."""
+    key = getattr(cls, "key", None)
+    if not key:
+        raise TypeError(f"{cls.__name__} needs a class attribute 'key' (its name in plan data)")
+    RULES[key] = cls
+    return cls
+
+
+def register_pass(cls: type[T]) -> type[T]:
+    """Class decorator: make a pass available by its ``name``."""
+    PASSES[getattr(cls, "name")] = cls
+    return cls
+
+
+def register_method(name: str, method: Any) -> None:
+    METHODS[name] = method
+
+
+def register_backend(name: str, backend: Any) -> None:
+    BACKENDS[name] = backend
+
+
+def register_pipeline(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        PIPELINES[name] = fn
+        return fn
+
+    return deco
+
+
+def load_plugins() -> None:
+    """Import modules named in the ``graphpeft.plugins`` entry-point group (once)."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for ep in metadata.entry_points(group="graphpeft.plugins"):
+        try:
+            ep.load()
+        except Exception:  # noqa: BLE001 - a broken plugin must not break graphpeft
+            log.exception("could not load graphpeft plugin %s", ep.name)
+
+
+def get_backend(name: str) -> Any:
+    load_plugins()
+    if name not in BACKENDS:
+        raise KeyError(f"no backend named {name!r}; known: {sorted(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def get_method(name: str) -> Optional[Any]:
+    load_plugins()
+    return METHODS.get(name)

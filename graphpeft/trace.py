@@ -1,0 +1,304 @@
+"""Tracing frontends: ``nn.Module`` -> the graphpeft IR (see :mod:`graphpeft.graph`).
+
+``torch.export`` (non-strict) is the default; ``torch.fx.symbolic_trace`` followed by
+``make_fx`` is the fallback for simple modules. Both produce the same IR: aten ops at the
+pre-dispatch level (``aten.linear`` stays whole), parameters as ``get_attr`` nodes named by
+their original paths, ``nn_module_stack`` on every layer op, flat tensor inputs and outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import os
+import traceback
+import warnings
+from typing import Any, Literal, Optional, Sequence
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from .errors import TraceError
+from .graph import Role, attach_tensor, roles
+
+log = logging.getLogger(__name__)
+
+Frontend = Literal["auto", "export", "fx"]
+
+
+@dataclasses.dataclass
+class TracedModel:
+    """A traced model: the graph plus what is needed to call it like the original model."""
+
+    gm: fx.GraphModule
+    in_spec: pytree.TreeSpec  # of (args, kwargs) including constant (non-tensor) leaves
+    tensor_leaf_mask: list[bool]  # which flat leaves of in_spec are graph inputs
+    const_leaves: list[Any]  # the constant leaves seen at trace time (checked at call time)
+    out_spec: pytree.TreeSpec
+    frontend: str
+    kwarg_names: tuple[str, ...]
+
+    def flatten_inputs(self, args: Sequence[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        """Flatten a call's inputs the way the graph expects them, with clear errors."""
+        if set(kwargs) - set(self.kwarg_names):
+            extra = sorted(set(kwargs) - set(self.kwarg_names))
+            raise TypeError(
+                f"keyword arguments {extra} were not given when the model was compiled "
+                f"(compiled with {list(self.kwarg_names)}); pass them in example_kwargs to compile()"
+            )
+        full = dict(zip(self.kwarg_names, [None] * len(self.kwarg_names)))
+        leaves_spec_kwargs = pytree.tree_unflatten(self.const_leaves_template(), self.in_spec)[1]
+        for k in self.kwarg_names:
+            full[k] = kwargs[k] if k in kwargs else leaves_spec_kwargs[k]
+        leaves, spec = pytree.tree_flatten((tuple(args), full))
+        if spec != self.in_spec:
+            raise TypeError(
+                "inputs do not have the structure the model was compiled with: expected "
+                f"{self.in_spec}, got {spec}"
+            )
+        out: list[torch.Tensor] = []
+        for leaf, is_tensor, const in zip(leaves, self.tensor_leaf_mask, self.const_leaves):
+            if is_tensor:
+                if not isinstance(leaf, torch.Tensor):
+                    raise TypeError(f"expected a tensor input, got {type(leaf).__name__}")
+                out.append(leaf)
+            elif leaf is not const and leaf != const:
+                raise TypeError(
+                    f"a non-tensor input was {const!r} when the model was compiled and is "
+                    f"{leaf!r} now; constants are baked into the graph: compile again with it"
+                )
+        return out
+
+    def const_leaves_template(self) -> list[Any]:
+        return [None if t else c for t, c in zip(self.tensor_leaf_mask, self.const_leaves)]
+
+
+def trace(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any] = (),
+    example_kwargs: Optional[dict[str, Any]] = None,
+    *,
+    frontend: Frontend = "auto",
+    dynamic: bool = True,
+) -> TracedModel:
+    """Trace ``model`` into the graphpeft IR.
+
+    The model is traced in eval mode (dropout off, norm statistics fixed): the graph is the
+    model's inference computation, and adapters add their own train-only dropout.
+    ``dynamic=True`` lets batch and sequence dimensions vary between calls.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
+    example_inputs = tuple(example_inputs)
+    example_kwargs = dict(example_kwargs or {})
+    if not example_inputs and not example_kwargs:
+        raise TraceError("example_inputs is empty: pass a batch the model's forward accepts, "
+                         "e.g. compile(model, plan, example_inputs=(input_ids,))")
+    was_training = model.training
+    model.eval()
+    errors: dict[str, BaseException] = {}
+    try:
+        order = ["export", "fx"] if frontend == "auto" else [frontend]
+        for name in order:
+            try:
+                fn = _trace_export if name == "export" else _trace_fx
+                traced = fn(model, example_inputs, example_kwargs, dynamic)
+                log.info("traced %s with %s: %d nodes", type(model).__name__, name,
+                         len(traced.gm.graph.nodes))
+                return traced
+            except TraceError:
+                raise
+            except Exception as e:  # noqa: BLE001 - reported below with the construct that failed
+                log.debug("frontend %s failed", name, exc_info=True)
+                errors[name] = e
+    finally:
+        model.train(was_training)
+    raise TraceError(_explain_failure(model, errors))
+
+
+def _explain_failure(model: torch.nn.Module, errors: dict[str, BaseException]) -> str:
+    lines = [f"could not trace {type(model).__name__}:"]
+    for name, e in errors.items():
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines.append(f"  - {name} frontend: {type(e).__name__}: {first[:300]}")
+        where = _user_frame(e)
+        if where:
+            lines.append(f"    failing construct at {where}")
+    lines.append(
+        "What to do: make control flow independent of tensor values (use torch.cond or move the "
+        "branch outside forward), avoid .item()/.tolist() and Python-side data on tensors in "
+        "forward, check that example_inputs/example_kwargs match forward's signature, and pass "
+        "use_cache=False to decoder models."
+    )
+    return "\n".join(lines)
+
+
+def _user_frame(e: BaseException) -> Optional[str]:
+    """The innermost traceback frame outside torch: usually the model's failing line."""
+    torch_dir = os.path.dirname(torch.__file__)
+    here = os.path.dirname(__file__)
+    best = None
+    for frame in traceback.extract_tb(e.__traceback__):
+        if frame.filename.startswith(torch_dir) or frame.filename.startswith(here):
+            continue
+        best = f"{frame.filename}:{frame.lineno} ({frame.line})"
+    return best
+
+
+# --- torch.export ----------------------------------------------------------------------------
+
+
+def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> Optional[dict]:
+    from torch.export import Dim
+
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as e:
+        raise TraceError(f"example inputs do not fit {type(model).__name__}.forward: {e}") from e
+
+    def spec(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return {i: Dim.AUTO for i in range(x.dim())}
+        return None
+
+    return {k: pytree.tree_map(spec, v) for k, v in bound.arguments.items()}
+
+
+def _trace_export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> TracedModel:
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    dyn = _dynamic_shapes(model, args, kwargs) if dynamic else None
+    if dyn is not None and any(isinstance(v, dict) and set(v) == {"args", "kwargs"} for v in dyn.values()):
+        dyn = None  # *args/**kwargs signatures: fall back to static shapes
+    ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dyn)
+    sig = ep.graph_signature
+    gm_src = ep.graph_module
+    graph = gm_src.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    tensors: dict[str, tuple[torch.Tensor, Role]] = {}
+    state = {**ep.state_dict, **ep.constants}
+    lifted: list[tuple[fx.Node, str]] = []
+    user_nodes: list[fx.Node] = []
+    for node, spec in zip(placeholders, sig.input_specs):
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            target = spec.target
+            if spec.kind == InputKind.CONSTANT_TENSOR:
+                target = "_constants." + target.replace(".", "_")
+            role = Role.FROZEN if spec.kind == InputKind.PARAMETER else Role.BUFFER
+            tensors[target] = (state[spec.target], role)
+            lifted.append((node, target))
+        elif spec.kind == InputKind.USER_INPUT:
+            user_nodes.append(node)
+        else:
+            raise TraceError(f"unsupported export input kind {spec.kind} for {spec.target}")
+    for spec in sig.output_specs:
+        if spec.kind != OutputKind.USER_OUTPUT:
+            raise TraceError(
+                f"the model mutates state in forward ({spec.kind.name} of {spec.target}); "
+                "graphpeft traces the model in eval mode, so this should not happen: "
+                "check for in-place updates of buffers in forward"
+            )
+    leaves, in_spec = pytree.tree_flatten((args, _ordered_kwargs(kwargs, ep.call_spec.in_spec)))
+    mask = [isinstance(x, torch.Tensor) for x in leaves]
+    if len(leaves) != len(user_nodes):
+        raise TraceError("could not match export's inputs to the example inputs")
+    for node, is_tensor, leaf in zip(user_nodes, mask, leaves):
+        if not is_tensor:
+            if node.users:
+                raise TraceError(f"the constant input {node.name}={leaf!r} is used as a graph value")
+            graph.erase_node(node)
+    gm = _finish(graph, lifted, tensors, gm_src)
+    return TracedModel(gm, in_spec, mask, [None if t else c for t, c in zip(mask, leaves)],
+                       ep.call_spec.out_spec, "export", tuple(_ordered_kwargs(kwargs, ep.call_spec.in_spec)))
+
+
+def _ordered_kwargs(kwargs: dict, in_spec: pytree.TreeSpec) -> dict:
+    keys = in_spec.children_specs[1].context if in_spec.num_children == 2 else list(kwargs)
+    return {k: kwargs[k] for k in keys}
+
+
+def _finish(graph: fx.Graph, lifted: list[tuple[fx.Node, str]],
+            tensors: dict[str, tuple[torch.Tensor, Role]], gm_src: fx.GraphModule) -> fx.GraphModule:
+    """Replace lifted parameter placeholders by ``get_attr`` nodes and build the module."""
+    graph._codegen = fx.graph.CodeGen()  # flat inputs and outputs; pytree handling is ours
+    warnings.filterwarnings("ignore", message=".*does not reference an nn.Module, nn.Parameter, or buffer.*")
+    first_op = next(n for n in graph.nodes if n.op != "placeholder")
+    for node, target in lifted:
+        with graph.inserting_before(first_op):
+            attr = graph.get_attr(target)
+        attr.meta.update(node.meta)
+        node.replace_all_uses_with(attr)
+        graph.erase_node(node)
+    root = torch.nn.Module()
+    for node in graph.nodes:  # subgraphs of higher-order ops (e.g. wrap_with_set_grad_enabled)
+        if node.op == "get_attr" and node.target not in tensors:
+            sub = getattr(gm_src, node.target)
+            if isinstance(sub, torch.nn.Module):
+                root.add_module(node.target, sub)
+    for target, (tensor, role) in tensors.items():
+        attach_tensor(root, target, tensor.detach() if role != Role.BUFFER else tensor, role)
+    gm = fx.GraphModule(root, graph)
+    for target, (_, role) in tensors.items():
+        roles(gm)[target] = role
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+# --- torch.fx fallback -----------------------------------------------------------------------
+
+
+def _trace_fx(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> TracedModel:
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.nn.utils.stateless import _reparametrize_module
+    import torch.fx.traceback as fxt
+
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    concrete = {k: v for k, v in bound.arguments.items() if not isinstance(v, torch.Tensor)}
+    sig_tensor_names = [k for k, v in bound.arguments.items() if isinstance(v, torch.Tensor)]
+    positional = list(inspect.signature(model.forward).parameters)[: len(args)]
+    flat_names = [k for k in positional + list(kwargs) if isinstance(bound.arguments.get(k), torch.Tensor)]
+    tensor_args = [bound.arguments[k] for k in flat_names]
+    if any(not isinstance(v, torch.Tensor) and isinstance(v, (list, tuple, dict)) for v in concrete.values()):
+        raise TraceError("the fx frontend takes tensor or constant arguments only")
+    sym = fx.symbolic_trace(model, concrete_args=concrete or None)
+    for node in sym.graph.nodes:
+        if node.op == "call_module":
+            mod = sym.get_submodule(node.target)
+            stack = dict(node.meta.get("nn_module_stack", {}))
+            stack[node.target] = (node.target, type(mod).__qualname__)
+            node.meta["nn_module_stack"] = stack
+    named = {**dict(sym.named_parameters(remove_duplicate=False)), **dict(sym.named_buffers())}
+    param_ids = {id(p) for p in sym.parameters()}
+    names = list(named)
+    out_spec_box: list[pytree.TreeSpec] = []
+
+    def fn(plist: list[torch.Tensor], *inputs: torch.Tensor) -> list[torch.Tensor]:
+        by_name = dict(zip(flat_names, inputs))
+        with _reparametrize_module(sym, dict(zip(names, plist))):
+            out = fx.Interpreter(sym).run(*[by_name[k] for k in sig_tensor_names])
+        flat, spec = pytree.tree_flatten(out)
+        out_spec_box.append(spec)
+        return flat
+
+    with fxt.preserve_node_meta():
+        traced = make_fx(fn, tracing_mode="symbolic" if dynamic else "fake", pre_dispatch=True)(
+            list(named.values()), *tensor_args)
+    graph = traced.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    lifted, tensors = [], {}
+    for node, name in zip(placeholders, names):
+        t = named[name]
+        tensors[name] = (t, Role.FROZEN if id(t) in param_ids else Role.BUFFER)
+        lifted.append((node, name))
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    flat_out = out_node.args[0]
+    out_node.args = (tuple(flat_out) if isinstance(flat_out, (list, tuple)) else (flat_out,),)
+    gm = _finish(graph, lifted, tensors, traced)
+    user_kwargs = {k: v for k, v in kwargs.items()}
+    leaves, in_spec = pytree.tree_flatten((args, user_kwargs))
+    mask = [isinstance(x, torch.Tensor) for x in leaves]
+    return TracedModel(gm, in_spec, mask, [None if t else c for t, c in zip(mask, leaves)],
+                       out_spec_box[-1], "fx", tuple(user_kwargs))

@@ -1,0 +1,58 @@
+"""Merge: fold each adapter into its base weight (``W <- W + ΔW``) and delete its branch.
+
+The merged graph is the base model's graph again (same op count); only weights differ. The
+method of each adapter supplies ΔW in the weight's own layout (see ``AdapterMethod``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from graphpeft.errors import PassError
+from graphpeft.graph import Role, adapters, get_tensor, iter_created, register_tensor, remove_tensor, roles
+from graphpeft.infra import PassBase, PassContext, PassResult
+from graphpeft.registry import get_method, register_pass
+
+
+@register_pass
+class MergeAdapters(PassBase):
+    """Folds adapters (all, or the given layer paths) into base weights; in place."""
+
+    name = "merge_adapters"
+
+    def __init__(self, layers: Optional[Sequence[str]] = None) -> None:
+        self.layers = None if layers is None else set(layers)
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        records = adapters(gm)
+        todo = [k for k in records if self.layers is None or records[k]["layer"] in self.layers]
+        for adapter_id in todo:
+            rec = records[adapter_id]
+            method = get_method(rec["method"])
+            if method is None or not method.mergeable:
+                raise PassError(self.name, f"adapter on {rec['layer']} ({rec['method']}) cannot be merged")
+            with torch.no_grad():
+                w = get_tensor(gm, rec["weight"])
+                delta = method.delta_weight(gm, rec).to(w.dtype)
+                merged = (w.detach() + delta).contiguous()  # a new tensor: the source model keeps its weights
+            role = roles(gm)[rec["weight"]]
+            register_tensor(gm, rec["weight"], merged, role)
+            self._remove_branch(gm, adapter_id, rec)
+            del records[adapter_id]
+        return PassResult(gm, bool(todo))
+
+    @staticmethod
+    def _remove_branch(gm: fx.GraphModule, adapter_id: str, rec: dict) -> None:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        join = nodes[rec["join"]]
+        join.replace_all_uses_with(join.args[0])
+        created = list(iter_created(gm, adapter_id))
+        for node in reversed(created):
+            if node.users:
+                raise PassError(MergeAdapters.name, f"adapter node {node.name} still has users {list(node.users)}")
+            gm.graph.erase_node(node)
+        for name in rec["tensors"].values():
+            remove_tensor(gm, name)
