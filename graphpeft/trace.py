@@ -215,7 +215,7 @@ def _trace_export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bo
 
 
 def _ordered_kwargs(kwargs: dict, in_spec: pytree.TreeSpec) -> dict:
-    keys = in_spec.children_specs[1].context if in_spec.num_children == 2 else list(kwargs)
+    keys = in_spec.child(1).context if in_spec.num_children == 2 else list(kwargs)
     return {k: kwargs[k] for k in keys}
 
 
