@@ -1,0 +1,1 @@
+"""Benchmarks: graphpeft side by side with its anchors (``python -m benchmarks``)."""

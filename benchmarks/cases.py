@@ -1,0 +1,275 @@
+"""Benchmark cases (models + data) and contenders (ways to run one step on them).
+
+Every contender is a factory ``make(case) -> step()``; factories build their own model copy so
+contenders never share state. graphpeft contenders that need parts not built yet are skipped
+with a reason instead of failing the whole run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import tempfile
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    build: Callable[[], nn.Module]
+    batch: tuple  # positional inputs
+    kwargs: dict
+    targets: Any  # LoRA targets (PEFT-style list)
+    loss: str  # "causal_lm" | "cross_entropy"
+    labels: Optional[torch.Tensor] = None
+    last_layer: tuple[str, ...] = ()  # parameter-name prefixes for the "last layer + head" scheme
+
+    def loss_of(self, out: Any) -> torch.Tensor:
+        logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+        if self.loss == "causal_lm":
+            ids = self.batch[0]
+            return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        return F.cross_entropy(logits, self.labels)
+
+
+def llama_case(quick: bool = False) -> Case:
+    """The benchmark model of DESIGN.md: Llama, hidden 256, 4 layers, batch 4 x 128 tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    layers, seq = (2, 64) if quick else (4, 128)
+    cfg = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return LlamaForCausalLM(cfg)
+
+    ids = torch.randint(0, cfg.vocab_size, (4, seq), generator=torch.Generator().manual_seed(0))
+    return Case("llama", build, (ids,), {"use_cache": False}, LLAMA_LINEAR, "causal_lm",
+                last_layer=(f"model.layers.{layers - 1}.", "model.norm.", "lm_head."))
+
+
+def bert_case(quick: bool = False) -> Case:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    layers, seq = (2, 64) if quick else (4, 128)
+    cfg = BertConfig(vocab_size=2048, hidden_size=256, num_hidden_layers=layers, num_attention_heads=4,
+                     intermediate_size=1024, max_position_embeddings=512, num_labels=4,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return BertForSequenceClassification(cfg)
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (4, seq), generator=g)
+    labels = torch.randint(0, 4, (4,), generator=g)
+    return Case("bert", build, (ids,), {}, ["query", "key", "value", "dense"], "cross_entropy", labels,
+                last_layer=(f"bert.encoder.layer.{layers - 1}.", "bert.pooler.", "classifier."))
+
+
+class _Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class SmallResNet(nn.Module):
+    def __init__(self, width: int = 32, blocks: int = 4, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, 1, 1)
+        self.blocks = nn.Sequential(*[_Block(width) for _ in range(blocks)])
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.blocks(torch.relu(self.stem(x))), 1).flatten(1))
+
+
+def cnn_case(quick: bool = False) -> Case:
+    blocks, size = (2, 16) if quick else (4, 32)
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return SmallResNet(blocks=blocks).eval()
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, size, size, generator=g)
+    labels = torch.randint(0, 10, (8,), generator=g)
+    return Case("cnn", build, (x,), {}, r"blocks\.\d+\.conv\d", "cross_entropy", labels,
+                last_layer=(f"blocks.{blocks - 1}.", "fc."))
+
+
+CASES = {"llama": llama_case, "bert": bert_case, "cnn": cnn_case}
+
+
+# --- training contenders ----------------------------------------------------------------------
+
+def _eager_step(model: nn.Module, case: Case, params: list[torch.nn.Parameter]) -> Callable[[], float]:
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = case.loss_of(model(*case.batch, **case.kwargs))
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    return step
+
+
+def eager_full(case: Case) -> Callable[[], float]:
+    model = case.build().eval()  # every contender runs in eval mode: no dropout, fixed BN statistics
+    return _eager_step(model, case, list(model.parameters()))
+
+
+def eager_last_layer(case: Case) -> Callable[[], float]:
+    model = case.build().eval()
+    params = []
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith(case.last_layer))
+        if p.requires_grad:
+            params.append(p)
+    return _eager_step(model, case, params)
+
+
+def _peft_model(case: Case) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(case.build().eval(), LoraConfig(r=8, lora_alpha=16, target_modules=case.targets))
+
+
+def peft_lora_eager(case: Case) -> Callable[[], float]:
+    model = _peft_model(case)
+    return _eager_step(model, case, [p for p in model.parameters() if p.requires_grad])
+
+
+def peft_lora_compiled(case: Case) -> Callable[[], float]:
+    model = _peft_model(case)
+    compiled = torch.compile(model)
+    return _eager_step(compiled, case, [p for p in model.parameters() if p.requires_grad])
+
+
+def _gp_compiled(case: Case):
+    import graphpeft as gp
+
+    model = case.build().eval()
+    plan = gp.Plan([gp.LoRA(targets=case.targets, r=8, alpha=16)])
+    return gp.compile(model, plan, case.batch, case.kwargs)
+
+
+def gp_lora_eager(case: Case) -> Callable[[], float]:
+    """graphpeft's adapted graph trained by a plain PyTorch loop (no training compiler)."""
+    cm = _gp_compiled(case)
+    return _eager_step(cm, case, list(cm.trainable_parameters().values()))
+
+
+def _gp_training_step(case: Case):
+    import graphpeft as gp
+
+    cm = _gp_compiled(case)
+    if not hasattr(cm, "compile_training"):
+        raise NotImplementedError("the training-step compiler is not built yet")
+    loss_fn = case.loss if case.loss == "causal_lm" else "cross_entropy"
+    return cm, cm.compile_training(loss=loss_fn, optimizer=gp.optim.AdamW(lr=1e-4))
+
+
+def _targets(case: Case) -> tuple:
+    return (case.labels,) if case.labels is not None else ()
+
+
+def gp_step_torch(case: Case) -> Callable[[], Any]:
+    _, step = _gp_training_step(case)
+    batch = (*case.batch, *_targets(case))
+    return lambda: step(*batch)
+
+
+def gp_step_ort(case: Case) -> Callable[[], Any]:
+    from graphpeft.backends.onnx import OnnxTrainer
+
+    _, step = _gp_training_step(case)
+    path = os.path.join(tempfile.mkdtemp(prefix="gp-bench-"), "train.onnx")
+    step.export_onnx(path)
+    trainer = OnnxTrainer(path)
+    batch = (*case.batch, *_targets(case))
+    return lambda: trainer.step(*batch)
+
+
+TRAIN = {
+    "eager_full": eager_full,
+    "eager_last_layer": eager_last_layer,
+    "peft_lora_eager": peft_lora_eager,
+    "peft_lora_compiled": peft_lora_compiled,
+    "gp_lora_eager": gp_lora_eager,
+    "gp_step_torch": gp_step_torch,
+    "gp_step_ort": gp_step_ort,
+}
+
+
+# --- inference contenders -----------------------------------------------------------------------
+
+def _no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        with torch.inference_mode():
+            return fn()
+
+    return run
+
+
+def infer_base(case: Case) -> Callable[[], Any]:
+    model = case.build().eval()
+    return _no_grad(lambda: model(*case.batch, **case.kwargs))
+
+
+def infer_peft_unmerged(case: Case) -> Callable[[], Any]:
+    model = _peft_model(case).eval()
+    return _no_grad(lambda: model(*case.batch, **case.kwargs))
+
+
+def infer_gp_unmerged(case: Case) -> Callable[[], Any]:
+    cm = _gp_compiled(case).eval()
+    return _no_grad(lambda: cm(*case.batch, **case.kwargs))
+
+
+def infer_gp_merged(case: Case) -> Callable[[], Any]:
+    merged = _gp_compiled(case).merge().eval()
+    return _no_grad(lambda: merged(*case.batch, **case.kwargs))
+
+
+def _ort(case: Case, merged: bool) -> Callable[[], Any]:
+    from graphpeft.backends.onnx import OnnxRunner
+
+    cm = _gp_compiled(case)
+    path = os.path.join(tempfile.mkdtemp(prefix="gp-bench-"), "model.onnx")
+    cm.export_onnx(path, merged=merged)
+    runner = OnnxRunner(path)
+    flat = [t.numpy() for t in cm.flat_inputs(*case.batch, **case.kwargs)]
+    return lambda: runner.run(flat)
+
+
+def infer_gp_merged_ort(case: Case) -> Callable[[], Any]:
+    return _ort(case, True)
+
+
+def infer_gp_unmerged_ort(case: Case) -> Callable[[], Any]:
+    return _ort(case, False)
+
+
+INFER = {
+    "base": infer_base,
+    "peft_unmerged": infer_peft_unmerged,
+    "gp_merged": infer_gp_merged,
+    "gp_unmerged": infer_gp_unmerged,
+    "gp_merged_ort": infer_gp_merged_ort,
+    "gp_unmerged_ort": infer_gp_unmerged_ort,
+}
