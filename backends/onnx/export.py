@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import tempfile
 import time
 import warnings
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -18,6 +19,22 @@ if TYPE_CHECKING:
     from graphpeft.compiled import CompiledModel
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """Silence torch.onnx's registry chatter ("torchvision is not installed ...") during export."""
+    names = ["torch.onnx._internal.exporter._registration", "torch.onnx._internal.exporter._core",
+             "onnxscript.optimizer", "onnx_ir.passes"]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 @dataclasses.dataclass
@@ -76,7 +93,7 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool 
     cm.eval()
     start = time.perf_counter()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_exporter():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(gm, inputs, dynamo=True, dynamic_shapes=dyn,
                                         input_names=input_names, output_names=output_names,
