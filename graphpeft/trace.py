@@ -48,6 +48,12 @@ class TracedModel:
                 f"keyword arguments {extra} were not given when the model was compiled "
                 f"(compiled with {list(self.kwarg_names)}); pass them in example_kwargs to compile()"
             )
+        n_args = self.in_spec.child(0).num_children
+        if len(args) != n_args:
+            raise TypeError(
+                f"the model was compiled with {n_args} positional argument(s) and keyword arguments "
+                f"{list(self.kwarg_names)}; got {len(args)} positional argument(s): pass the same ones"
+            )
         full = dict(zip(self.kwarg_names, [None] * len(self.kwarg_names)))
         leaves_spec_kwargs = pytree.tree_unflatten(self.const_leaves_template(), self.in_spec)[1]
         for k in self.kwarg_names:
@@ -59,10 +65,15 @@ class TracedModel:
                 f"{self.in_spec}, got {spec}"
             )
         out: list[torch.Tensor] = []
-        for leaf, is_tensor, const in zip(leaves, self.tensor_leaf_mask, self.const_leaves):
+        for i, (leaf, is_tensor, const) in enumerate(zip(leaves, self.tensor_leaf_mask, self.const_leaves)):
             if is_tensor:
                 if not isinstance(leaf, torch.Tensor):
-                    raise TypeError(f"expected a tensor input, got {type(leaf).__name__}")
+                    path = pytree.keystr(pytree.tree_flatten_with_path(
+                        pytree.tree_unflatten(list(range(len(leaves))), self.in_spec))[0][i][0])
+                    name = path[3:][1:-1] if path[3:].count("[") == 1 else path[3:]  # "'mask'" / "0"
+                    where = f"keyword argument {name}" if path.startswith("[1]") else f"positional argument {name}"
+                    raise TypeError(f"{where} was a tensor when the model was compiled (a graph input): "
+                                    f"pass a tensor, got {type(leaf).__name__}")
                 out.append(leaf)
             elif leaf is not const and leaf != const:
                 raise TypeError(
@@ -181,13 +192,17 @@ def _trace_export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bo
     state = {**ep.state_dict, **ep.constants}
     lifted: list[tuple[fx.Node, str]] = []
     user_nodes: list[fx.Node] = []
+    # tied weights (GPT-2's lm_head / wte) are one tensor under several names: keep the first
+    # name (the one named_parameters() gives) for every use, so both layers read one tensor
+    canonical: dict[int, str] = {}
     for node, spec in zip(placeholders, sig.input_specs):
         if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
             target = spec.target
             if spec.kind == InputKind.CONSTANT_TENSOR:
                 target = "_constants." + target.replace(".", "_")
             role = Role.FROZEN if spec.kind == InputKind.PARAMETER else Role.BUFFER
-            tensors[target] = (state[spec.target], role)
+            target = canonical.setdefault(id(state[spec.target]), target)
+            tensors.setdefault(target, (state[spec.target], role))
             lifted.append((node, target))
         elif spec.kind == InputKind.USER_INPUT:
             user_nodes.append(node)
@@ -223,10 +238,11 @@ def _finish(graph: fx.Graph, lifted: list[tuple[fx.Node, str]],
             tensors: dict[str, tuple[torch.Tensor, Role]], gm_src: fx.GraphModule) -> fx.GraphModule:
     """Replace lifted parameter placeholders by ``get_attr`` nodes and build the module."""
     graph._codegen = fx.graph.CodeGen()  # flat inputs and outputs; pytree handling is ours
-    warnings.filterwarnings("ignore", message=".*does not reference an nn.Module, nn.Parameter, or buffer.*")
     first_op = next(n for n in graph.nodes if n.op != "placeholder")
     for node, target in lifted:
-        with graph.inserting_before(first_op):
+        # the tensors are attached to the new root below; fx warns that they are not there yet
+        with graph.inserting_before(first_op), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             attr = graph.get_attr(target)
         attr.meta.update(node.meta)
         node.replace_all_uses_with(attr)
@@ -289,14 +305,21 @@ def _trace_fx(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) 
     graph = traced.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     lifted, tensors = [], {}
+    canonical: dict[int, str] = {}  # tied weights: one tensor, one name (see _trace_export)
     for node, name in zip(placeholders, names):
         t = named[name]
-        tensors[name] = (t, Role.FROZEN if id(t) in param_ids else Role.BUFFER)
-        lifted.append((node, name))
+        target = canonical.setdefault(id(t), name)
+        tensors.setdefault(target, (t, Role.FROZEN if id(t) in param_ids else Role.BUFFER))
+        lifted.append((node, target))
     out_node = next(n for n in graph.nodes if n.op == "output")
     flat_out = out_node.args[0]
     out_node.args = (tuple(flat_out) if isinstance(flat_out, (list, tuple)) else (flat_out,),)
     gm = _finish(graph, lifted, tensors, traced)
+    # name the graph inputs after forward's arguments (as torch.export does), not arg1_1 ...
+    for node, name in zip([n for n in gm.graph.nodes if n.op == "placeholder"], flat_names):
+        node._rename(name)
+        node.target = node.name
+    gm.recompile()
     user_kwargs = {k: v for k, v in kwargs.items()}
     leaves, in_spec = pytree.tree_flatten((args, user_kwargs))
     mask = [isinstance(x, torch.Tensor) for x in leaves]
