@@ -11,9 +11,9 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from .errors import AdapterFileError
-from .graph import META_KEY, Role, adapters, get_tensor, op_count, roles
+from .graph import META_KEY, Role, adapters, get_tensor, graph_meta, op_count, roles
 from .infra import PassContext, PassManager, Pipeline, clone_graph_module
-from .registry import PASSES, get_backend, load_plugins
+from .registry import MERGE_STEPS, PASSES, get_backend, load_plugins
 from .trace import TracedModel
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,11 @@ class CompiledModel(torch.nn.Module):
 
     # -- explain, merge, export ------------------------------------------------------------
 
+    def match_report(self) -> list[Any]:
+        """Every match -> check -> rewrite outcome of the compile (``MatchResult`` objects, in
+        order): ``ok`` ones were rewritten; the others carry the reason they were not."""
+        return list(self._ctx.report) if self._ctx is not None else []
+
     def explain(self) -> str:
         """Which rule matched which layer, and why every other layer was left alone."""
         lines = [f"plan: {len(self.plan.rules) if self.plan else 0} rule(s); "
@@ -150,7 +155,9 @@ class CompiledModel(torch.nn.Module):
         gm = clone_graph_module(self.graph_module)
         ctx = PassContext(verify=True)
         merge = PASSES["merge_adapters"]()
-        result = PassManager().run(gm, Pipeline("merge", [merge, PASSES["remove_dead_code"](), PASSES["freeze"]()]), ctx)
+        folds = [PASSES[name]() for name in MERGE_STEPS]  # e.g. reassemble row-sliced weights
+        result = PassManager().run(gm, Pipeline("merge", [merge, *folds, PASSES["remove_dead_code"](),
+                                                          PASSES["freeze"]()]), ctx)
         merged = CompiledModel(result.gm, self._traced, self.plan, self._resolution, ctx,
                                self._example_inputs, self.base_op_count)
         merged.train(self.training)
@@ -158,8 +165,18 @@ class CompiledModel(torch.nn.Module):
 
     def export_onnx(self, path: Union[str, os.PathLike], merged: bool = True, **options: Any) -> Any:
         """Export to ONNX (merged: adapters folded; ``merged=False`` keeps the adapter branch)."""
-        model = self.merge() if merged and adapters(self.graph_module) else self
+        reparameterized = bool(graph_meta(self.graph_module).get("slices"))  # sparse-update weight slices
+        model = self.merge() if merged and (adapters(self.graph_module) or reparameterized) else self
         return get_backend("onnx").export(model, path, **options)
+
+    def compile_training(self, loss: Any, optimizer: Any, **options: Any) -> Any:
+        """Compile one training step (forward, pruned backward, optimizer update) as one graph.
+
+        ``step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-3))``; ``step(*batch)``
+        trains this model in place. See :func:`graphpeft.training.compile_training`."""
+        from .training import compile_training
+
+        return compile_training(self, loss, optimizer, **options)
 
     def __repr__(self) -> str:
         return (f"CompiledModel({len(adapters(self.graph_module))} adapters, "

@@ -84,7 +84,7 @@ def test_structure_match_count_and_provenance(parity_case, name):
     adapters = cm.adapters()
     # match count: one adapter per selected layer, and the rewrite pass reports the same
     assert len(adapters) == PARITY[name][1]
-    ok = [m for m in cm._ctx.report if m.ok]
+    ok = [m for m in cm.match_report() if m.ok]
     assert sorted(m.origin for m in ok) == sorted(adapters)
     assert all(m.stage == "rewrite" for m in ok)
     assert op_count(gm) == cm.base_op_count + sum(5 if a["kind"] == "embedding" else 4 for a in adapters.values())
