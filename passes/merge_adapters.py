@@ -1,7 +1,8 @@
 """Merge: fold each adapter into its base weight (``W <- W + ΔW``) and delete its branch.
 
 The merged graph is the base model's graph again (same op count); only weights differ. The
-method of each adapter supplies ΔW in the weight's own layout (see ``AdapterMethod``).
+method of each adapter supplies the merged base tensors (``AdapterMethod.merged_tensors``:
+``W + ΔW`` by default, in the weight's own layout).
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ class MergeAdapters(PassBase):
             if method is None or not method.mergeable:
                 raise PassError(self.name, f"adapter on {rec['layer']} ({rec['method']}) cannot be merged")
             with torch.no_grad():
-                w = get_tensor(gm, rec["weight"])
-                delta = method.delta_weight(gm, rec).to(w.dtype)
-                merged = (w.detach() + delta).contiguous()  # a new tensor: the source model keeps its weights
-            role = roles(gm)[rec["weight"]]
-            register_tensor(gm, rec["weight"], merged, role)
+                # usually {weight: W + ΔW}; a method may also change the bias (IA3) or fold
+                # non-additively (DoRA). New tensors: the source model keeps its weights.
+                merged = method.merged_tensors(gm, rec)
+            for name, value in merged.items():
+                old = get_tensor(gm, name)
+                register_tensor(gm, name, value.to(old.dtype).contiguous(), roles(gm)[name])
             self._remove_branch(gm, adapter_id, rec)
             del records[adapter_id]
         return PassResult(gm, bool(todo))
@@ -54,5 +56,8 @@ class MergeAdapters(PassBase):
             if node.users:
                 raise PassError(MergeAdapters.name, f"adapter node {node.name} still has users {list(node.users)}")
             gm.graph.erase_node(node)
+        # a tensor shared by several adapters (VeRA's vera_A / vera_B) stays while others read it
+        still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
         for name in rec["tensors"].values():
-            remove_tensor(gm, name)
+            if name not in still_read:
+                remove_tensor(gm, name)

@@ -1,0 +1,157 @@
+"""LoRA-FA (Zhang et al., 2023): LoRA with the down-projection ``A`` frozen at its random init.
+
+Forward and merge are LoRA's, ``y = base(x) + s · B(A(dropout(x)))`` with ``s = alpha / r``;
+only ``B`` trains, so the backward needs no gradient for ``A`` and keeps no copy of the
+full-width input for it (the paper's activation-memory saving: only the ``r``-wide ``A x`` is
+stored). ``A`` is :attr:`Role.ADAPTER_CONST`, ``B`` :attr:`Role.ADAPTER`. Names follow PEFT
+(``<path>.lora_A.weight`` ``(r, in)``, ``<path>.lora_B.weight`` ``(out, r)``), so a LoRA-FA
+adapter loads into a PEFT LoRA model (PEFT's LoRA-FA is a LoRA model whose ``lora_A`` is frozen
+by ``create_lorafa_optimizer``). Init: A Kaiming-uniform (regenerated from the compile seed and
+the layer path), B zero. Linear layers only (GPT-2's Conv1D included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from graphpeft.errors import PlanError
+from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapters, get_tensor
+from graphpeft.infra import PassContext
+from graphpeft.plan import Rule
+from graphpeft.registry import register_method, register_pass, register_rule
+from graphpeft.rewrite import MatchResult, RewritePass
+
+from .insert_lora import LoRAMethod
+from .layer_rewrite import LayerRewrite, layer_generator, layer_input
+
+aten = torch.ops.aten
+
+INITS = ("default", "random")
+
+
+@register_rule
+@dataclasses.dataclass
+class LoRAFA(Rule):
+    """LoRA with a frozen random ``A``: only ``B (out x r)`` trains.
+
+    Args:
+        targets: layers to adapt (regex on the module path, list of name suffixes, or
+            ``"all-linear"``).
+        r: rank.
+        alpha: scaling numerator; the branch is multiplied by ``alpha / r``.
+        dropout: dropout probability on the adapter branch's input (training only).
+        use_rslora: scale by ``alpha / sqrt(r)``.
+        init: ``"default"`` (A Kaiming-uniform, B zero) or ``"random"`` (B random too: a
+            non-identity start, for tests).
+    """
+
+    key: ClassVar[str] = "lora_fa"
+    supported_kinds: ClassVar[tuple[str, ...]] = ("linear",)
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "default"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise PlanError(f"lora_fa: r must be a positive integer, got {self.r!r}")
+        for opt in ('alpha', 'dropout'):
+            if not isinstance(getattr(self, opt), (int, float)) or isinstance(getattr(self, opt), bool):
+                raise PlanError(f"lora_fa: {opt} must be a number, got {getattr(self, opt)!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise PlanError(f"lora_fa: use_rslora must be true or false, got {self.use_rslora!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise PlanError(f"lora_fa: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise PlanError(f"lora_fa: init must be one of {list(INITS)}, got {self.init!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def check(self, layer: Layer) -> Optional[str]:
+        limit = min(layer.in_features, layer.out_features)
+        if self.r > limit:
+            return (f"rank r={self.r} is larger than the layer ({layer.in_features} -> "
+                    f"{layer.out_features}); use r <= {limit}")
+        if layer.shared_with:
+            return (f"its weight {layer.weight} is shared with {layer.shared_with} (tied weights): "
+                    "merging would change both; exclude this layer")
+        return None
+
+
+class LoRAFARewrite(LayerRewrite):
+    """Rewrites ``y = op(x, W)`` into ``y + s · B(A(dropout(x)))`` with ``A`` frozen."""
+
+    rule: LoRAFA
+
+    def rewrite(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> None:
+        layer: Layer = match.bindings["layer"]
+        rule = self.rule
+        weight = get_tensor(gm, layer.weight)
+        gen = layer_generator(ctx.seed, layer)
+        a = torch.empty(rule.r, layer.in_features)
+        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+        b = torch.zeros(layer.out_features, rule.r)
+        if rule.init == "random":
+            torch.nn.init.kaiming_uniform_(b, a=math.sqrt(5), generator=gen)
+        names = {"A": f"{layer.path}.lora_A.weight", "B": f"{layer.path}.lora_B.weight"}
+        prov = Provenance(InsertLoRAFA.name, rule.name, layer.path, adapter=layer.path)
+        y = layer.node
+        g = GraphBuilder(gm, y, prov)
+        a_node = g.param(names["A"], a.to(weight), Role.ADAPTER_CONST)  # the "frozen A"
+        b_node = g.param(names["B"], b.to(weight), Role.ADAPTER)
+        x = layer_input(layer)
+        if rule.dropout > 0:
+            x = g.call(aten.dropout.default, x, float(rule.dropout), True)
+            x.meta["graphpeft"]["part"] = "dropout"
+        low = g.call(aten.linear.default, x, a_node)
+        up = g.call(aten.linear.default, low, b_node)
+        scaled = g.call(aten.mul.Tensor, up, rule.scaling)
+        joined = g.call(aten.add.Tensor, y, scaled)
+        joined.meta["graphpeft"]["part"] = "join"
+        y.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
+        # the record has LoRA's fields, so LoRA's delta_weight merges it
+        adapters(gm)[layer.path] = {
+            "method": LoRAFAMethod.name,
+            "layer": layer.path,
+            "kind": layer.kind,
+            "weight": layer.weight,
+            "fan_in_fan_out": layer.fan_in_fan_out,
+            "tensors": names,
+            "scaling": rule.scaling,
+            "join": joined.name,
+            "rule": rule.name,
+            "config": rule.to_dict()[LoRAFA.key],
+        }
+
+
+@register_pass
+class InsertLoRAFA(RewritePass):
+    """Inserts a LoRA-FA branch on every layer selected by the given LoRA-FA rules."""
+
+    name = "insert_lora_fa"
+
+    def __init__(self, rules: Sequence[LoRAFA]) -> None:
+        super().__init__([LoRAFARewrite(r) for r in rules])
+
+
+class LoRAFAMethod(LoRAMethod):
+    """LoRA-FA for the core: inserted by its own pass, merged exactly as LoRA (``ΔW = s·BA``)."""
+
+    name = "lora_fa"
+    rule = LoRAFA
+
+    def make_pass(self, rules: Sequence[Rule]) -> InsertLoRAFA:  # type: ignore[override]
+        return InsertLoRAFA([r for r in rules if isinstance(r, LoRAFA)])
+
+
+register_method(LoRAFAMethod.name, LoRAFAMethod())

@@ -1,0 +1,176 @@
+"""SHiRA (Bhardwaj et al., 2024): sparse high-rank adapter, as PEFT implements it.
+
+A fixed set of ``r·(in + out)`` entries of the weight (as many parameters as a rank-``r`` LoRA,
+but at full rank) is trainable; the rest stays frozen. PEFT's forward adds the sparse update to
+the weight before the matmul, and so does the graph::
+
+    y = linear(x, index_put(W, (rows, cols), values, accumulate=True), b)
+
+Tensors (PEFT names, so state dicts are interchangeable): ``<path>.shira_weight`` ``(nnz,)``,
+:attr:`Role.ADAPTER`, init zero (a fresh adapter is the identity); ``<path>.shira_indices``
+``(2, nnz)`` int64 (row, column) pairs in row-major order, :attr:`Role.ADAPTER_CONST`. The
+random mask is drawn as PEFT's ``random_mask`` draws it (``randperm`` of the flat weight from a
+generator seeded with ``random_seed``), so the same seed selects the same entries; without a
+seed it comes from the compile seed and the layer path. Merge is a scatter-add, exact:
+``W[rows, cols] += values``. Linear layers in ``(out, in)`` layout only, as in PEFT.
+
+The graph rewrite re-points the layer op's weight argument to the scattered weight; that node is
+the adapter's join (merge points the op back at ``W``), like IA3's input scaling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from graphpeft.errors import PlanError
+from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapters, get_tensor
+from graphpeft.infra import PassContext
+from graphpeft.method import AdapterMethod
+from graphpeft.plan import Rule
+from graphpeft.registry import register_method, register_pass, register_rule
+from graphpeft.rewrite import MatchResult, RewritePass
+
+from .layer_rewrite import LayerRewrite, layer_generator, layer_weight
+
+aten = torch.ops.aten
+
+INITS = ("default", "random")
+MASKS = ("random",)
+
+
+@register_rule
+@dataclasses.dataclass
+class SHiRA(Rule):
+    """Sparse high-rank adapter: ``r·(in + out)`` trainable entries of each selected weight.
+
+    Args:
+        targets: layers to adapt (regex on the module path, list of name suffixes, or
+            ``"all-linear"``).
+        r: sizes the adapter like a rank-``r`` LoRA (``r·(in + out)`` entries); the update
+            itself is not rank-limited. PEFT's default is 32.
+        mask_type: how entries are chosen; ``"random"`` (PEFT's default mask).
+        random_seed: seed of the random mask (PEFT's name); ``None`` derives it from the
+            compile seed and the layer path.
+        init: ``"default"`` (zero values: the identity) or ``"random"`` (standard normal, as
+            PEFT's ``init_weights=False``; for tests).
+    """
+
+    key: ClassVar[str] = "shira"
+    supported_kinds: ClassVar[tuple[str, ...]] = ("linear",)
+
+    r: int = 32
+    mask_type: str = "random"
+    random_seed: Optional[int] = None
+    init: str = "default"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise PlanError(f"shira: r must be a positive integer, got {self.r!r}")
+        if self.mask_type not in MASKS:
+            raise PlanError(f"shira: mask_type must be one of {list(MASKS)}, got {self.mask_type!r}")
+        if self.random_seed is not None and (not isinstance(self.random_seed, int) or isinstance(self.random_seed, bool)):
+            raise PlanError(f"shira: random_seed must be an integer or null, got {self.random_seed!r}")
+        if self.init not in INITS:
+            raise PlanError(f"shira: init must be one of {list(INITS)}, got {self.init!r}")
+
+    def num_entries(self, layer: Layer) -> int:
+        return self.r * (layer.in_features + layer.out_features)
+
+    def check(self, layer: Layer) -> Optional[str]:
+        if self.num_entries(layer) > layer.in_features * layer.out_features:
+            return (f"r={self.r} asks for {self.num_entries(layer)} entries, more than the layer's "
+                    f"{layer.in_features * layer.out_features} weights; use a smaller r")
+        if layer.fan_in_fan_out:
+            return "SHiRA adapts weights stored (out, in) only (GPT-2's Conv1D stores (in, out)), as in PEFT"
+        if layer.shared_with:
+            return (f"its weight {layer.weight} is shared with {layer.shared_with} (tied weights): "
+                    "merging would change both; exclude this layer")
+        return None
+
+
+def random_mask_indices(out_features: int, in_features: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``(2, count)`` (row, column) indices of PEFT's ``random_mask``, in row-major order."""
+    flat = torch.randperm(out_features * in_features, generator=generator)[:count]
+    mask = torch.zeros(out_features * in_features, dtype=torch.bool)
+    mask[flat] = True
+    rows, cols = torch.where(mask.view(out_features, in_features))
+    return torch.stack([rows, cols]).to(torch.int64)
+
+
+class SHiRARewrite(LayerRewrite):
+    """Rewrites ``linear(x, W, b)`` into ``linear(x, index_put(W, idx, values, accumulate), b)``."""
+
+    rule: SHiRA
+
+    def rewrite(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> None:
+        layer: Layer = match.bindings["layer"]
+        rule = self.rule
+        weight = get_tensor(gm, layer.weight)
+        gen = (torch.Generator().manual_seed(rule.random_seed) if rule.random_seed is not None
+               else layer_generator(ctx.seed, layer))
+        count = rule.num_entries(layer)
+        indices = random_mask_indices(layer.out_features, layer.in_features, count, gen)
+        values = torch.randn(count, generator=gen) if rule.init == "random" else torch.zeros(count)
+        names = tensor_names(layer)
+        prov = Provenance(InsertSHiRA.name, rule.name, layer.path, adapter=layer.path)
+        y = layer.node
+        w_node = layer_weight(layer)
+        # the scattered weight must exist before the layer op reads it: build just before it
+        g = GraphBuilder(gm, y.prev, prov, module_stack=y.meta.get("nn_module_stack"))
+        v_node = g.param(names["values"], values.to(weight), Role.ADAPTER)
+        i_node = g.param(names["indices"], indices.to(weight.device), Role.ADAPTER_CONST)
+        rows = g.call(aten.select.int, i_node, 0, 0)
+        cols = g.call(aten.select.int, i_node, 0, 1)
+        joined = g.call(aten.index_put.default, w_node, [rows, cols], v_node, True)
+        joined.meta["graphpeft"]["part"] = "join"
+        y.replace_input_with(w_node, joined)
+        adapters(gm)[layer.path] = {
+            "method": SHiRAMethod.name,
+            "layer": layer.path,
+            "kind": layer.kind,
+            "weight": layer.weight,
+            "fan_in_fan_out": layer.fan_in_fan_out,
+            "tensors": names,
+            "join": joined.name,
+            "rule": rule.name,
+            "config": rule.to_dict()[SHiRA.key],
+        }
+
+
+def tensor_names(layer: Layer) -> dict[str, str]:
+    """PEFT's state-dict keys for a SHiRA layer."""
+    return {"values": f"{layer.path}.shira_weight", "indices": f"{layer.path}.shira_indices"}
+
+
+@register_pass
+class InsertSHiRA(RewritePass):
+    """Inserts a SHiRA sparse update on every layer selected by the given SHiRA rules."""
+
+    name = "insert_shira"
+
+    def __init__(self, rules: Sequence[SHiRA]) -> None:
+        super().__init__([SHiRARewrite(r) for r in rules])
+
+
+class SHiRAMethod(AdapterMethod):
+    """SHiRA for the core: ΔW is the sparse update scattered into a dense zero weight."""
+
+    name = "shira"
+    rule = SHiRA
+
+    def make_pass(self, rules: Sequence[Rule]) -> InsertSHiRA:
+        return InsertSHiRA([r for r in rules if isinstance(r, SHiRA)])
+
+    def delta_weight(self, gm: fx.GraphModule, record: dict[str, Any]) -> torch.Tensor:
+        weight = get_tensor(gm, record["weight"])
+        values = get_tensor(gm, record["tensors"]["values"]).detach()
+        rows, cols = get_tensor(gm, record["tensors"]["indices"]).long()
+        return torch.zeros_like(weight, dtype=values.dtype).index_put_((rows, cols), values, accumulate=True)
+
+
+register_method(SHiRAMethod.name, SHiRAMethod())

@@ -1,0 +1,230 @@
+"""VeRA (Kopiczko et al., 2024): one pair of frozen random matrices shared by every adapted
+layer, and two trainable scaling vectors per layer, as PEFT implements it::
+
+    y + λ_b ⊙ (B[:out] · (λ_d ⊙ (A[:, :in] · x)))
+
+``A`` ``(r, max_in)`` and ``B`` ``(max_out, r)`` are sized for the largest adapted layer and
+sliced per layer. They are :attr:`Role.ADAPTER_CONST` graph tensors named ``vera_A`` and
+``vera_B`` (PEFT's ``base_model.vera_A`` / ``base_model.vera_B``), regenerated from
+``projection_prng_key`` exactly as PEFT does (Kaiming-uniform from one CPU generator, A first),
+so the same key gives the same matrices in both. Per layer: ``<path>.vera_lambda_b`` ``(out,)``,
+init zero (a fresh adapter is the identity), and ``<path>.vera_lambda_d`` ``(r,)``, init
+``d_initial``. Merge is additive and exact: ``ΔW = (λ_b ⊙ B) (λ_d ⊙ A)``. Linear layers only
+(GPT-2's Conv1D included), as in PEFT.
+
+The shared matrices are why the pass is more than its per-layer rewrites: it first finds every
+layer its rules will adapt to size them, and each rewrite reads them through its own node
+(``GraphBuilder.attr``) so that merging one layer leaves the others' reads in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from graphpeft.errors import PassError, PlanError
+from graphpeft.graph import (GraphBuilder, Layer, Provenance, Role, adapters, find_layers, get_tensor,
+                             register_tensor, remove_tensor, roles)
+from graphpeft.infra import PassContext, PassResult
+from graphpeft.method import AdapterMethod
+from graphpeft.plan import Rule
+from graphpeft.registry import register_method, register_pass, register_rule
+from graphpeft.rewrite import MatchResult, RewritePass
+
+from .layer_rewrite import LayerRewrite, layer_generator, layer_input
+
+aten = torch.ops.aten
+
+INITS = ("default", "random")
+#: graph names of the shared projections (PEFT: ``base_model.vera_A`` / ``base_model.vera_B``)
+SHARED_A = "vera_A"
+SHARED_B = "vera_B"
+
+
+@register_rule
+@dataclasses.dataclass
+class VeRA(Rule):
+    """Vector-based random matrix adaptation: shared frozen ``A``/``B``, per-layer vectors.
+
+    Args:
+        targets: layers to adapt (regex on the module path, list of name suffixes, or
+            ``"all-linear"``).
+        r: rank of the shared projections (published default 256; it may exceed a layer's
+            size: only the vectors train).
+        projection_prng_key: seed of the shared projections (PEFT's name and default, so a
+            PEFT VeRA adapter with the same key has the same ``vera_A``/``vera_B``).
+        dropout: dropout probability on the adapter's input (training only).
+        d_initial: initial value of every ``vera_lambda_d`` entry.
+        init: ``"default"`` (``λ_b = 0``, ``λ_d = d_initial``) or ``"random"`` (both standard
+            normal: a non-identity start, for tests).
+    """
+
+    key: ClassVar[str] = "vera"
+    supported_kinds: ClassVar[tuple[str, ...]] = ("linear",)
+
+    r: int = 256
+    projection_prng_key: int = 0
+    dropout: float = 0.0
+    d_initial: float = 0.1
+    init: str = "default"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise PlanError(f"vera: r must be a positive integer, got {self.r!r}")
+        for opt in ('dropout', 'd_initial'):
+            if not isinstance(getattr(self, opt), (int, float)) or isinstance(getattr(self, opt), bool):
+                raise PlanError(f"vera: {opt} must be a number, got {getattr(self, opt)!r}")
+        if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
+            raise PlanError(f"vera: projection_prng_key must be an integer, got {self.projection_prng_key!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise PlanError(f"vera: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise PlanError(f"vera: init must be one of {list(INITS)}, got {self.init!r}")
+
+    def check(self, layer: Layer) -> Optional[str]:
+        if layer.shared_with:
+            return (f"its weight {layer.weight} is shared with {layer.shared_with} (tied weights): "
+                    "merging would change both; exclude this layer")
+        return None
+
+
+def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """PEFT's ``_kaiming_init``: uniform with bound ``sqrt(3) * sqrt(2) / sqrt(fan_in)``."""
+    bound = math.sqrt(3.0) * math.sqrt(2) / math.sqrt(shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+def shared_projections(r: int, max_in: int, max_out: int, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``vera_A`` ``(r, max_in)`` and ``vera_B`` ``(max_out, r)`` as PEFT draws them from ``key``."""
+    gen = torch.Generator(device="cpu").manual_seed(key)
+    a = kaiming_uniform((r, max_in), gen)
+    b = kaiming_uniform((max_out, r), gen)
+    return a, b
+
+
+class VeRARewrite(LayerRewrite):
+    """Rewrites ``y = op(x, W)`` into ``y + λ_b ⊙ (B[:out] (λ_d ⊙ (A[:, :in] x)))``."""
+
+    rule: VeRA
+
+    def rewrite(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> None:
+        layer: Layer = match.bindings["layer"]
+        rule = self.rule
+        weight = get_tensor(gm, layer.weight)
+        max_out, r = get_tensor(gm, SHARED_B).shape
+        max_in = get_tensor(gm, SHARED_A).shape[1]
+        if rule.init == "random":
+            gen = layer_generator(ctx.seed, layer)
+            lam_b = torch.randn(layer.out_features, generator=gen)
+            lam_d = torch.randn(r, generator=gen)
+        else:
+            lam_b = torch.zeros(layer.out_features)
+            lam_d = torch.full((r,), float(rule.d_initial))
+        names = tensor_names(layer)
+        prov = Provenance(InsertVeRA.name, rule.name, layer.path, adapter=layer.path)
+        y = layer.node
+        g = GraphBuilder(gm, y, prov)
+        b_vec = g.param(names["lambda_b"], lam_b.to(weight), Role.ADAPTER)
+        d_vec = g.param(names["lambda_d"], lam_d.to(weight), Role.ADAPTER)
+        a_mat = g.attr(SHARED_A)
+        b_mat = g.attr(SHARED_B)
+        # slice only what is larger than this layer (no op when the layer is the largest)
+        if layer.in_features != max_in:
+            a_mat = g.call(aten.slice.Tensor, a_mat, 1, 0, layer.in_features)
+        if layer.out_features != max_out:
+            b_mat = g.call(aten.slice.Tensor, b_mat, 0, 0, layer.out_features)
+        x = layer_input(layer)
+        if rule.dropout > 0:
+            x = g.call(aten.dropout.default, x, float(rule.dropout), True)
+            x.meta["graphpeft"]["part"] = "dropout"
+        low = g.call(aten.mul.Tensor, g.call(aten.linear.default, x, a_mat), d_vec)
+        up = g.call(aten.mul.Tensor, g.call(aten.linear.default, low, b_mat), b_vec)
+        joined = g.call(aten.add.Tensor, y, up)
+        joined.meta["graphpeft"]["part"] = "join"
+        y.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
+        adapters(gm)[layer.path] = {
+            "method": VeRAMethod.name,
+            "layer": layer.path,
+            "kind": layer.kind,
+            "weight": layer.weight,
+            "fan_in_fan_out": layer.fan_in_fan_out,
+            "in_features": layer.in_features,
+            "out_features": layer.out_features,
+            "tensors": {**names, "A": SHARED_A, "B": SHARED_B},
+            "join": joined.name,
+            "rule": rule.name,
+            "config": rule.to_dict()[VeRA.key],
+        }
+
+
+def tensor_names(layer: Layer) -> dict[str, str]:
+    """PEFT's state-dict keys for a VeRA layer's own vectors."""
+    return {"lambda_b": f"{layer.path}.vera_lambda_b", "lambda_d": f"{layer.path}.vera_lambda_d"}
+
+
+@register_pass
+class InsertVeRA(RewritePass):
+    """Creates the shared projections, then inserts a VeRA branch on every selected layer.
+
+    All VeRA rules of a plan share one ``vera_A``/``vera_B``, so they must agree on ``r`` and
+    ``projection_prng_key`` (PEFT has the same constraint across adapters).
+    """
+
+    name = "insert_vera"
+
+    def __init__(self, rules: Sequence[VeRA]) -> None:
+        rules = list(rules)
+        if len({(r.r, r.projection_prng_key) for r in rules}) > 1:
+            raise PlanError("vera: every VeRA rule of a plan shares one vera_A/vera_B, so they need the same "
+                            f"r and projection_prng_key; got {[(r.name, r.r, r.projection_prng_key) for r in rules]}")
+        super().__init__([VeRARewrite(r) for r in rules])
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if not self.rules:
+            return PassResult(gm, False)
+        if SHARED_A in roles(gm) or SHARED_B in roles(gm):
+            raise PassError(self.name, "the graph already has VeRA projections; one VeRA pass per graph")
+        # PEFT sizes the projections by the largest (out, in) over the targeted layers
+        chosen = [l for l in find_layers(gm)
+                  if any(r.rule.select(l) is None and r.rule.check(l) is None for r in self.rules)]
+        if not chosen:
+            return super().call(gm, ctx)  # nothing to adapt: the rewrites report why
+        rule: VeRA = self.rules[0].rule
+        max_in = max(l.in_features for l in chosen)
+        max_out = max(l.out_features for l in chosen)
+        a, b = shared_projections(rule.r, max_in, max_out, rule.projection_prng_key)
+        like = get_tensor(gm, chosen[0].weight)
+        register_tensor(gm, SHARED_A, a.to(like), Role.ADAPTER_CONST)
+        register_tensor(gm, SHARED_B, b.to(like), Role.ADAPTER_CONST)
+        result = super().call(gm, ctx)
+        if not result.modified:  # every layer declined at check: leave no orphan tensors
+            remove_tensor(gm, SHARED_A)
+            remove_tensor(gm, SHARED_B)
+        return result
+
+
+class VeRAMethod(AdapterMethod):
+    """VeRA for the core: additive merge ``ΔW = (λ_b ⊙ B[:out]) (λ_d ⊙ A[:, :in])``."""
+
+    name = "vera"
+    rule = VeRA
+
+    def make_pass(self, rules: Sequence[Rule]) -> InsertVeRA:
+        return InsertVeRA([r for r in rules if isinstance(r, VeRA)])
+
+    def delta_weight(self, gm: fx.GraphModule, record: dict[str, Any]) -> torch.Tensor:
+        t = record["tensors"]
+        a = get_tensor(gm, t["A"]).detach()[:, : record["in_features"]]
+        b = get_tensor(gm, t["B"]).detach()[: record["out_features"], :]
+        lam_b = get_tensor(gm, t["lambda_b"]).detach().unsqueeze(-1)
+        lam_d = get_tensor(gm, t["lambda_d"]).detach().unsqueeze(-1)
+        delta = (lam_b * b) @ (lam_d * a)
+        return delta.T if record["fan_in_fan_out"] else delta
+
+
+register_method(VeRAMethod.name, VeRAMethod())
