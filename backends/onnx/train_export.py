@@ -1,0 +1,386 @@
+"""Export a compiled training step to ONNX: one graph that a plain onnxruntime
+``InferenceSession`` runs to train.
+
+The file's graph takes ``param/<name>`` (trainable tensors), ``state/<key>`` (optimizer state,
+``state/step`` included), ``lr`` and ``batch/<i>``, and returns ``loss``, ``param_out/<name>`` and
+``state_out/<key>``. Frozen weights are initializers named by their original paths. The
+current trainable tensors, state and ``lr`` are stored as the default values of their inputs
+(initializers with the input's name), and the training signature (JSON) as the model's
+``graphpeft.training`` metadata, so the one file is all :class:`OnnxTrainer` needs.
+
+Before export the graph is legalized (``legalize_onnx``: in-place ops, ``empty_permuted``,
+asserts) on a copy; it is core ATen already, so ``nll_loss`` (whose direct translation gives
+N× too large mean cross-entropy gradients) never reaches the exporter. Writes are atomic: the
+model goes to a temporary file renamed into place; with external data the tensors go to a
+fresh ``<file>.<token>.data`` that only the new model references, and stale data files of
+that model are removed afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import glob
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+import warnings
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+
+import torch
+import torch.fx as fx
+
+from graphpeft.errors import ExportError
+from graphpeft.graph import graph_meta
+from graphpeft.infra import PassContext, PassManager, Pipeline
+from graphpeft.registry import PASSES
+from graphpeft.training import TRAINING_META, TrainingSignature, signature_of, verify_training
+
+if TYPE_CHECKING:
+    from graphpeft.training import TrainingStep
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "graphpeft.training"
+FORMAT = "graphpeft-training-step"
+FORMAT_VERSION = 1
+#: above this many bytes of tensors, weights go to an external data file (protobuf caps at 2 GB)
+EXTERNAL_DATA_THRESHOLD = 1_500_000_000
+
+
+@dataclasses.dataclass
+class TrainingExportResult:
+    """Where the training step went, its interface and where the export time went."""
+
+    path: str
+    data_path: Optional[str]
+    input_names: list[str]
+    output_names: list[str]
+    num_nodes: int
+    bytes: int
+    seconds: float
+    #: seconds per phase: legalize, capture (ExportedProgram), onnx_translate (incl. a one-time
+    #: op registry build per process), onnx_optimize, save
+    timings: dict[str, float]
+    legalized: dict[str, int]
+
+
+def legalized_copy(gm: fx.GraphModule, verify: bool = True) -> tuple[fx.GraphModule, dict[str, int]]:
+    """A copy of the training graph (tensors shared, not copied) run through ``legalize_onnx``
+    and dead-code removal."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    graph.output(out[0] if isinstance(out, tuple) else out)
+    graph._codegen = copy.copy(gm.graph._codegen)
+    new = fx.GraphModule(gm, graph)
+    meta = graph_meta(gm)
+    new.meta["graphpeft"] = {**meta, "roles": dict(meta["roles"]), "adapters": dict(meta.get("adapters", {}))}
+    new.meta["graphpeft"].pop("memory", None)
+    ctx = PassContext(verify=verify)
+    pipeline = Pipeline("legalize_onnx", [PASSES["legalize_onnx"](), PASSES["remove_dead_code"]()])
+    result = PassManager(verifier=verify_training).run(new, pipeline, ctx)
+    return result.gm, dict(ctx.options.get("legalize_onnx", {}))
+
+
+def _example_batch(sig: TrainingSignature) -> list[torch.Tensor]:
+    out = []
+    for spec in sig.inputs:
+        if spec.kind == "batch":
+            out.append(torch.zeros(spec.shape, dtype=getattr(torch, spec.dtype)))
+    return out
+
+
+def _atomic_save(model: Any, path: str, external_data: bool) -> Optional[str]:
+    """Save an ``onnx_ir`` model to ``path`` atomically; with external data, the tensors go to a
+    fresh ``<file>.<token>.data`` beside it, and older data files of ``path`` are removed once
+    the new model is in place."""
+    import onnx_ir as ir
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    base = os.path.basename(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + base + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    data_name: Optional[str] = f"{base}.{uuid.uuid4().hex[:12]}.data" if external_data else None
+    try:
+        ir.save(model, tmp, external_data=data_name, size_threshold_bytes=1024)
+        for p in [tmp] + ([os.path.join(folder, data_name)] if data_name else []):
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        for p in [tmp] + ([os.path.join(folder, data_name)] if data_name else []):
+            if os.path.exists(p):
+                os.unlink(p)
+        raise
+    for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(base) + ".*.data")):
+        if data_name is None or os.path.basename(stale) != data_name:
+            try:
+                os.unlink(stale)
+            except OSError:
+                pass
+    return os.path.join(folder, data_name) if data_name else None
+
+
+def export_training(step: "TrainingStep", path: Union[str, os.PathLike], *, external_data: Optional[bool] = None,
+                    opset_version: Optional[int] = None, optimize: Union[bool, str] = "safe", verify: bool = True,
+                    batch: Optional[Sequence[torch.Tensor]] = None, fast: bool = True) -> TrainingExportResult:
+    """Export ``step`` (its graph for the first compiled batch shape, or for ``batch``'s) to
+    ``path``.
+
+    Args:
+        external_data: store tensors in a data file beside the model (default: above 1.5 GB).
+        opset_version: ONNX opset (default: the exporter's).
+        optimize: ``"safe"`` (default) folds constants and removes unused and duplicate nodes;
+            ``True`` runs onnxscript's full optimizer, whose ``Add(x, 0)`` rewrite matches
+            constants within 1e-8 of zero and so deletes AdamW's ``eps = 1e-8`` (silently wrong
+            updates where gradients are small); ``False`` leaves the graph as translated.
+        verify: run the verifier around the legalization passes.
+        batch: a batch whose shapes select which compiled graph to export.
+        fast: translate with the exporter's internals, skipping its re-decomposition of a graph
+            that is core ATen already and reusing the op registry between exports (falls back
+            to ``torch.onnx.export`` if that fails).
+    """
+    import numpy as np
+
+    path = os.fspath(path)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    src = step.graph_for(*batch) if batch is not None else step.graph_module
+    sig = signature_of(src)
+    gm, legalized = legalized_copy(src, verify=verify)
+    timings["legalize"] = time.perf_counter() - start
+
+    example_batch = list(batch) if batch is not None else _example_batch(sig)
+    inputs = step.flat_inputs(*example_batch) if batch is not None else _flat_inputs_for(step, sig, example_batch)
+    input_names = [s.name for s in sig.inputs]
+    output_names = [s.name for s in sig.outputs]
+
+    t = time.perf_counter()
+    ep = None
+    if fast:
+        try:
+            ep = exported_program(gm)
+        except Exception as e:  # noqa: BLE001 - fall back to capturing it with torch.export
+            log.info("could not wrap the graph as an ExportedProgram (%s: %s); using torch.export", type(e).__name__, e)
+    if ep is None:
+        ep = _torch_export(gm, inputs)
+    timings["capture"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    program = None
+    if fast:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = _translate_fast(ep, input_names, output_names, opset_version)
+        except Exception as e:  # noqa: BLE001 - private exporter API: fall back to the public one
+            log.info("fast ONNX translation failed (%s: %s); using torch.onnx.export", type(e).__name__, e)
+            program = None
+            ep = _torch_export(gm, inputs)
+    if program is None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(ep, (), dynamo=True, input_names=input_names, output_names=output_names,
+                                            opset_version=opset_version, optimize=False, verbose=False)
+        except Exception as e:
+            raise ExportError(f"torch.onnx could not translate the training graph: {type(e).__name__}: {str(e)[:2000]}. "
+                              "If an op has no translation, add a rewrite for it to the legalize_onnx pass.") from e
+    if program is None:
+        raise ExportError("torch.onnx.export returned nothing")
+    timings["onnx_translate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    for node in program.model.graph.all_nodes():  # stack traces per node: most of the file otherwise
+        node.metadata_props.clear()
+    if optimize == "safe":
+        _safe_optimize(program.model)
+    elif optimize:
+        log.warning("optimize=True: onnxscript's optimizer drops additions of constants within 1e-8 of zero "
+                    "(e.g. AdamW's eps); check parity with the torch step")
+        program.optimize()
+    timings["onnx_optimize"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    model = program.model
+    graph_inputs = [v.name for v in model.graph.inputs]
+    graph_outputs = [v.name for v in model.graph.outputs]
+    if graph_inputs != input_names or graph_outputs != output_names:
+        raise ExportError(f"the exported graph's interface does not match the training signature: inputs "
+                          f"{graph_inputs[:4]}..., outputs {graph_outputs[:4]}...")
+    # defaults for the trainable tensors, optimizer state and lr: initializers named like the inputs
+    import onnx_ir as ir
+
+    for value, spec, tensor in zip(model.graph.inputs, sig.inputs, inputs):
+        if spec.kind in ("param", "state", "lr") and value.name not in model.graph.initializers:
+            value.const_value = ir.tensor(np.array(tensor.detach().cpu().numpy(), copy=True), name=value.name)
+            model.graph.register_initializer(value)
+    meta = sig.to_dict()
+    meta["format"], meta["format_version"] = FORMAT, FORMAT_VERSION
+    model.metadata_props[METADATA_KEY] = json.dumps(meta)
+    total_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if external_data is None:
+        external_data = total_bytes > EXTERNAL_DATA_THRESHOLD
+    data_path = _atomic_save(model, path, bool(external_data))
+    timings["save"] = time.perf_counter() - t
+    num_nodes = len(model.graph)
+    seconds = time.perf_counter() - start
+    log.info("exported training step %s: %d ONNX nodes in %.1f s (%s)", path, num_nodes, seconds,
+             ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+    return TrainingExportResult(path, data_path, input_names, output_names, num_nodes, os.path.getsize(path),
+                                seconds, timings, legalized)
+
+
+def _torch_export(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Any:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.export(gm, tuple(inputs), strict=False)
+    except Exception as e:
+        raise ExportError(f"torch.export could not capture the training graph: {type(e).__name__}: {str(e)[:1500]}") from e
+
+
+def exported_program(gm: fx.GraphModule) -> Any:
+    """Wrap a training graph as a ``torch.export.ExportedProgram`` directly, without re-tracing
+    it: its stored tensors become lifted parameters/buffers, its inputs user inputs. The graph
+    is already functional core ATen with fake values on every node, which is all the ONNX
+    translator reads (``torch.export`` would spend seconds re-deriving the same graph)."""
+    from torch.export import ExportedProgram
+    from torch.export.exported_program import ModuleCallEntry, ModuleCallSignature
+    from torch.export.graph_signature import (ExportGraphSignature, InputKind, InputSpec, OutputKind, OutputSpec,
+                                              TensorArgument)
+    from torch.utils import _pytree as pytree
+
+    from graphpeft.graph import Role, get_tensor, roles
+
+    role_map = roles(gm)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    specs: list[Any] = []
+    state: dict[str, torch.Tensor] = {}
+    for node in gm.graph.nodes:  # lifted tensors first, as torch.export orders them
+        if node.op == "get_attr" and node.target not in state:
+            ph = graph.placeholder("p_" + node.target.replace(".", "_"))
+            ph.meta.update(node.meta)
+            buffer = role_map.get(node.target) == Role.BUFFER
+            specs.append(InputSpec(InputKind.BUFFER if buffer else InputKind.PARAMETER, TensorArgument(ph.name),
+                                   node.target, True if buffer else None))
+            state[node.target] = get_tensor(gm, node.target)
+            env[node] = ph
+        elif node.op == "get_attr":
+            env[node] = next(p for p, spec in zip(graph.nodes, specs) if spec.target == node.target)
+    users = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in users:
+        ph = graph.placeholder(node.name)
+        ph.meta.update(node.meta)
+        specs.append(InputSpec(InputKind.USER_INPUT, TensorArgument(ph.name), None))
+        env[node] = ph
+    outputs: list[fx.Node] = []
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            continue
+        if node.op == "output":
+            outputs = [env[a] for a in node.args[0]]
+            graph.output(tuple(outputs))
+            continue
+        new = graph.node_copy(node, lambda a: env[a])
+        new.meta.setdefault("nn_module_stack", {})
+        env[node] = new
+    signature = ExportGraphSignature(specs, [OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(o.name), None)
+                                             for o in outputs])
+    in_spec = pytree.tree_flatten((tuple(range(len(users))), {}))[1]
+    out_spec = pytree.tree_flatten(tuple(range(len(outputs))))[1]
+    call_graph = [ModuleCallEntry("", ModuleCallSignature(inputs=[], outputs=[], in_spec=in_spec, out_spec=out_spec))]
+    return ExportedProgram(torch.nn.Module(), graph, signature, state, {}, call_graph)
+
+
+_REGISTRIES: dict[int, Any] = {}
+
+
+def _translate_fast(ep: Any, input_names: list[str], output_names: list[str], opset_version: Optional[int]) -> Any:
+    """ExportedProgram -> ONNXProgram as ``torch.onnx.export`` does it, minus the work a
+    training graph does not need: the op registry is built once per process (seconds), and the
+    decomposition pass (a full re-trace) runs only if an op lacks a direct ONNX translation."""
+    from torch.onnx._internal.exporter import _constants, _core, _decomp, _fx_passes, _ir_passes, _registration
+
+    opset = opset_version or _constants.TORCHLIB_OPSET
+    if opset < _constants.TORCHLIB_OPSET:
+        raise RuntimeError("an opset below torchlib's needs version conversion, which torch.onnx.export does")
+    if opset not in _REGISTRIES:
+        _REGISTRIES[opset] = _registration.ONNXRegistry.from_torchlib(opset_version=opset)
+    registry = _REGISTRIES[opset]
+    implemented = set(_decomp.get_onnx_implemented_overloads(registry))
+    ops = {n.target for n in ep.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)}
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
+        if not ops <= implemented:
+            log.debug("decomposing ops without direct ONNX translation: %s", sorted(map(str, ops - implemented)))
+            ep = _fx_passes.decompose_with_registry(ep, registry)
+        _fx_passes.insert_type_promotion_nodes(ep.graph_module)
+        ep._graph_module = _fx_passes.remove_assertion_nodes(ep.graph_module)
+    program = _core._exported_program_to_onnx_program(ep, registry=registry)
+    _ir_passes.rename_inputs(program.model, input_names)
+    _ir_passes.rename_outputs(program.model, output_names)
+    return program
+
+
+def _safe_optimize(model: Any) -> None:
+    """onnxscript's optimizer pipeline without its pattern rewrites (which treat constants
+    within 1e-8 of zero as zero): inline, fold constants, drop unused nodes, lift constants,
+    deduplicate, CSE. In place on an ``onnx_ir`` model; skipped if onnxscript lacks a part."""
+    try:
+        import onnx_ir as ir
+        import onnx_ir.passes.common as common
+        from onnxscript.optimizer import _constant_folding
+    except Exception:  # noqa: BLE001 - optional optimization
+        log.info("onnxscript's optimizer passes are unavailable; exporting the graph unoptimized")
+        return
+    passes = [
+        common.InlinePass(),
+        ir.passes.PassManager([_constant_folding.FoldConstantsPass(shape_inference=True, input_size_limit=1024,
+                                                                  output_size_limit=1024 * 1024,
+                                                                  should_fold=lambda node: None),
+                               common.RemoveUnusedNodesPass()], steps=2, early_stop=True),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.RemoveUnusedNodesPass(),
+    ]
+    folding_log = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folding_log.level
+    folding_log.setLevel(logging.ERROR)  # "Evaluation failed" for ops it cannot fold: expected
+    try:
+        ir.passes.Sequential(*passes)(model)
+    finally:
+        folding_log.setLevel(level)
+
+
+def _flat_inputs_for(step: "TrainingStep", sig: TrainingSignature, batch: list[torch.Tensor]) -> list[torch.Tensor]:
+    from graphpeft.graph import get_tensor
+
+    params = [get_tensor(step.cm.graph_module, n).detach() for n in sig.params]
+    state = step.state_dict()["optimizer"]
+    return [*params, *[state[s] for s in sig.state], torch.tensor(step.lr, dtype=torch.float32), *batch]
+
+
+def read_signature(model: Any) -> TrainingSignature:
+    """The training signature stored in an exported model (an ``onnx.ModelProto``)."""
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            data = json.loads(prop.value)
+            if data.get("format") != FORMAT:
+                break
+            if data.get("format_version") != FORMAT_VERSION:
+                raise ExportError(f"the training step was exported with format version {data.get('format_version')}; "
+                                  f"this graphpeft reads version {FORMAT_VERSION}: export it again")
+            data.pop("format", None)
+            data.pop("format_version", None)
+            return TrainingSignature.from_dict(data)
+    raise ExportError("this ONNX file is not a graphpeft training step (no graphpeft.training metadata); "
+                      "export one with step.export_onnx(path)")
+
+
+__all__ = ["TrainingExportResult", "export_training", "legalized_copy", "read_signature", "TRAINING_META"]

@@ -1,0 +1,243 @@
+"""Train with an exported training step in plain onnxruntime (no training package).
+
+    trainer = OnnxTrainer("train.onnx")
+    for batch in data:
+        loss = trainer.step(*batch)
+    trainer.save_checkpoint("ckpt.safetensors")          # atomic; resume with load_checkpoint
+    cm.load_adapter_state_dict(trainer.adapter_state_dict())
+
+The trainer keeps the trainable tensors and the optimizer state between steps as onnxruntime
+values. With IO binding (the default) the step's inputs are bound to the current values and
+its outputs to a second set of preallocated buffers, which then become current: no copies
+of parameters or state through Python between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping, Sequence, Union
+
+import numpy as np
+import torch
+
+from graphpeft.errors import ExportError, GraphPeftError
+from graphpeft.training import TrainingSignature, load_training_state, save_training_state
+
+from .train_export import read_signature
+
+log = logging.getLogger(__name__)
+
+
+def _numpy(x: Any) -> np.ndarray:
+    """A C-contiguous numpy array of ``x`` (0-d stays 0-d, unlike ``np.ascontiguousarray``)."""
+    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return a if a.flags.c_contiguous else a.copy()
+
+
+class OnnxTrainer:
+    """Runs an exported training step (see ``TrainingStep.export_onnx``) in onnxruntime.
+
+    Args:
+        path: the ``.onnx`` file (external data, if any, beside it).
+        providers: onnxruntime execution providers.
+        threads: intra-op threads (0: onnxruntime's default).
+        io_binding: keep parameters and state in onnxruntime buffers between steps.
+        session_options: an ``onnxruntime.SessionOptions`` to start from.
+
+    Attributes:
+        signature: the training signature stored in the file.
+        lr: the learning rate fed to the next step (change it for schedules).
+        steps: how many steps this trainer has run (since creation or the last checkpoint load).
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], *, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 threads: int = 0, io_binding: bool = True, session_options: Any = None) -> None:
+        import onnx
+        import onnxruntime as ort
+        from onnx import numpy_helper
+
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise ExportError(f"{self.path} does not exist: export a training step with step.export_onnx(path)")
+        try:
+            proto = onnx.load(self.path, load_external_data=False)
+        except Exception as e:  # noqa: BLE001 - onnx raises DecodeError and friends
+            raise ExportError(f"{self.path} is not a readable ONNX file ({e}); export it again") from e
+        self.signature: TrainingSignature = read_signature(proto)
+        sig = self.signature
+        base_dir = os.path.dirname(os.path.abspath(self.path))
+        wanted = {s.name: s for s in sig.inputs if s.kind in ("param", "state", "lr")}
+        initial: dict[str, np.ndarray] = {}
+        for init in proto.graph.initializer:
+            if init.name in wanted:
+                initial[init.name] = numpy_helper.to_array(init, base_dir=base_dir)
+        missing = sorted(set(wanted) - set(initial))
+        if missing:
+            raise ExportError(f"{self.path} lacks the initial values of {missing[:5]}: export it again")
+        del proto
+        opts = session_options if session_options is not None else ort.SessionOptions()
+        if session_options is None:
+            # the trainable tensors and state are inputs with stored defaults; onnxruntime warns
+            # about each such input at load time, which is expected here
+            opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(self.path, opts, providers=list(providers))
+        except Exception as e:  # noqa: BLE001
+            raise ExportError(f"onnxruntime could not load {self.path}: {e}") from e
+        self._ort = ort
+        self.io_binding = io_binding
+        self.lr = float(initial[sig.inputs[[s.kind for s in sig.inputs].index("lr")].name])
+        self.steps = 0
+        self._param_specs = [s for s in sig.inputs if s.kind == "param"]
+        self._state_specs = [s for s in sig.inputs if s.kind == "state"]
+        self._batch_specs = [s for s in sig.inputs if s.kind == "batch"]
+        self._out_name = {("param", s.key): s.name for s in sig.outputs if s.kind == "param"}
+        self._out_name.update({("state", s.key): s.name for s in sig.outputs if s.kind == "state"})
+        # current values, keyed by input name
+        self._values: dict[str, Any] = {}
+        self._spare: dict[str, Any] = {}
+        self._set_values({s.name: initial[s.name] for s in self._param_specs + self._state_specs})
+
+    # -- values ----------------------------------------------------------------------------------
+
+    def _set_values(self, arrays: Mapping[str, np.ndarray]) -> None:
+        if self.io_binding:
+            ov = self._ort.OrtValue
+            self._values = {k: ov.ortvalue_from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
+            self._spare = {k: ov.ortvalue_from_numpy(np.zeros_like(v)) for k, v in arrays.items()}
+        else:
+            self._values = {k: np.array(v, copy=True) for k, v in arrays.items()}
+
+    def _array(self, input_name: str) -> np.ndarray:
+        v = self._values[input_name]
+        return v.numpy() if self.io_binding else v
+
+    # -- stepping --------------------------------------------------------------------------------
+
+    def step(self, *batch: Any) -> float:
+        """Run one training step on ``batch`` (model inputs, then targets); returns the loss."""
+        specs = self._batch_specs
+        if len(batch) != len(specs):
+            raise ExportError(f"the training step takes {len(specs)} batch tensors "
+                              f"({self.signature.num_model_inputs} model inputs, {self.signature.num_targets} "
+                              f"targets), got {len(batch)}")
+        arrays = []
+        for spec, x in zip(specs, batch):
+            a = _numpy(x)
+            if list(a.shape) != spec.shape or str(a.dtype) != spec.dtype:
+                raise ExportError(f"{spec.name} must be {spec.dtype}{spec.shape} (the shapes it was exported for), "
+                                  f"got {a.dtype}{list(a.shape)}; export the step for this batch shape")
+            arrays.append(a)
+        lr = np.array(self.lr, dtype=np.float32)
+        if self.io_binding:
+            loss = self._step_bound(arrays, lr)
+        else:
+            loss = self._step_plain(arrays, lr)
+        self.steps += 1
+        return loss
+
+    __call__ = step
+
+    def _step_bound(self, arrays: list[np.ndarray], lr: np.ndarray) -> float:
+        io = self.session.io_binding()
+        for spec in self.signature.inputs:
+            if spec.kind in ("param", "state"):
+                io.bind_ortvalue_input(spec.name, self._values[spec.name])
+            elif spec.kind == "lr":
+                io.bind_ortvalue_input(spec.name, self._ort.OrtValue.ortvalue_from_numpy(lr))
+        for spec, a in zip(self._batch_specs, arrays):
+            io.bind_ortvalue_input(spec.name, self._ort.OrtValue.ortvalue_from_numpy(a))
+        outs = self.signature.outputs
+        for spec in outs:
+            if spec.kind == "loss":
+                io.bind_output(spec.name, "cpu")
+            else:
+                in_name = self._input_name(spec.kind, spec.key)
+                io.bind_ortvalue_output(spec.name, self._spare[in_name])
+        self.session.run_with_iobinding(io)
+        loss = float(io.get_outputs()[0].numpy())
+        self._values, self._spare = self._spare, self._values
+        return loss
+
+    def _step_plain(self, arrays: list[np.ndarray], lr: np.ndarray) -> float:
+        feed: dict[str, np.ndarray] = dict(self._values)
+        feed["lr"] = lr
+        for spec, a in zip(self._batch_specs, arrays):
+            feed[spec.name] = a
+        names = [s.name for s in self.signature.outputs]
+        results = dict(zip(names, self.session.run(names, feed)))
+        for spec in self.signature.outputs:
+            if spec.kind != "loss":
+                self._values[self._input_name(spec.kind, spec.key)] = results[spec.name]
+        return float(results[names[0]])
+
+    def _input_name(self, kind: str, key: str) -> str:
+        prefix = "param/" if kind == "param" else "state/"
+        return prefix + key
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"params": {name: tensor}, "optimizer": {key: tensor}, "lr": float}`` (copies), the
+        same structure as ``TrainingStep.state_dict()``."""
+        return {
+            "params": {s.key: torch.from_numpy(self._array(s.name).copy()) for s in self._param_specs},
+            "optimizer": {s.key: torch.from_numpy(self._array(s.name).copy()) for s in self._state_specs},
+            "lr": self.lr,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load a :meth:`state_dict` (from this trainer or a ``TrainingStep``); checks every key
+        and shape first, so on error nothing changes."""
+        params, opt = state.get("params", {}), state.get("optimizer", {})
+        arrays: dict[str, np.ndarray] = {}
+        problems = []
+        for specs, source in ((self._param_specs, params), (self._state_specs, opt)):
+            for s in specs:
+                if s.key not in source:
+                    problems.append(f"missing {s.key}")
+                    continue
+                a = _numpy(source[s.key])
+                if list(a.shape) != s.shape:
+                    problems.append(f"{s.key} has shape {list(a.shape)}, the step needs {s.shape}")
+                    continue
+                arrays[s.name] = a.astype(s.dtype, copy=False)
+        if problems:
+            raise GraphPeftError("state does not fit this training step (nothing was loaded): "
+                                 + "; ".join(problems[:10]))
+        self._set_values(arrays)
+        if "lr" in state:
+            self.lr = float(state["lr"])
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained tensors under the model's (PEFT) key names: load them with
+        ``cm.load_adapter_state_dict``."""
+        return self.state_dict()["params"]
+
+    def save_checkpoint(self, path: Union[str, os.PathLike]) -> None:
+        """Write parameters, optimizer state, lr and step count to ``path`` (safetensors, atomic)."""
+        save_training_state(path, self.state_dict(), signature=self.signature, extra={"steps": self.steps})
+
+    def load_checkpoint(self, path: Union[str, os.PathLike]) -> None:
+        """Resume from a checkpoint written by :meth:`save_checkpoint` (or ``TrainingStep``'s)."""
+        state, extra = load_training_state(path, signature=self.signature)
+        self.load_state_dict(state)
+        self.steps = int(extra.get("steps", 0))
+
+    @classmethod
+    def resume(cls, path: Union[str, os.PathLike], checkpoint: Union[str, os.PathLike], **kwargs: Any) -> "OnnxTrainer":
+        """A trainer for ``path`` that continues from ``checkpoint``."""
+        trainer = cls(path, **kwargs)
+        trainer.load_checkpoint(checkpoint)
+        return trainer
+
+    def __repr__(self) -> str:
+        return (f"OnnxTrainer({self.path!r}, {len(self._param_specs)} trainable tensors, "
+                f"optimizer={self.signature.optimizer.get('name')}, lr={self.lr:g}, steps={self.steps})")
+
+
+__all__ = ["OnnxTrainer"]
+

@@ -1,0 +1,193 @@
+"""Compile time of the training step against model depth, and where the time goes.
+
+    python -m benchmarks.compile_time                  # depths 2, 4, 8, 16 (small Llama, hidden 256)
+    python -m benchmarks.compile_time --layers 2 4     # other depths
+    python -m benchmarks.compile_time --step-time      # also: step time, eager PEFT vs compiled (torch, ORT)
+
+For each depth: ``gp.compile`` (trace the model, insert LoRA r=8 on every linear layer), the
+training-step compiler (``make_fx`` trace, then each training pass), the ONNX export (legalize,
+capture as an ExportedProgram, translate, optimize, save) and loading the file into an
+onnxruntime session. A warm-up run on a 1-layer model first pays the one-time costs (imports,
+the exporter's op registry), which are reported apart. Self-contained: it does not use the
+``benchmarks`` runner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from typing import Any, Sequence
+
+import torch
+
+HIDDEN = 256
+VOCAB = 2048
+BATCH, SEQ = 4, 128
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_llama(layers: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=688, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def batch() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+
+
+def measure(layers: int, folder: str) -> dict[str, Any]:
+    """Compile, train-compile and export one depth; seconds per phase and graph sizes."""
+    import graphpeft as gp
+    from graphpeft.backends.onnx import OnnxTrainer
+
+    ids = batch()
+    row: dict[str, Any] = {"layers": layers}
+    t = time.perf_counter()
+    cm = gp.compile(build_llama(layers), gp.Plan([gp.LoRA(targets=LINEAR, r=8, alpha=16)]), (ids,),
+                    {"use_cache": False})
+    row["model compile"] = time.perf_counter() - t
+    step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-4), example_batch=(ids,))
+    row["step trace"] = step.timings["trace"]
+    row["passes"] = {k[len("pass:"):]: v for k, v in step.timings.items() if k.startswith("pass:")}
+    row["step passes"] = sum(row["passes"].values())
+    row["fx nodes"] = len(step.graph_module.graph.nodes)
+    row["params"] = len(step.signature.params)
+    path = os.path.join(folder, f"llama{layers}.onnx")
+    res = step.export_onnx(path)
+    for k, v in res.timings.items():
+        row[f"export {k}"] = v
+    row["onnx nodes"] = res.num_nodes
+    t = time.perf_counter()
+    OnnxTrainer(path)
+    row["ort load"] = time.perf_counter() - t
+    phases = ["model compile", "step trace", "step passes"] + [f"export {k}" for k in res.timings] + ["ort load"]
+    row["total"] = sum(row[p] for p in phases)
+    row["phases"] = phases
+    peak = step.memory_report()
+    row["peak MiB"] = peak.peak_bytes / (1 << 20)
+    return row
+
+
+def _fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float]:
+    """Least-squares line y = a + b x and its R^2."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    a = my - b * mx
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys))
+    return a, b, 1 - ss_res / ss_tot if ss_tot else 1.0
+
+
+def compile_table(depths: Sequence[int]) -> list[dict[str, Any]]:
+    folder = tempfile.mkdtemp(prefix="gp-compile-time-")
+    t = time.perf_counter()
+    measure(1, folder)
+    warmup = time.perf_counter() - t
+    rows = [measure(n, folder) for n in depths]
+    phases = rows[0]["phases"]
+    short = {"model compile": "compile", "step trace": "trace", "step passes": "passes",
+             "export legalize": "legalize", "export capture": "capture", "export onnx_translate": "translate",
+             "export onnx_optimize": "optimize", "export save": "save", "ort load": "ort load"}
+    print(f"\nTraining-step compile time vs depth (Llama hidden {HIDDEN}, LoRA r=8 on all linear layers, "
+          f"AdamW, batch {BATCH}x{SEQ}; seconds)")
+    print(f"one-time warm-up (1-layer model: imports, exporter op registry): {warmup:.1f} s\n")
+    head = ["layers", "fx nodes", "onnx nodes"] + [short.get(p, p) for p in phases] + ["total", "ms/fx node"]
+    print(" | ".join(head))
+    print(" | ".join("---" for _ in head))
+    for r in rows:
+        cells = [str(r["layers"]), str(r["fx nodes"]), str(r["onnx nodes"])]
+        cells += [f"{r[p]:.2f}" for p in phases]
+        cells += [f"{r['total']:.2f}", f"{1000 * r['total'] / r['fx nodes']:.2f}"]
+        print(" | ".join(cells))
+    print("\nWhere the time goes (share of the total, summed over depths):")
+    total = sum(r["total"] for r in rows)
+    for p in phases:
+        print(f"  {short.get(p, p):10s} {100 * sum(r[p] for r in rows) / total:5.1f} %")
+    print("\nTraining passes (seconds, per depth):")
+    for name in rows[0]["passes"]:
+        print(f"  {name:34s} " + "  ".join(f"{r['passes'][name]:.3f}" for r in rows))
+    xs = [r["layers"] for r in rows]
+    a, b, r2 = _fit(xs, [r["total"] for r in rows])
+    an, bn, r2n = _fit(xs, [r["fx nodes"] for r in rows])
+    print(f"\nLinear fit: total = {a:.2f} s + {b:.2f} s/layer (R^2 = {r2:.4f}); "
+          f"fx nodes = {an:.0f} + {bn:.0f}/layer (R^2 = {r2n:.4f})")
+    print("Static peak memory of the step (MiB): " + ", ".join(f"{r['layers']}L {r['peak MiB']:.1f}" for r in rows))
+    return rows
+
+
+def step_time(repeats: int = 10, layers: int = 4) -> dict[str, float]:
+    """Median ms per training step on the benchmark model of DESIGN.md (4 layers, batch 4x128,
+    LoRA r=8 on all linear layers, AdamW): PEFT eager, graphpeft's compiled step in torch and
+    in onnxruntime, interleaved."""
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+
+    import graphpeft as gp
+    from graphpeft.backends.onnx import OnnxTrainer
+
+    ids = batch()
+    peft_model = get_peft_model(build_llama(layers), LoraConfig(r=8, lora_alpha=16, target_modules=LINEAR,
+                                                                lora_dropout=0.0))
+    peft_model.train()
+    peft_opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+
+    def peft_step() -> None:
+        peft_opt.zero_grad()
+        logits = peft_model(input_ids=ids, use_cache=False).logits
+        F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+        peft_opt.step()
+
+    cm = gp.compile(build_llama(layers), gp.Plan([gp.LoRA(targets=LINEAR, r=8, alpha=16)]), (ids,),
+                    {"use_cache": False})
+    step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-4), example_batch=(ids,))
+    path = os.path.join(tempfile.mkdtemp(prefix="gp-step-time-"), "train.onnx")
+    step.export_onnx(path)
+    trainer = OnnxTrainer(path)
+    contenders = {"PEFT LoRA eager (torch.optim.AdamW)": peft_step,
+                  "graphpeft compiled step, torch": lambda: step(ids),
+                  "graphpeft compiled step, onnxruntime": lambda: trainer.step(ids)}
+    for fn in contenders.values():
+        fn()
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            t = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t)
+    out = {k: 1000 * statistics.median(v) for k, v in samples.items()}
+    print(f"\nStep time, Llama hidden {HIDDEN} x {layers} layers, batch {BATCH}x{SEQ}, LoRA r=8 all linear, "
+          f"AdamW (median of {repeats}, interleaved; threads {torch.get_num_threads()})")
+    base = out["PEFT LoRA eager (torch.optim.AdamW)"]
+    for k, v in out.items():
+        print(f"  {k:40s} {v:8.1f} ms   x{v / base:.2f}")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument("--step-time", action="store_true", help="also time one training step three ways")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("torch", "onnxscript", "onnx_ir", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    compile_table(args.layers)
+    if args.step_time:
+        step_time(args.repeats)
+
+
+if __name__ == "__main__":
+    main()

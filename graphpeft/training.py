@@ -1,0 +1,824 @@
+"""The training-step compiler: forward, pruned backward and optimizer update as ONE fx graph.
+
+    step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-3, weight_decay=0.01))
+    for batch in data:
+        loss = step(*batch)              # trains cm through the compiled graph
+    step.export_onnx("train.onnx")       # the same step for plain onnxruntime
+
+How the graph is made. The adapted graph is called functionally (an ``fx.Interpreter`` that
+reads every tensor from an explicit dict) with the trainable tensors as explicit inputs;
+``torch.func.grad_and_value`` differentiates the loss toward them only, so autograd never builds
+a backward for frozen parts; a functional optimizer (:mod:`graphpeft.optim`) turns gradients
+and state into new tensors; ``make_fx`` with the core ATen decomposition table traces all of it
+into one graph. Every node is tagged with its phase (``forward``, ``loss``, ``backward``,
+``accumulate``, ``clip``, ``optimizer``) in its provenance, which the training passes use.
+
+The graph's signature (flat, in this order)::
+
+    inputs:  trainable tensors..., optimizer state..., lr, batch...
+    outputs: loss, updated trainable tensors..., updated optimizer state...
+
+Frozen weights and buffers are ``get_attr`` nodes named by their original paths (the IR
+convention), sharing storage with the compiled model. The trainable tensors and the state have
+stable names (:class:`TrainingSignature`), which the ONNX export uses for its inputs/outputs.
+
+Shapes are static: a step is compiled for the shapes of the batch it is first given (or
+``example_batch``); a batch of other shapes compiles (and caches) another graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.fx as fx
+import torch.fx.traceback as fxt
+from torch.utils import _pytree as pytree
+
+from .errors import GraphPeftError, PlanError, TraceError, VerificationError
+from .graph import META_KEY, Provenance, Role, attach_tensor, get_tensor, graph_meta, roles
+from .infra import PassContext, PassHook, PassManager, Pipeline, TimingHook
+from .losses import Loss, LossSpec, make_loss
+from .optim import STEP_KEY, Optimizer, make_optimizer
+from .registry import PASSES, get_backend, load_plugins
+
+if TYPE_CHECKING:
+    from .backward_report import BackwardReport
+    from .compiled import CompiledModel
+
+log = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+
+#: the training passes run by default, in order (names in ``graphpeft.registry.PASSES``)
+DEFAULT_TRAINING_PASSES: tuple[str, ...] = (
+    "eliminate_common_subexpressions",
+    "remove_dead_code",
+    "check_gradient_flow",
+    "reorder_updates",
+    "plan_memory",
+)
+
+#: phases of a training graph, in the order they are traced
+PHASES = ("input", "forward", "loss", "backward", "accumulate", "clip", "optimizer")
+#: phases that make up the update (what ``reorder_updates`` moves next to the gradients)
+UPDATE_PHASES = ("accumulate", "clip", "optimizer")
+
+TRAINING_META = "training"
+ORDER_KEY = "graphpeft_trace_order"
+COMPILER_PASS_NAME = "compile_training"
+
+# ONNX-facing names of the graph's inputs and outputs
+PARAM_IN, PARAM_OUT, STATE_IN, STATE_OUT, LR_NAME, LOSS_NAME = "param/", "param_out/", "state/", "state_out/", "lr", "loss"
+BATCH_IN = "batch/"
+
+
+# --- signature ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class IOSpec:
+    """One input or output of the training graph."""
+
+    kind: str  # "param" | "state" | "lr" | "batch" | "loss"
+    key: str  # parameter name, state key, "lr", batch index, "loss"
+    name: str  # stable external (ONNX) name
+    shape: list[int]
+    dtype: str
+
+    @staticmethod
+    def of(kind: str, key: str, name: str, t: Tensor) -> "IOSpec":
+        return IOSpec(kind, key, name, [int(s) for s in t.shape], str(t.dtype).replace("torch.", ""))
+
+
+@dataclasses.dataclass
+class TrainingSignature:
+    """What the training graph takes and returns, with stable names; stored in ``gm.meta``
+    and in exported files."""
+
+    inputs: list[IOSpec]
+    outputs: list[IOSpec]
+    params: list[str]
+    param_roles: dict[str, str]
+    state: list[str]
+    num_model_inputs: int
+    num_targets: int
+    optimizer: dict[str, Any]
+    loss: str
+    lr: float
+    accumulation_steps: int = 1
+    clip_grad_norm: Optional[float] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> "TrainingSignature":
+        data = dict(data)
+        data["inputs"] = [IOSpec(**d) for d in data["inputs"]]
+        data["outputs"] = [IOSpec(**d) for d in data["outputs"]]
+        return TrainingSignature(**data)
+
+
+def signature_of(gm: fx.GraphModule) -> TrainingSignature:
+    """The :class:`TrainingSignature` of a training graph (raises if ``gm`` is not one)."""
+    sig = graph_meta(gm).get(TRAINING_META)
+    if sig is None:
+        raise VerificationError("this graph is not a training-step graph (no training signature in its meta)")
+    return sig
+
+
+def phase_of(node: fx.Node) -> str:
+    """The phase of a node of a training graph (``"input"`` for placeholders and tensors)."""
+    if node.op in ("placeholder", "get_attr", "output"):
+        return "input" if node.op != "output" else "output"
+    prov = node.meta.get(META_KEY) or {}
+    return prov.get("part") or "forward"
+
+
+# --- memory report (filled by the plan_memory pass) -------------------------------------------
+
+MEMORY_CATEGORIES = ("weights", "activations", "gradients", "optimizer_state")
+
+
+@dataclasses.dataclass
+class MemoryReport:
+    """Static memory plan of a training graph: liveness in graph order -> peak bytes.
+
+    ``at_peak`` splits the peak by category (weights: frozen and trainable tensors, old and
+    updated; activations: batch and forward values; gradients: backward values; optimizer
+    state: state in and out plus update temporaries). ``category_peaks`` is each category's own
+    maximum over the step, ``totals`` the bytes of the graph's inputs by category, and
+    ``trace_order_peak_bytes`` the peak of the same graph in the order it was traced (before
+    ``reorder_updates``).
+    """
+
+    peak_bytes: int
+    peak_node: str
+    at_peak: dict[str, int]
+    category_peaks: dict[str, int]
+    totals: dict[str, int]
+    trace_order_peak_bytes: Optional[int]
+    num_nodes: int
+    #: live bytes after each node, in graph order (for plots)
+    timeline: list[int] = dataclasses.field(default_factory=list, repr=False)
+
+    def __str__(self) -> str:
+        mib = 1 / (1 << 20)
+        lines = [f"training-step memory plan ({self.num_nodes} nodes)",
+                 f"  peak {self.peak_bytes * mib:10.3f} MiB at {self.peak_node}"]
+        if self.trace_order_peak_bytes is not None:
+            lines.append(f"  peak in trace order (no reordering) {self.trace_order_peak_bytes * mib:10.3f} MiB")
+        lines.append(f"  {'category':16s} {'at peak MiB':>12s} {'own peak MiB':>13s} {'inputs MiB':>11s}")
+        for c in MEMORY_CATEGORIES:
+            lines.append(f"  {c:16s} {self.at_peak.get(c, 0) * mib:12.3f} {self.category_peaks.get(c, 0) * mib:13.3f} "
+                         f"{self.totals.get(c, 0) * mib:11.3f}")
+        return "\n".join(lines)
+
+
+# --- options ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainingOptions:
+    """Options of :func:`compile_training`.
+
+    Args:
+        accumulation_steps: split each batch (along dim 0) into this many micro-batches, run
+            forward and backward on each in turn inside the graph and update once with the
+            accumulated gradient; equals the big batch's gradient.
+        clip_grad_norm: clip gradients to this global L2 norm (``torch.nn.utils.clip_grad_norm_``).
+        passes: names of the training passes to run (default :data:`DEFAULT_TRAINING_PASSES`).
+        verify: run the verifier after every pass.
+        hooks: pass instrumentation (``TimingHook``, ``IRDumpHook``).
+        example_batch: a batch to compile for at once. By default the step compiles for the
+            model's example inputs (plus targets shaped by a named loss); with a user loss
+            callable, the first call compiles.
+    """
+
+    accumulation_steps: int = 1
+    clip_grad_norm: Optional[float] = None
+    passes: Optional[Sequence[str]] = None
+    verify: bool = True
+    hooks: Sequence[PassHook] = ()
+    example_batch: Optional[Sequence[Tensor]] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.accumulation_steps, int) or self.accumulation_steps < 1:
+            raise PlanError(f"accumulation_steps must be a positive integer, got {self.accumulation_steps!r}")
+        if self.clip_grad_norm is not None and not float(self.clip_grad_norm) > 0:
+            raise PlanError(f"clip_grad_norm must be > 0 (or None), got {self.clip_grad_norm!r}")
+
+
+# --- tracing ------------------------------------------------------------------------------------
+
+
+class _FunctionalInterpreter(fx.Interpreter):
+    """Runs the adapted graph with every tensor read from ``tensors`` (a functional call) and
+    tags each op it runs with ``annotation`` (its phase)."""
+
+    def __init__(self, gm: fx.GraphModule, tensors: Mapping[str, Tensor], annotation: dict[str, Any]) -> None:
+        super().__init__(gm)
+        self.tensors = tensors
+        self.annotation = annotation
+
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if target in self.tensors:
+            return self.tensors[target]
+        return super().get_attr(target, args, kwargs)
+
+    def run_node(self, n: fx.Node) -> Any:
+        self._source = n
+        return super().run_node(n)
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        src = getattr(self, "_source", None)
+        prov = (src.meta.get(META_KEY) if src is not None else None) or {}
+        tags = dict(self.annotation)
+        tags.update({f"src_{k}": prov[k] for k in ("origin", "adapter", "rule") if prov.get(k)})
+        with fxt.annotate(tags):
+            return super().call_function(target, args, kwargs)
+
+
+def _annotate(phase: str, **extra: Any) -> Any:
+    return fxt.annotate({"phase": phase, **extra})
+
+
+GRAD_KEY = "graphpeft_grad_of"
+FINAL_GRAD_KEY = "graphpeft_final_grad_of"
+
+
+def _tag_traced(t: Tensor, key: str, value: str) -> None:
+    """Mark the node that computes ``t`` in the graph being traced (no node is added)."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot
+
+    mode = get_proxy_mode()
+    if mode is None:
+        return
+    try:
+        node = get_proxy_slot(t, mode.tracer).proxy.node
+    except Exception:  # noqa: BLE001 - a constant or an untracked tensor: nothing to mark
+        return
+    node.meta.setdefault(key, []).append(value)
+
+
+def _split_batch(tensors: Sequence[Tensor], k: int) -> list[list[Tensor]]:
+    if k == 1:
+        return [list(tensors)]
+    out: list[list[Tensor]] = [[] for _ in range(k)]
+    for t in tensors:
+        if t.dim() == 0 or t.shape[0] % k:
+            raise PlanError(f"accumulation_steps={k} must divide the batch dimension, but a batch tensor has "
+                            f"shape {tuple(t.shape)}; use a batch size divisible by {k}")
+        for i, chunk in enumerate(torch.split(t, t.shape[0] // k)):
+            out[i].append(chunk)
+    return out
+
+
+def _sdpa_math() -> Any:
+    """Trace attention through its math form so its backward is core ATen (the fused CPU
+    flash-attention backward has no ONNX translation)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
+    except Exception:  # noqa: BLE001 - older torch
+        return contextlib.nullcontext()
+
+
+def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, batch: Sequence[Tensor],
+                        options: TrainingOptions, lr: Optional[float] = None) -> fx.GraphModule:
+    """Trace one training step of ``cm`` for ``batch`` into a graph (no passes run yet)."""
+    from torch._decomp import core_aten_decompositions
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    src = cm.graph_module
+    role_map = roles(src)
+    param_names = [n for n, r in role_map.items() if r.trainable]
+    const_names = [n for n, r in role_map.items() if not r.trainable]
+    if not param_names:
+        raise PlanError("the model has no trainable tensors: the plan selected no layer (see cm.explain())")
+    n_in = sum(1 for n in src.graph.nodes if n.op == "placeholder")
+    batch = list(batch)
+    if len(batch) < n_in:
+        raise PlanError(f"the batch has {len(batch)} tensors but the model takes {n_in} inputs: call "
+                        "step(*model_inputs, *targets) with the inputs the model was compiled with")
+    for i, t in enumerate(batch):
+        if not isinstance(t, Tensor):
+            raise PlanError(f"batch element {i} is a {type(t).__name__}; every batch element must be a tensor")
+    num_targets = len(batch) - n_in
+    k = options.accumulation_steps
+    clip = options.clip_grad_norm
+    state_names = optimizer.state_names(param_names)
+    out_spec = cm._traced.out_spec
+    params = [get_tensor(src, n).detach() for n in param_names]
+    consts = [get_tensor(src, n).detach() for n in const_names]
+    state = optimizer.init_state(dict(zip(param_names, params)))
+    lr_value = float(optimizer.lr if lr is None else lr)
+
+    def run_model(tensors: dict[str, Tensor], inputs: Sequence[Tensor], micro: int) -> Any:
+        flat = _FunctionalInterpreter(src, tensors, {"phase": "forward", "micro": micro}).run(*inputs)
+        return pytree.tree_unflatten(list(flat), out_spec)
+
+    def train_step(p_list: list[Tensor], c_list: list[Tensor], s_list: list[Tensor], lr_t: Tensor,
+                   *batch_t: Tensor) -> tuple[Tensor, ...]:
+        pdict = dict(zip(param_names, p_list))
+        cdict = dict(zip(const_names, c_list))
+        sdict = dict(zip(state_names, s_list))
+        micro_inputs = _split_batch(batch_t[:n_in], k)
+        micro_targets = _split_batch(batch_t[n_in:], k) if num_targets else [[] for _ in range(k)]
+        weights: list[Any] = [1.0]
+        if k > 1:
+            with _annotate("accumulate"):
+                raw = [loss.weight(mi, mt) for mi, mt in zip(micro_inputs, micro_targets)]
+                total = raw[0]
+                for w in raw[1:]:
+                    total = total + w
+                weights = [w / total for w in raw]
+        grads: Optional[dict[str, Tensor]] = None
+        loss_value: Optional[Tensor] = None
+        for i, (mi, mt) in enumerate(zip(micro_inputs, micro_targets)):
+            w = weights[i] if k > 1 else None
+
+            def objective(trainable: dict[str, Tensor], mi: list = mi, mt: list = mt, i: int = i, w: Any = w) -> Any:
+                outputs = run_model({**cdict, **trainable}, mi, i)
+                with _annotate("loss", micro=i):
+                    value = loss(outputs, mi, mt)
+                    if value.dim() != 0:
+                        raise PlanError(f"the loss must be a scalar, got shape {tuple(value.shape)}")
+                    scaled = value * w if w is not None else value
+                return scaled, scaled
+
+            with _annotate("backward", micro=i):
+                g, (_, scaled) = torch.func.grad_and_value(objective, has_aux=True)(pdict)
+            for n in param_names:
+                _tag_traced(g[n], GRAD_KEY, n)
+            if grads is None:
+                grads, loss_value = g, scaled
+            else:
+                with _annotate("accumulate", micro=i):
+                    loss_value = loss_value + scaled
+                    grads = {n: grads[n] + g[n] for n in param_names}
+        assert grads is not None and loss_value is not None
+        if clip is not None:
+            with _annotate("clip"):
+                norms = [torch.linalg.vector_norm(grads[n], 2.0) for n in param_names]
+                total_norm = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+                coef = torch.clamp(float(clip) / (total_norm + 1e-6), max=1.0)
+                grads = {n: grads[n] * coef for n in param_names}
+        for n in param_names:
+            _tag_traced(grads[n], FINAL_GRAD_KEY, n)
+        with _annotate("optimizer"):
+            shared = optimizer.prepare(sdict, lr_t)
+        new_params: list[Tensor] = []
+        new_state: dict[str, Tensor] = {STEP_KEY: shared["step"]}
+        for n in param_names:
+            with _annotate("optimizer", param=n):
+                slots = {s: sdict[f"{n}:{s}"] for s in optimizer.param_slots()}
+                new_p, new_slots = optimizer.update_one(pdict[n], grads[n], slots, shared, lr_t)
+            new_params.append(new_p)
+            for s, v in new_slots.items():
+                new_state[f"{n}:{s}"] = v
+        return (loss_value, *new_params, *[new_state[s] for s in state_names])
+
+    lr_example = torch.tensor(lr_value, dtype=torch.float32)
+    example_state = [state[s] for s in state_names]
+    was_training = cm.training
+    cm.train(True)  # adapter dropout on in the training graph
+    try:
+        with fxt.preserve_node_meta(), _sdpa_math():
+            traced = make_fx(train_step, decomposition_table=core_aten_decompositions(),
+                             tracing_mode="fake")(params, consts, example_state, lr_example, *batch)
+    except GraphPeftError:
+        raise
+    except Exception as e:
+        raise TraceError(f"could not trace the training step: {type(e).__name__}: {str(e)[:1500]}. "
+                         "Check that the loss takes the model's outputs and the batch's targets and "
+                         "returns a scalar, and that the batch matches the compiled model's inputs.") from e
+    finally:
+        cm.train(was_training)
+
+    # -- frozen tensors become get_attr nodes named by their paths; the rest keep stable names
+    graph = traced.graph
+    graph._codegen = fx.graph.CodeGen()
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    n_p, n_c, n_s = len(param_names), len(const_names), len(state_names)
+    if len(placeholders) != n_p + n_c + n_s + 1 + len(batch):
+        raise TraceError(f"internal: traced graph has {len(placeholders)} inputs, expected "
+                         f"{n_p + n_c + n_s + 1 + len(batch)}")
+    root = torch.nn.Module()
+    for name in const_names:
+        attach_tensor(root, name, get_tensor(src, name), role_map[name])
+    extra_consts: dict[str, Tensor] = {}
+    for node in graph.nodes:  # constants make_fx lifted while tracing (e.g. torch.tensor(...))
+        if node.op == "get_attr":
+            value = getattr(traced, node.target)
+            if isinstance(value, Tensor):
+                attach_tensor(root, node.target, value, Role.BUFFER)
+                extra_consts[node.target] = value
+    first_op = next(n for n in graph.nodes if n.op != "placeholder")
+    for node, name in zip(placeholders[n_p:n_p + n_c], const_names):
+        with graph.inserting_before(first_op):
+            attr = graph.create_node("get_attr", name)  # (get_attr() warns: the root is built below)
+        attr.meta.update(node.meta)
+        node.replace_all_uses_with(attr)
+        graph.erase_node(node)
+    kept = placeholders[:n_p] + placeholders[n_p + n_c:]
+    names = ([f"param_{i}" for i in range(n_p)] + [f"state_{i}" for i in range(n_s)] + ["lr"]
+             + [f"batch_{i}" for i in range(len(batch))])
+    for node, name in zip(kept, names):
+        _rename(node, name)
+    gm = fx.GraphModule(root, graph)
+    rmap = roles(gm)
+    for name in const_names:
+        rmap[name] = role_map[name]
+    for name in extra_consts:
+        rmap[name] = Role.BUFFER
+
+    # -- provenance and phases on every op
+    for i, node in enumerate(gm.graph.nodes):
+        node.meta[ORDER_KEY] = i
+        if node.op != "call_function":
+            continue
+        custom = node.meta.get("custom") or {}
+        origin = custom.get("src_origin") or _module_path(node)
+        phase = custom.get("phase", "forward")
+        prov = Provenance(COMPILER_PASS_NAME, rule=custom.get("src_rule", "") or phase, origin=origin,
+                          adapter=custom.get("src_adapter", ""), part=phase).as_dict()
+        if "param" in custom:
+            prov["param"] = custom["param"]
+        if "micro" in custom:
+            prov["micro"] = custom["micro"]
+        for key, tag in ((GRAD_KEY, "grad_of"), (FINAL_GRAD_KEY, "final_grad_of")):
+            if key in node.meta:
+                prov[tag] = list(node.meta.pop(key))
+        node.meta[META_KEY] = prov
+
+    # -- signature
+    inputs = ([IOSpec.of("param", n, PARAM_IN + n, t) for n, t in zip(param_names, params)]
+              + [IOSpec.of("state", s, STATE_IN + s, t) for s, t in zip(state_names, example_state)]
+              + [IOSpec.of("lr", LR_NAME, LR_NAME, lr_example)]
+              + [IOSpec.of("batch", str(i), f"{BATCH_IN}{i}", t) for i, t in enumerate(batch)])
+    loss_val = next(n for n in gm.graph.nodes if n.op == "output").args[0][0].meta.get("val")
+    outputs = ([IOSpec("loss", LOSS_NAME, LOSS_NAME, [], str(getattr(loss_val, "dtype", torch.float32)).replace("torch.", ""))]
+               + [IOSpec.of("param", n, PARAM_OUT + n, t) for n, t in zip(param_names, params)]
+               + [IOSpec.of("state", s, STATE_OUT + s, t) for s, t in zip(state_names, example_state)])
+    graph_meta(gm)[TRAINING_META] = TrainingSignature(
+        inputs=inputs, outputs=outputs, params=param_names,
+        param_roles={n: role_map[n].value for n in param_names}, state=state_names,
+        num_model_inputs=n_in, num_targets=num_targets, optimizer=optimizer.to_dict(), loss=loss.name,
+        lr=lr_value, accumulation_steps=k, clip_grad_norm=None if clip is None else float(clip))
+    gm.recompile()
+    return gm
+
+
+def _rename(node: fx.Node, name: str) -> None:
+    try:
+        node._rename(name)  # type: ignore[attr-defined]
+        node.target = node.name
+    except Exception:  # noqa: BLE001 - names are cosmetic
+        pass
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    import re
+
+    path = re.sub(r"^L\['self'\]\.?", "", str(path))
+    return re.sub(r"\[(\d+)\]", r".\1", path).strip(".")
+
+
+# --- verification --------------------------------------------------------------------------------
+
+
+def verify_training(gm: fx.GraphModule) -> None:
+    """The verifier for training graphs: graph lint and role invariants, plus the signature
+    (inputs and outputs agree with it in number, shape and dtype), no trainable tensor stored
+    in the graph, and provenance with a phase on every op."""
+    from .verify import verify
+
+    verify(gm, check_shapes=False)
+    sig = signature_of(gm)
+    problems: list[str] = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    for what, nodes, specs in (("input", placeholders, sig.inputs), ("output", list(outputs), sig.outputs)):
+        if len(nodes) != len(specs):
+            problems.append(f"the graph has {len(nodes)} {what}s, its signature {len(specs)}")
+            continue
+        for node, spec in zip(nodes, specs):
+            v = node.meta.get("val") if isinstance(node, fx.Node) else None
+            if isinstance(v, Tensor) and ([int(s) for s in v.shape] != spec.shape
+                                          or str(v.dtype).replace("torch.", "") != spec.dtype):
+                problems.append(f"{what} {spec.name} is {v.dtype}{list(v.shape)}, its signature says "
+                                f"{spec.dtype}{spec.shape}")
+    for name, role in roles(gm).items():
+        if role.trainable:
+            problems.append(f"trainable tensor {name} is stored in the graph; it must be an input")
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and not (node.meta.get(META_KEY) or {}).get("part"):
+            problems.append(f"node {node.name} has no provenance/phase")
+    if problems:
+        raise VerificationError("; ".join(problems[:20]))
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "graphpeft-training-state"
+
+
+def _signature_digest(sig: TrainingSignature) -> str:
+    import hashlib
+    import json
+
+    data = {"params": [[s.key, s.shape, s.dtype] for s in sig.inputs if s.kind == "param"],
+            "state": [[s.key, s.shape, s.dtype] for s in sig.inputs if s.kind == "state"],
+            "optimizer": sig.optimizer}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def save_training_state(path: Union[str, os.PathLike], state: Mapping[str, Any],
+                        signature: Optional[TrainingSignature] = None, extra: Optional[Mapping[str, Any]] = None) -> None:
+    """Write a training state (``{"params", "optimizer", "lr"}``) to one safetensors file,
+    atomically (temporary file, fsync, rename). ``signature`` records what it fits."""
+    import json
+
+    from safetensors.torch import save
+
+    from .adapter_io import _atomic_write
+
+    tensors = {f"param/{k}": v.detach().cpu().contiguous() for k, v in state["params"].items()}
+    tensors.update({f"state/{k}": v.detach().cpu().contiguous() for k, v in state["optimizer"].items()})
+    meta = {"format": CHECKPOINT_FORMAT, "lr": repr(float(state.get("lr", 0.0))),
+            "extra": json.dumps(dict(extra or {}))}
+    if signature is not None:
+        meta["signature_sha256"] = _signature_digest(signature)
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    _atomic_write(os.path.abspath(path), save(tensors, metadata=meta))
+
+
+def load_training_state(path: Union[str, os.PathLike], signature: Optional[TrainingSignature] = None
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a file written by :func:`save_training_state`: ``(state, extra)``. Raises
+    :class:`~graphpeft.errors.GraphPeftError` if it is not one or does not fit ``signature``."""
+    import json
+
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise GraphPeftError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own types
+        raise GraphPeftError(f"checkpoint {path} is corrupted or not a safetensors file ({e})") from e
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise GraphPeftError(f"{path} is not a graphpeft training checkpoint")
+    if signature is not None and meta.get("signature_sha256") not in (None, _signature_digest(signature)):
+        raise GraphPeftError(f"checkpoint {path} was written for another training step (different trainable "
+                             "tensors, shapes or optimizer): resume with the step it was saved from")
+    state = {"params": {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")},
+             "optimizer": {k[len("state/"):]: v for k, v in tensors.items() if k.startswith("state/")},
+             "lr": float(meta.get("lr", "0"))}
+    return state, json.loads(meta.get("extra", "{}"))
+
+
+# --- the step -----------------------------------------------------------------------------------
+
+
+def _batch_key(batch: Sequence[Any]) -> tuple:
+    return tuple((tuple(t.shape), t.dtype) if isinstance(t, Tensor) else (type(t).__name__,) for t in batch)
+
+
+class TrainingStep:
+    """One compiled training step of a :class:`~graphpeft.compiled.CompiledModel`.
+
+    Call it with a batch (the model's inputs, then the targets): it runs the compiled graph,
+    writes the updated trainable tensors back into the model (in place) and keeps the optimizer
+    state. ``lr`` may be changed between steps (it is a graph input).
+
+    Attributes:
+        graph_module: the training graph for the first compiled batch shape.
+        signature: its :class:`TrainingSignature`.
+        timings: seconds per compile phase (``trace``, each pass, ``total``).
+    """
+
+    def __init__(self, cm: "CompiledModel", loss: LossSpec, optimizer: Union[Optimizer, str, Mapping[str, Any]],
+                 options: Optional[TrainingOptions] = None) -> None:
+        load_plugins()
+        self.cm = cm
+        self.loss = make_loss(loss)
+        self.optimizer = make_optimizer(optimizer)
+        self.options = options or TrainingOptions()
+        self.lr: float = float(self.optimizer.lr)
+        self.param_names = [n for n, r in roles(cm.graph_module).items() if r.trainable]
+        self._state = self.optimizer.init_state({n: get_tensor(cm.graph_module, n) for n in self.param_names})
+        self._graphs: dict[tuple, fx.GraphModule] = {}
+        self._main: Optional[fx.GraphModule] = None
+        self.timings: dict[str, float] = {}
+        self.ctx: Optional[PassContext] = None
+        batch = self.options.example_batch
+        if batch is None:
+            batch = self._default_batch()
+        if batch is not None:
+            self.compile(*batch)
+
+    def _default_batch(self) -> Optional[list[Tensor]]:
+        """The model's example inputs plus targets shaped by a named loss (None if unknown)."""
+        inputs = list(self.cm.example_inputs)
+        if not inputs:
+            return None
+        with torch.no_grad():
+            flat = self.cm.graph_module(*inputs)
+        outputs = pytree.tree_unflatten(list(flat), self.cm._traced.out_spec)
+        try:
+            targets = self.loss.example_targets(outputs, inputs)
+        except GraphPeftError:
+            return None
+        return None if targets is None else inputs + list(targets)
+
+    # -- compiling -------------------------------------------------------------------------------
+
+    def compile(self, *batch: Tensor) -> fx.GraphModule:
+        """Compile (or fetch from the cache) the graph for this batch's shapes."""
+        key = _batch_key(batch)
+        if key in self._graphs:
+            return self._graphs[key]
+        timing = TimingHook()
+        start = time.perf_counter()
+        gm = trace_training_step(self.cm, self.loss, self.optimizer, batch, self.options, self.lr)
+        traced_at = time.perf_counter()
+        names = list(self.options.passes if self.options.passes is not None else DEFAULT_TRAINING_PASSES)
+        missing = [n for n in names if n not in PASSES]
+        if missing:
+            raise PlanError(f"unknown training pass(es) {missing}; registered: {sorted(PASSES)}")
+        ctx = PassContext(verify=self.options.verify, hooks=[timing, *self.options.hooks])
+        if self.options.verify:
+            verify_training(gm)
+        result = PassManager(verifier=verify_training).run(gm, Pipeline("training", [PASSES[n]() for n in names]), ctx)
+        gm = result.gm
+        end = time.perf_counter()
+        timings = {"trace": traced_at - start, **{f"pass:{n}": s for n, s in timing.timings}, "total": end - start}
+        log.info("compiled a training step: %d nodes in %.2f s (trace %.2f s)", len(gm.graph.nodes), end - start,
+                 traced_at - start)
+        self._graphs[key] = gm
+        if self._main is None:
+            self._main, self.timings, self.ctx = gm, timings, ctx
+        return gm
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        if self._main is None:
+            raise GraphPeftError("the step is not compiled yet: call step(*batch) once, or pass "
+                                 "example_batch=(...) to compile_training")
+        return self._main
+
+    @property
+    def signature(self) -> TrainingSignature:
+        return signature_of(self.graph_module)
+
+    def graph_for(self, *batch: Tensor) -> fx.GraphModule:
+        """The training graph used for a batch of these shapes (compiled on first use)."""
+        return self.compile(*batch)
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def flat_inputs(self, *batch: Tensor) -> list[Tensor]:
+        """The graph's flat inputs for one call: trainable tensors, state, lr, batch."""
+        sig = signature_of(self.graph_for(*batch))
+        params = [get_tensor(self.cm.graph_module, n).detach() for n in sig.params]
+        return [*params, *[self._state[s] for s in sig.state], torch.tensor(self.lr, dtype=torch.float32), *batch]
+
+    def __call__(self, *batch: Tensor) -> Tensor:
+        """Run one training step on ``batch``; returns the loss (a detached scalar)."""
+        gm = self.graph_for(*batch)
+        sig = signature_of(gm)
+        inputs = self.flat_inputs(*batch)
+        with torch.no_grad():
+            out = gm(*inputs)
+            n_p = len(sig.params)
+            for name, new in zip(sig.params, out[1:1 + n_p]):
+                get_tensor(self.cm.graph_module, name).copy_(new)
+            self._state = dict(zip(sig.state, (t.detach() for t in out[1 + n_p:])))
+        return out[0].detach()
+
+    step = __call__
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"params": {name: tensor}, "optimizer": {key: tensor}, "lr": float}`` (copies)."""
+        return {
+            "params": {n: get_tensor(self.cm.graph_module, n).detach().clone() for n in self.param_names},
+            "optimizer": {k: v.clone() for k, v in self._state.items()},
+            "lr": self.lr,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load a :meth:`state_dict` (from this step or an ``OnnxTrainer``); checks first."""
+        params = {k: torch.as_tensor(v) for k, v in state.get("params", {}).items()}
+        opt = {k: torch.as_tensor(v) for k, v in state.get("optimizer", {}).items()}
+        problems = []
+        for k in self.param_names:
+            if k not in params:
+                problems.append(f"missing parameter {k}")
+            elif tuple(params[k].shape) != tuple(get_tensor(self.cm.graph_module, k).shape):
+                problems.append(f"{k} has shape {tuple(params[k].shape)}")
+        for k, v in self._state.items():
+            if k not in opt:
+                problems.append(f"missing optimizer state {k}")
+            elif tuple(opt[k].shape) != tuple(v.shape):
+                problems.append(f"optimizer state {k} has shape {tuple(opt[k].shape)}")
+        if problems:
+            raise GraphPeftError("state does not fit this training step (nothing was loaded): "
+                                 + "; ".join(problems[:10]) + ". Was it saved with the same plan and optimizer?")
+        with torch.no_grad():
+            for k in self.param_names:
+                get_tensor(self.cm.graph_module, k).copy_(params[k])
+        self._state = {k: opt[k].clone().to(v.dtype) for k, v in self._state.items()}
+        if "lr" in state:
+            self.lr = float(state["lr"])
+
+    def save_checkpoint(self, path: Union[str, os.PathLike]) -> None:
+        """Write trainable tensors, optimizer state and lr to ``path`` (safetensors, atomic);
+        an ``OnnxTrainer`` of the exported step can resume from it, and vice versa."""
+        save_training_state(path, self.state_dict(), signature=self._signature_or_none())
+
+    def load_checkpoint(self, path: Union[str, os.PathLike]) -> None:
+        """Resume from a checkpoint written by :meth:`save_checkpoint` (or an ``OnnxTrainer``)."""
+        state, _ = load_training_state(path, signature=self._signature_or_none())
+        self.load_state_dict(state)
+
+    def _signature_or_none(self) -> Optional[TrainingSignature]:
+        return signature_of(self._main) if self._main is not None else None
+
+    # -- reports and export ----------------------------------------------------------------------
+
+    def memory_report(self) -> MemoryReport:
+        """The static memory plan of the training graph (``print(step.memory_report())``)."""
+        gm = self.graph_module
+        report = graph_meta(gm).get("memory")
+        if report is None:
+            if "plan_memory" not in PASSES:
+                raise GraphPeftError("no plan_memory pass is registered (import graphpeft.passes)")
+            PASSES["plan_memory"]()(gm, PassContext(verify=False))
+            report = graph_meta(gm)["memory"]
+        return report
+
+    def backward_report(self) -> "BackwardReport":
+        """Per layer, whether the pruned backward reaches it and what it computes there (input
+        grad only, full weight grad, weight-slice grad, bias / norm / adapter grads, nothing):
+        ``print(step.backward_report())``. Computed on first use by the ``report_backward`` pass."""
+        gm = self.graph_module
+        report = graph_meta(gm).get("backward")
+        if report is None:
+            if "report_backward" not in PASSES:
+                raise GraphPeftError("no report_backward pass is registered (import graphpeft.passes)")
+            PASSES["report_backward"](self.cm.graph_module)(gm, PassContext(verify=False))
+            report = graph_meta(gm)["backward"]
+        return report
+
+    def export_onnx(self, path: Union[str, os.PathLike], **options: Any) -> Any:
+        """Export the training step to ONNX (see ``graphpeft.backends.onnx.export_training``)."""
+        return get_backend("onnx").export_training(self, path, **options)
+
+    def __repr__(self) -> str:
+        n = len(self._main.graph.nodes) if self._main is not None else 0
+        return (f"TrainingStep(loss={self.loss.name}, optimizer={self.optimizer.name}, "
+                f"{len(self.param_names)} trainable tensors, {n} nodes)")
+
+
+def compile_training(cm: "CompiledModel", loss: LossSpec, optimizer: Union[Optimizer, str, Mapping[str, Any]],
+                     **options: Any) -> TrainingStep:
+    """Compile one training step of ``cm``: forward, pruned backward and optimizer update.
+
+    Args:
+        cm: the compiled (adapted) model; its trainable tensors are trained in place.
+        loss: ``"cross_entropy"``, ``"causal_lm"``, ``"mse"``, a :class:`~graphpeft.losses.Loss` or
+            a callable ``(outputs, *targets) -> scalar``.
+        optimizer: ``gp.optim.SGD(...)`` / ``gp.optim.AdamW(...)`` (or ``"sgd"`` / ``"adamw"``).
+        **options: see :class:`TrainingOptions` (``accumulation_steps``, ``clip_grad_norm``,
+            ``passes``, ``verify``, ``hooks``, ``example_batch``).
+    """
+    unknown = set(options) - {f.name for f in dataclasses.fields(TrainingOptions)}
+    if unknown:
+        raise PlanError(f"unknown training option(s) {sorted(unknown)}; known: "
+                        f"{[f.name for f in dataclasses.fields(TrainingOptions)]}")
+    return TrainingStep(cm, loss, optimizer, TrainingOptions(**options))
+
+
+__all__ = ["DEFAULT_TRAINING_PASSES", "IOSpec", "load_training_state", "save_training_state", "MemoryReport", "TrainingOptions", "TrainingSignature",
+           "TrainingStep", "compile_training", "phase_of", "signature_of", "trace_training_step",
+           "verify_training"]

@@ -1,0 +1,110 @@
+"""Common-subexpression elimination: identical pure ops on identical inputs are computed once.
+
+A training graph traced through autograd repeats work the forward already did (the same
+transpose of a weight in forward and backward, the same mask or scale); this pass keeps the
+first occurrence and points every user of a duplicate at it. Random ops, ops that write to an
+input, ops whose result something writes to, and uninitialised allocations are never merged.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Hashable, Optional
+
+import torch
+import torch.fx as fx
+
+from graphpeft.graph import META_KEY
+from graphpeft.infra import PassBase, PassContext, PassResult
+from graphpeft.registry import register_pass
+
+_NEVER = ("empty", "new_empty", "empty_like", "empty_permuted", "empty_strided", "rand", "randn", "randint",
+          "bernoulli", "native_dropout", "dropout", "normal", "uniform")
+
+
+def _key(x: Any) -> Hashable:
+    """A hashable key for an argument that tells 1, 1.0 and True apart."""
+    if isinstance(x, fx.Node):
+        return ("node", x)
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__, tuple(_key(v) for v in x))
+    if isinstance(x, dict):
+        return ("dict", tuple(sorted((k, _key(v)) for k, v in x.items())))
+    if isinstance(x, float) and x != x:  # nan is not equal to itself
+        return ("float", "nan")
+    if isinstance(x, (bool, int, float, str, type(None), torch.dtype, torch.device, torch.layout,
+                      torch.memory_format)):
+        return (type(x).__name__, x)
+    raise TypeError(f"unhashable argument {type(x).__name__}")
+
+
+def _mutates(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
+def is_pure(node: fx.Node) -> bool:
+    """Whether merging two copies of ``node`` keeps the graph's meaning."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return True
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    if node.is_impure() or _mutates(node):
+        return False
+    if torch.Tag.nondeterministic_seeded in node.target.tags:
+        return False
+    if node.target._schema.name.split("::")[-1] in _NEVER:
+        return False
+    return not any(_mutates(u) for u in node.users)  # something writes into the result
+
+
+def _signature(node: fx.Node) -> Optional[Hashable]:
+    try:
+        return (node.op, node.target, _key(node.args), _key(dict(node.kwargs)))
+    except TypeError:
+        return None
+
+
+def _keep_tags(dup: fx.Node, first: fx.Node) -> None:
+    """Gradient marks of a removed duplicate move to the node that replaces it."""
+    src = dup.meta.get(META_KEY) or {}
+    dst = first.meta.get(META_KEY)
+    if dst is None:
+        return
+    for tag in ("grad_of", "final_grad_of"):
+        if tag in src:
+            dst[tag] = sorted(set(dst.get(tag, [])) | set(src[tag]))
+
+
+@register_pass
+class EliminateCommonSubexpressions(PassBase):
+    """Replaces every pure op that repeats an earlier one (same op, same inputs) by the earlier
+    one; also merges duplicate ``get_attr`` nodes of the same tensor. Creates no nodes."""
+
+    name = "eliminate_common_subexpressions"
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        seen: dict[Hashable, fx.Node] = {}
+        removed = 0
+        for node in list(gm.graph.nodes):
+            if node.op == "get_attr":
+                sig: Optional[Hashable] = ("get_attr", node.target)
+            elif is_pure(node):
+                sig = _signature(node)
+            else:
+                continue
+            if sig is None:
+                continue
+            first = seen.get(sig)
+            if first is None:
+                seen[sig] = node
+                continue
+            _keep_tags(node, first)
+            node.replace_all_uses_with(first)
+            gm.graph.erase_node(node)
+            removed += 1
+        ctx.options.setdefault("cse_removed", 0)
+        ctx.options["cse_removed"] += removed
+        return PassResult(gm, removed > 0)

@@ -1,0 +1,311 @@
+"""Legalize a graph for the ONNX exporter: rewrite what ``torch.onnx`` cannot translate, or
+translates wrongly.
+
+Rules, each a rewrite with provenance on every node it makes:
+
+* ``drop_asserts`` — ``aten._assert_tensor_metadata`` / ``_assert_async`` / ``_assert_scalar``
+  (checks with no value) are removed.
+* ``decompose`` — ops with a known wrong or missing translation are replaced by their core
+  ATen decomposition: ``nll_loss_forward`` is exported with ``total_weight = 1``, which makes
+  mean cross-entropy gradients N× too large in ONNX (see DESIGN.md).
+* ``functionalize`` — an in-place op on a fresh tensor (``copy_``, ``sub_``, ... as the silu
+  backward makes them) becomes its out-of-place form; ``copy_(dst, src)`` becomes ``src``
+  broadcast and cast to ``dst``. In-place writes to graph inputs or views are refused with an
+  :class:`~graphpeft.errors.ExportError`.
+* ``conv_backward`` — ``aten.convolution_backward`` (a core ATen op with no ONNX translation
+  and no decomposition) becomes convolutions: the input gradient a transposed convolution of
+  the output gradient with the weight, the weight gradient a convolution of the input with the
+  output gradient (batch and channel axes swapped, stride and dilation exchanged), the bias
+  gradient a sum.
+* ``squeeze`` — ``aten.squeeze.dims`` (no direct translation: the exporter would re-trace and
+  decompose the whole graph for it) becomes a ``view`` to its recorded static shape.
+* ``empty`` — ``aten.empty_permuted`` / ``empty.memory_format`` / ``empty_strided`` /
+  ``empty_like`` (no ONNX translation) become zero-filled tensors of the same shape and dtype
+  (their content is undefined, so zeros are a valid value).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from graphpeft.errors import ExportError
+from graphpeft.graph import META_KEY, GraphBuilder, Provenance
+from graphpeft.infra import PassBase, PassContext, PassResult
+from graphpeft.registry import register_pass
+
+aten = torch.ops.aten
+
+ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_async.default, aten._assert_async.msg,
+           aten._assert_scalar.default}
+#: ops replaced by their core ATen decomposition before export
+DECOMPOSE = {aten.nll_loss_forward.default, aten.nll_loss_backward.default, aten.nll_loss2d_forward.default,
+             aten.nll_loss2d_backward.default, aten.nll_loss.default, aten.nll_loss_nd.default}
+EMPTY = {aten.empty_permuted.default, aten.empty.memory_format, aten.empty_strided.default,
+         aten.empty_like.default, aten.new_empty.default}
+
+PASS_NAME = "legalize_onnx"
+
+
+def _builder(gm: fx.GraphModule, node: fx.Node, rule: str) -> GraphBuilder:
+    """A builder inserting right before ``node`` with ``node``'s origin and phase."""
+    prov = node.meta.get(META_KEY) or {}
+    p = Provenance(PASS_NAME, rule, prov.get("origin", ""), prov.get("adapter", ""), prov.get("part", ""))
+    builder = GraphBuilder(gm, node.prev, p, module_stack=node.meta.get("nn_module_stack"))
+    return builder
+
+
+def _finish(builder: GraphBuilder, node: fx.Node) -> None:
+    prov = node.meta.get(META_KEY) or {}
+    for created in builder.created:  # keep phase-level tags the training passes read
+        for k in ("param", "micro"):
+            if k in prov:
+                created.meta[META_KEY][k] = prov[k]
+
+
+def _val(x: Any) -> Any:
+    return x.meta.get("val") if isinstance(x, fx.Node) else x
+
+
+def _drop_asserts(gm: fx.GraphModule) -> int:
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in ASSERTS and not node.users:
+            gm.graph.erase_node(node)
+            n += 1
+    return n
+
+
+def _decompose(gm: fx.GraphModule, table: Optional[dict] = None) -> int:
+    from torch._decomp import core_aten_decompositions
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    todo = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in DECOMPOSE]
+    if todo and table is None:
+        table = core_aten_decompositions()
+    count = 0
+    for node in todo:
+        # (the table may be a CustomDecompTable, whose .get() does not see lazily added entries)
+        decomp = table[node.target] if node.target in table else getattr(node.target, "decompose", None)
+        if decomp is None:
+            raise ExportError(f"{node.target} has no core ATen decomposition to export it correctly")
+        flat, spec = torch.utils._pytree.tree_flatten((node.args, node.kwargs))
+        tensor_pos = [i for i, a in enumerate(flat) if isinstance(a, fx.Node)]
+
+        def concrete(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return torch.zeros(v.shape, dtype=v.dtype)
+            return v
+
+        examples = [concrete(_val(flat[i])) for i in tensor_pos]
+
+        def fn(*tensors: torch.Tensor, flat: list = flat, spec: Any = spec, tensor_pos: list = tensor_pos,
+               decomp: Callable = decomp) -> Any:
+            values = list(flat)
+            for i, t in zip(tensor_pos, tensors):
+                values[i] = t
+            args, kwargs = torch.utils._pytree.tree_unflatten(values, spec)
+            out = decomp(*args, **kwargs)
+            return tuple(out) if isinstance(out, tuple) else out  # named tuples would be traced as calls
+
+        sub = make_fx(fn, decomposition_table=table)(*examples)
+        builder = _builder(gm, node, "decompose")
+        env: dict[fx.Node, Any] = {}
+        placeholders = iter([flat[i] for i in tensor_pos])
+        result: Any = None
+        for s in sub.graph.nodes:
+            if s.op == "placeholder":
+                env[s] = next(placeholders)
+            elif s.op == "get_attr":
+                raise ExportError(f"the decomposition of {node.target} needs a constant tensor; cannot inline it")
+            elif s.op == "call_function":
+                args, kwargs = torch.fx.node.map_arg((s.args, s.kwargs), lambda a: env[a])
+                env[s] = builder.call(s.target, *args, **kwargs)
+            elif s.op == "output":
+                result = torch.fx.node.map_arg(s.args[0], lambda a: env[a])
+        _finish(builder, node)
+        if isinstance(result, (list, tuple)):
+            for user in list(node.users):
+                if user.target is operator.getitem:
+                    user.replace_all_uses_with(result[user.args[1]])
+                    gm.graph.erase_node(user)
+            if node.users:
+                raise ExportError(f"cannot replace {node.name}: its tuple result is used whole")
+        else:
+            node.replace_all_uses_with(result)
+        gm.graph.erase_node(node)
+        count += 1
+    return count
+
+
+def _is_view(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.returns and schema.returns[0].alias_info is not None)
+
+
+def _functionalize(gm: fx.GraphModule) -> int:
+    count = 0
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    for node in nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        schema = node.target._schema
+        if not schema.is_mutable or not schema.arguments or schema.arguments[0].alias_info is None \
+                or not schema.arguments[0].alias_info.is_write:
+            continue
+        dst = node.args[0]
+        if not isinstance(dst, fx.Node) or dst.op in ("placeholder", "get_attr") or _is_view(dst):
+            raise ExportError(f"{node.name} ({node.target}) writes into {getattr(dst, 'name', dst)}, a graph "
+                              "input, stored tensor or view; ONNX has no in-place ops. Rewrite the model or "
+                              "the pass that made it to compute a new tensor instead")
+        later = [u for u in dst.users if u is not node and index.get(u, -1) > index[node]]
+        builder = _builder(gm, node, "functionalize")
+        base = schema.name.split("::")[-1]
+        if base == "copy_":
+            src = node.args[1]
+            dv, sv = _val(dst), _val(src)
+            new = src
+            if list(sv.shape) != list(dv.shape):
+                new = builder.call(aten.expand.default, new, list(dv.shape))
+            if sv.dtype != dv.dtype:
+                new = builder.call(aten._to_copy.default, new, dtype=dv.dtype)
+            else:
+                new = builder.call(aten.clone.default, new)
+        else:
+            packet = getattr(aten, base.rstrip("_"), None)
+            overload = getattr(packet, node.target._overloadname, None) if packet is not None else None
+            if overload is None:
+                raise ExportError(f"{node.target} has no out-of-place form to export")
+            new = builder.call(overload, *node.args, **node.kwargs)
+        _finish(builder, node)
+        node.replace_all_uses_with(new)
+        for u in later:
+            u.replace_input_with(dst, new)
+        gm.graph.erase_node(node)
+        count += 1
+    return count
+
+
+def _replace_empty(gm: fx.GraphModule) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in EMPTY:
+            continue
+        v = _val(node)
+        if not node.users:
+            gm.graph.erase_node(node)
+            count += 1
+            continue
+        if not isinstance(v, torch.Tensor):
+            raise ExportError(f"{node.name}: no shape recorded; cannot legalize {node.target}")
+        builder = _builder(gm, node, "empty")
+        new = builder.call(aten.full.default, [int(s) for s in v.shape], 0, dtype=v.dtype, layout=torch.strided,
+                           device=v.device, pin_memory=False)
+        _finish(builder, node)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        count += 1
+    return count
+
+
+def _replace_conv_backward(gm: fx.GraphModule) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != aten.convolution_backward.default:
+            continue
+        (grad_out, x, weight, _bias_sizes, stride, padding, dilation, transposed, _output_padding, groups,
+         mask) = node.args
+        if transposed:
+            raise ExportError(f"{node.name}: the backward of a transposed convolution is not supported for ONNX yet")
+        go_v, x_v, w_v = _val(grad_out), _val(x), _val(weight)
+        nd = w_v.dim() - 2
+        stride, padding, dilation = (list(v) * nd if len(v) == 1 else list(v) for v in (stride, padding, dilation))
+        kernel = [int(k) for k in w_v.shape[2:]]
+        builder = _builder(gm, node, "conv_backward")
+        results: list[Optional[fx.Node]] = [None, None, None]
+        if mask[0]:
+            out_pad = [int(x_v.shape[2 + i]) - ((int(go_v.shape[2 + i]) - 1) * stride[i] - 2 * padding[i]
+                                                 + dilation[i] * (kernel[i] - 1) + 1) for i in range(nd)]
+            results[0] = builder.call(aten.convolution.default, grad_out, weight, None, stride, padding, dilation,
+                                      True, out_pad, groups)
+        if mask[1]:
+            if groups != 1:
+                raise ExportError(f"{node.name}: the weight gradient of a grouped convolution is not supported for "
+                                  "ONNX yet; freeze that layer")
+            perm = [1, 0] + list(range(2, 2 + nd))
+            xt = builder.call(aten.permute.default, x, perm)
+            gt = builder.call(aten.permute.default, grad_out, perm)
+            gw = builder.call(aten.convolution.default, xt, gt, None, dilation, padding, stride, False, [0] * nd, 1)
+            gw = builder.call(aten.permute.default, gw, perm)
+            for i in range(nd):
+                if int(_val(gw).shape[2 + i]) != kernel[i]:
+                    gw = builder.call(aten.slice.Tensor, gw, 2 + i, 0, kernel[i])
+            if list(_val(gw).shape) != list(w_v.shape):
+                raise ExportError(f"{node.name}: internal error, weight gradient shape {list(_val(gw).shape)} "
+                                  f"!= {list(w_v.shape)}")
+            results[1] = gw
+        if mask[2]:
+            results[2] = builder.call(aten.sum.dim_IntList, grad_out, [0] + list(range(2, 2 + nd)))
+        _finish(builder, node)
+        for user in list(node.users):
+            if user.target is not operator.getitem:
+                raise ExportError(f"cannot replace {node.name}: its tuple result is used whole")
+            new = results[user.args[1]]
+            if new is None:
+                raise ExportError(f"{node.name}: output {user.args[1]} is used but was not requested")
+            user.replace_all_uses_with(new)
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        count += 1
+    return count
+
+
+def _replace_squeeze_dims(gm: fx.GraphModule) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != aten.squeeze.dims:
+            continue
+        v = _val(node)
+        if not isinstance(v, torch.Tensor) or any(not isinstance(s, int) for s in v.shape):
+            continue  # symbolic shape: leave it to the exporter's decomposition
+        builder = _builder(gm, node, "squeeze")
+        new = builder.call(aten.view.default, node.args[0], [int(s) for s in v.shape])
+        _finish(builder, node)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        count += 1
+    return count
+
+
+@register_pass
+class LegalizeOnnx(PassBase):
+    """Rewrites a (training) graph so ``torch.onnx`` exports it correctly; in place.
+
+    ``ctx.options["legalize_onnx"]`` receives the count of rewrites per rule."""
+
+    name = PASS_NAME
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        counts = {
+            "drop_asserts": _drop_asserts(gm),
+            "decompose": _decompose(gm),
+            "functionalize": _functionalize(gm),
+        }
+        counts["empty"] = _replace_empty(gm)
+        counts["squeeze"] = _replace_squeeze_dims(gm)
+        counts["conv_backward"] = _replace_conv_backward(gm)
+        ctx.options[self.name] = counts
+        return PassResult(gm, any(counts.values()))
+
+    def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        from graphpeft.errors import VerificationError
+
+        bad = [n.name for n in gm.graph.nodes if n.op == "call_function" and
+               (n.target in EMPTY or n.target in DECOMPOSE or n.target in ASSERTS
+                or n.target == aten.convolution_backward.default)]
+        if bad:
+            raise VerificationError(f"legalize_onnx left ops the exporter cannot take: {bad[:10]}")
