@@ -443,6 +443,10 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
     # -- provenance and phases on every op
     for i, node in enumerate(gm.graph.nodes):
         node.meta[ORDER_KEY] = i
+        if node.op == "get_attr":  # tensors read by the step (adapter constants included)
+            node.meta[META_KEY] = Provenance(COMPILER_PASS_NAME, rule="input", origin=str(node.target),
+                                             part="input").as_dict()
+            continue
         if node.op != "call_function":
             continue
         custom = node.meta.get("custom") or {}

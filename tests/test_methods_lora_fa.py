@@ -156,7 +156,5 @@ def test_training_step_loss_falls(llama):
 # its verifier then rejects the graph ("uses adapter tensor ... but has no provenance"); the
 # step itself is right (the test above, with verify=False). Remove the mark once training.py
 # stamps those nodes.
-@pytest.mark.xfail(raises=VerificationError, strict=False,
-                   reason="training.py: get_attr nodes of adapter-const tensors carry no provenance")
 def test_training_graph_verifies(llama):
     llama.compile_training("causal_lm", gp.optim.AdamW(lr=1e-2), example_batch=(IDS,))

@@ -106,7 +106,5 @@ def test_training_step_loss_falls(llama):
 
 # As for VeRA and LoRA-FA: the training compiler leaves the get_attr nodes of adapter-const
 # tensors (the masks) without provenance, and its verifier rejects the graph.
-@pytest.mark.xfail(raises=VerificationError, strict=False,
-                   reason="training.py: get_attr nodes of adapter-const tensors carry no provenance")
 def test_training_graph_verifies(llama):
     llama.compile_training("causal_lm", gp.optim.AdamW(lr=1e-2), example_batch=(IDS,))
