@@ -72,6 +72,22 @@ def run_kind(kind: str, case, names: list[str], repeats: int, memory: bool, quic
     return {"rows": rows, "skipped": skipped, "anchor": anchor}
 
 
+def compile_time_markdown(depths: list[int]) -> str:
+    """Trace + compile + ONNX export time of the training step against depth, as a table."""
+    from .compile_time import _fit, compile_table
+
+    rows = compile_table(depths)
+    phases = [p for p in rows[0]["phases"]]
+    head = ["layers", "fx nodes", "onnx nodes", *phases, "total s"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for r in rows:
+        out.append("| " + " | ".join([str(r["layers"]), str(r["fx nodes"]), str(r["onnx nodes"]),
+                                      *(f"{r[p]:.2f}" for p in phases), f"{r['total']:.2f}"]) + " |")
+    a, b, r2 = _fit([r["layers"] for r in rows], [r["total"] for r in rows])
+    out += ["", f"Linear fit: total = {a:.2f} s + {b:.2f} s/layer (R^2 = {r2:.3f})."]
+    return "\n".join(out)
+
+
 def to_markdown(results: dict) -> str:
     out = [f"Machine: {results['machine']}; torch {results['torch']}; threads {results['threads']}; "
            f"GEMM peak {results['gemm_peak_gflops']:.1f} GFLOP/s; quick={results['quick']}", ""]
@@ -80,16 +96,21 @@ def to_markdown(results: dict) -> str:
             anchor = res["anchor"]
             out.append(f"### {case} — {kind} (ratio vs {anchor})")
             out.append("")
-            out.append("| contender | median ms | IQR ms | ratio | GFLOP | % of peak | peak RSS MB |")
-            out.append("|---|---:|---:|---:|---:|---:|---:|")
+            # peak RSS: fresh process, compile included; steps: RSS growth while stepping (after
+            # building); plan: the static memory planner's peak for the step graph (graphpeft only)
+            out.append("| contender | median ms | IQR ms | ratio | GFLOP | % of peak | peak RSS MB | steps +MB | plan MB |")
+            out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
             for name, r in res["rows"].items():
-                mem = r.get("memory", {}).get("peak_rss_mb")
+                m = r.get("memory", {})
+                mem, ready, planned = m.get("peak_rss_mb"), m.get("rss_ready_mb"), m.get("planned_peak_mb")
+                grow = None if mem is None or ready is None else mem - ready
                 frac = r.get("achieved_frac")
                 out.append(f"| {name} | {r['median_ms']:.1f} | {r['p25_ms']:.1f}–{r['p75_ms']:.1f} | "
                            f"{r.get('ratio_vs_' + anchor, float('nan')):.2f} | {r['gflop']:.2f} | "
-                           f"{'' if frac is None else f'{100 * frac:.0f}%'} | {'' if mem is None else f'{mem:.0f}'} |")
+                           f"{'' if frac is None else f'{100 * frac:.0f}%'} | {'' if mem is None else f'{mem:.0f}'} | "
+                           f"{'' if grow is None else f'{grow:.0f}'} | {'' if planned is None else f'{planned:.1f}'} |")
             for name, why in res["skipped"].items():
-                out.append(f"| {name} | skipped: {why} | | | | | |")
+                out.append(f"| {name} | skipped: {why} | | | | | | | |")
             out.append("")
     if results.get("compile_time"):
         out.append("### compile time vs depth")
@@ -126,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--infer", default=",".join(INFER))
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
+    ap.add_argument("--no-compile-time", action="store_true", help="skip the compile-time-vs-depth table")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -143,12 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             if names:
                 results["cases"][cname][kind] = run_kind(kind, case, names.split(","), repeats,
                                                          not a.no_memory, a.quick, peak)
-    try:
-        from . import compile_time
-
-        results["compile_time"] = compile_time.markdown_table(quick=a.quick)
-    except (ImportError, AttributeError) as e:
-        log.info("compile-time table skipped: %s", e)
+    if not a.no_compile_time:
+        results["compile_time"] = compile_time_markdown([2, 4] if a.quick else [2, 4, 8, 16])
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "results.json.tmp"), "w") as f:
         json.dump(results, f, indent=2)
