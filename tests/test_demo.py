@@ -30,7 +30,12 @@ def test_demo_quick(tmp_path: Path, capsys) -> None:
 
     # parity: merged == unmerged in torch, and onnxruntime == torch for both exports
     assert set(report.parity) == {"torch merged vs unmerged", "onnxruntime merged vs torch",
-                                  "onnxruntime unmerged vs torch"}
+                                  "onnxruntime unmerged vs torch", "ORT train step adapters vs torch (rel)"}
+    # the training step exported to ONNX trains in onnxruntime exactly like the compiled torch step
+    t = report.extra["onnx_train"]
+    assert len(t["torch"]) == len(t["onnxruntime"]) == 5
+    for a, b in zip(t["torch"], t["onnxruntime"]):
+        assert abs(a - b) <= 1e-4 * max(abs(a), 1e-3)
     assert report.parity_ok, report.parity
     assert all(v < demo.PARITY_TOL for v in report.parity.values())
 
@@ -39,7 +44,7 @@ def test_demo_quick(tmp_path: Path, capsys) -> None:
     assert 0 < report.trainable < 0.1 * report.total
     assert len(report.matched) == 6
 
-    for name in ("merged.onnx", "unmerged.onnx", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
+    for name in ("merged.onnx", "unmerged.onnx", "train_step.onnx", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
         assert (tmp_path / name).is_file(), name
         assert report.files[name] == (tmp_path / name).stat().st_size
     assert report.ok
