@@ -216,6 +216,152 @@ TRAIN = {
 }
 
 
+# --- sparse schemes (issue 4): gp.Update plans, PockEngine-style sparse backpropagation ----------
+#
+# Each scheme runs as a compiled graphpeft step in torch (``gp_sparse_<scheme>_torch``) and in
+# onnxruntime (``gp_sparse_<scheme>_ort``), beside its eager PyTorch counterpart:
+#   bias_norm    biases of every linear/conv layer plus every norm weight (the model's own
+#                parameters; Llama has no biases, so there it is its norms)
+#   last_layer   the last block + the head: the same tensors as ``eager_last_layer``
+#   channel25    25% of the output channels (largest row norm) of every linear/conv weight of the
+#                last two blocks; eager: the full weights with the gradient masked to those rows
+# The graphpeft callables carry ``planned_peak_bytes`` (the static planner's estimate of the step),
+# which the memory worker reports beside the measured peak RSS.
+
+SPARSE_FRACTION = 0.25
+
+
+def _has_layer_bias(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and m.bias is not None for m in model.modules())
+
+
+def _last_layer_regex(case: Case) -> str:
+    import re
+
+    return "(" + "|".join(re.escape(p.rstrip(".")) for p in case.last_layer) + r")(\..*)?"
+
+
+def _sparse_rules(case: Case, scheme: str, model: nn.Module) -> list:
+    import graphpeft as gp
+
+    if scheme == "bias_norm":
+        return ([gp.Update(targets=".*", part="bias")] if _has_layer_bias(model) else []) + \
+            [gp.Update(targets=".*", part="norm")]
+    if scheme == "last_layer":
+        rx = _last_layer_regex(case)
+        return [gp.Update(targets=rx), gp.Update(targets=rx, part="norm")]
+    if scheme == "channel25":
+        return [gp.Update(targets=".*", kind=["linear", "conv"], layers=[-2, -1], fraction=SPARSE_FRACTION,
+                          select="magnitude")]
+    raise KeyError(scheme)
+
+
+def _gp_sparse_step(case: Case, scheme: str):
+    import graphpeft as gp
+
+    model = case.build().eval()
+    cm = gp.compile(model, gp.Plan(_sparse_rules(case, scheme, model)), case.batch, case.kwargs)
+    loss_fn = case.loss if case.loss == "causal_lm" else "cross_entropy"
+    batch = (*cm.flat_inputs(*case.batch, **case.kwargs), *_targets(case))
+    step = cm.compile_training(loss=loss_fn, optimizer=gp.optim.AdamW(lr=1e-4), example_batch=batch)
+    return step, batch
+
+
+def _gp_sparse_torch(scheme: str) -> Callable[[Case], Callable[[], Any]]:
+    def make(case: Case) -> Callable[[], Any]:
+        step, batch = _gp_sparse_step(case, scheme)
+
+        def run() -> Any:
+            return step(*batch)
+
+        run.planned_peak_bytes = step.memory_report().peak_bytes  # type: ignore[attr-defined]
+        return run
+
+    return make
+
+
+def _gp_sparse_ort(scheme: str) -> Callable[[Case], Callable[[], Any]]:
+    def make(case: Case) -> Callable[[], Any]:
+        from graphpeft.backends.onnx import OnnxTrainer
+
+        step, batch = _gp_sparse_step(case, scheme)
+        planned = step.memory_report().peak_bytes
+        path = os.path.join(tempfile.mkdtemp(prefix="gp-bench-"), "train.onnx")
+        step.export_onnx(path)
+        trainer = OnnxTrainer(path)
+        del step  # the torch step is not needed to train in onnxruntime
+
+        def run() -> Any:
+            return trainer.step(*batch)
+
+        run.planned_peak_bytes = planned  # type: ignore[attr-defined]
+        return run
+
+    return make
+
+
+def eager_bias_norm(case: Case) -> Callable[[], float]:
+    model = case.build().eval()
+    norm_params = {f"{n}.{k}" for n, m in model.named_modules() if "norm" in type(m).__name__.lower()
+                   for k, _ in m.named_parameters(recurse=False)}
+    layer_bias = {f"{n}.bias" for n, m in model.named_modules()
+                  if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and m.bias is not None}
+    params = []
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in norm_params or n in layer_bias)
+        if p.requires_grad:
+            params.append(p)
+    return _eager_step(model, case, params)
+
+
+def eager_channel25_masked(case: Case) -> Callable[[], float]:
+    """What plain PyTorch does for a channel fraction: the whole weight trains and its gradient is
+    masked to the chosen rows (the full weight gradient is still computed)."""
+    import re
+
+    model = case.build().eval()
+    numbered = sorted({int(m.group(1)) for n, _ in model.named_modules() if (m := re.search(r"(?:^|\.)(\d+)(?:\.|$)", n))})
+    last_two = set(numbered[-2:])
+    params = []
+    for n, p in model.named_parameters():
+        p.requires_grad_(False)
+    for name, mod in model.named_modules():
+        m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)) or m is None or int(m.group(1)) not in last_two:
+            continue
+        w = mod.weight
+        k = max(1, round(SPARSE_FRACTION * w.shape[0]))
+        rows = torch.topk(w.detach().flatten(1).norm(dim=1), k).indices
+        mask = torch.zeros(w.shape[0], *([1] * (w.dim() - 1)))
+        mask[rows] = 1.0
+        w.requires_grad_(True)
+        w.register_hook(lambda g, mask=mask: g * mask)
+        params.append(w)
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)  # decay would move the masked rows
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = case.loss_of(model(*case.batch, **case.kwargs))
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    return step
+
+
+SPARSE_TRAIN = {
+    "eager_bias_norm": eager_bias_norm,
+    "gp_sparse_bias_norm_torch": _gp_sparse_torch("bias_norm"),
+    "gp_sparse_bias_norm_ort": _gp_sparse_ort("bias_norm"),
+    "gp_sparse_last_layer_torch": _gp_sparse_torch("last_layer"),
+    "gp_sparse_last_layer_ort": _gp_sparse_ort("last_layer"),
+    "eager_channel25_masked": eager_channel25_masked,
+    "gp_sparse_channel25_torch": _gp_sparse_torch("channel25"),
+    "gp_sparse_channel25_ort": _gp_sparse_ort("channel25"),
+}
+TRAIN.update(SPARSE_TRAIN)
+
+
 # --- inference contenders -----------------------------------------------------------------------
 
 def _no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:

@@ -77,7 +77,19 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (MiB)."""
+    """Peak resident set size of this process so far (MiB).
+
+    Reads ``VmHWM`` (the high-water mark of this process image) where Linux provides it:
+    ``ru_maxrss`` of a process started by ``subprocess`` (vfork + exec) starts at its parent's
+    peak, so a worker launched from a large runner would report the runner's memory.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

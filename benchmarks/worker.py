@@ -29,7 +29,11 @@ def main() -> None:
     ready = peak_rss_mb()
     for _ in range(a.steps):
         step()
-    print(json.dumps({"rss_before_mb": before, "rss_ready_mb": ready, "peak_rss_mb": peak_rss_mb()}))
+    result = {"rss_before_mb": before, "rss_ready_mb": ready, "peak_rss_mb": peak_rss_mb()}
+    planned = getattr(step, "planned_peak_bytes", None)  # the static memory planner's estimate, if any
+    if planned is not None:
+        result["planned_peak_mb"] = planned / (1 << 20)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
