@@ -37,7 +37,8 @@ from typing import Any, ClassVar, Optional, Sequence, Union
 import torch.fx as fx
 
 from graphpeft.errors import PlanError
-from graphpeft.graph import Layer, Role, find_layers, find_norms, get_tensor, graph_meta, op_args, roles, set_role
+from graphpeft.graph import (Layer, Role, find_layers, find_norms, get_tensor, graph_meta, op_args, register_tensor,
+                             roles, set_role)
 from graphpeft.infra import PassContext, Pipeline
 from graphpeft.method import AdapterMethod
 from graphpeft.plan import Rule, Targets
@@ -253,7 +254,12 @@ class UpdateRolesRewrite(RewriteRule):
         layer: Layer = match.bindings["layer"]
         tensors = tensors_to_train(self.rule, layer)
         for name, role in tensors.items():
-            set_role(gm, name, role)
+            if Role(role).trainable and not roles(gm)[name].trainable:
+                # a private copy: training must not write into the user's model (the graph
+                # shares storage with it for everything frozen)
+                register_tensor(gm, name, get_tensor(gm, name).detach().clone(), role)
+            else:
+                set_role(gm, name, role)
         rec = graph_meta(gm).setdefault(UPDATES_META, {}).setdefault(
             layer.path, {"kind": layer.kind, "rules": [], "tensors": []})
         rec["rules"].append(self.rule.name)

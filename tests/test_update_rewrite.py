@@ -192,3 +192,21 @@ def test_export_of_a_sliced_model_is_reassembled(tmp_path):
     assert not any("weight_slice" in n or "weight_rest" in n for n in names)
     out = OnnxRunner(path).run([t.numpy() for t in cm.flat_inputs(*args, **kwargs)])
     assert float(abs(torch.as_tensor(out[0]) - model(*args, **kwargs).logits.detach()).max()) < 1e-5
+
+
+def test_training_an_updated_tensor_leaves_the_source_model_untouched():
+    import graphpeft as gp
+    from models import tiny_llama, token_batch
+
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = token_batch()
+    cm = gp.compile(model, gp.Plan([gp.Update(targets=r".*\.layers\.1\.mlp\.down_proj"), gp.Update(targets=".*", part="norm")]),
+                    (ids,), {"use_cache": False})
+    step = cm.compile_training("causal_lm", gp.optim.SGD(lr=0.5))
+    for _ in range(2):
+        step(ids)
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(cm.graph_module.get_parameter(name), before[name])  # it trained
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the user's model did not
