@@ -146,13 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", default=",".join(TRAIN))
     ap.add_argument("--infer", default=",".join(INFER))
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
+    ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
+                    help="fresh-process peak-memory run per contender (default: on, off with --quick)")
     ap.add_argument("--no-compile-time", action="store_true", help="skip the compile-time-vs-depth table")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
     repeats = a.repeats or (5 if a.quick else 10)
+    if a.memory is None:
+        a.memory = not a.quick  # a fresh process per contender costs ~20 s each: too slow for --quick
     peak = gemm_peak_gflops()
     results: dict[str, Any] = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
                                "threads": torch.get_num_threads(), "gemm_peak_gflops": peak, "quick": a.quick,
@@ -164,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind, names in (("train", a.train), ("infer", a.infer)):
             if names:
                 results["cases"][cname][kind] = run_kind(kind, case, names.split(","), repeats,
-                                                         not a.no_memory, a.quick, peak)
+                                                         a.memory, a.quick, peak)
     if not a.no_compile_time:
         results["compile_time"] = compile_time_markdown([2, 4] if a.quick else [2, 4, 8, 16])
     os.makedirs(a.out, exist_ok=True)

@@ -20,6 +20,8 @@ from .registry import register_backend, register_method, register_pass, register
 from .rewrite import MatchResult, RewritePass, RewriteRule
 from .trace import trace
 from .verify import verify
+from . import losses, optim  # noqa: E402  (gp.optim.SGD / gp.optim.AdamW, named losses)
+from .training import TrainingStep, compile_training  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -27,12 +29,30 @@ __version__ = "0.1.0"
 from . import passes  # noqa: E402  (graphpeft.passes, mapped from the top-level passes/ folder)
 from . import backends  # noqa: E402
 from .passes import LoRA  # noqa: E402
+from .passes import DoRA, IA3, LoRAFA, SHiRA, VeRA  # noqa: E402
 
 __all__ = [
-    "AdapterFileError", "AdapterMethod", "CompiledModel", "ExportError", "GraphPeftError",
+    "AdapterFileError", "AdapterMethod", "CompiledModel", "DoRA", "ExportError", "GraphPeftError", "IA3",
+    "LoRAFA", "SHiRA", "VeRA",
     "IRDumpHook", "Layer", "LoRA", "MatchResult", "PassBase", "PassContext", "PassError", "PassHook",
     "PassManager", "PassResult", "Pipeline", "Plan", "PlanError", "Provenance", "RewritePass",
     "RewriteRule", "Role", "Rule", "TimingHook", "TraceError", "VerificationError", "backends",
     "build_pipeline", "compile", "find_layers", "load_adapter", "passes", "register_backend",
     "register_method", "register_pass", "register_rule", "save_adapter", "trace", "verify",
 ]
+__all__ += ["TrainingStep", "compile_training", "losses", "optim"]
+
+# sparse updates (issue 4)
+from .passes import Update  # noqa: E402
+
+__all__ += ["Update"]
+from .backward_report import BackwardReport, LayerBackward  # noqa: E402
+from .budget import SchemeCandidate, UpdateScheme, choose_update_scheme  # noqa: E402
+
+__all__ += ["BackwardReport", "LayerBackward", "SchemeCandidate", "UpdateScheme", "choose_update_scheme"]
+
+# adapter interop and named adapters (issue 6)
+from .errors import AdapterError  # noqa: E402
+from .peft_interop import export_peft, import_peft  # noqa: E402
+
+__all__ += ["AdapterError", "export_peft", "import_peft"]

@@ -9,11 +9,11 @@ import torch
 
 from .compiled import CompiledModel
 from .errors import PlanError
-from .graph import find_layers, op_count
+from .graph import op_count
 from .infra import PassContext, PassHook, PassManager, Pipeline
 from .plan import Plan, Rule
 from .registry import PASSES, get_method, load_plugins
-from .trace import Frontend, trace
+from .trace import Frontend, TracedModel, trace
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,9 @@ def build_pipeline(plan: Plan) -> Pipeline:
     load_plugins()
     steps = []
     by_method: dict[str, list[Rule]] = {}
-    for rule in plan.rules:
+    # adapters first: a sparse-update rule (not an adapter) then sees the adapted layers, and
+    # slicing a weight never hides a layer from an adapter rule that also selects it
+    for rule in sorted(plan.rules, key=lambda r: not r.is_adapter):
         by_method.setdefault(rule.key, []).append(rule)
     for key, rules in by_method.items():
         method = get_method(key)
@@ -46,6 +48,7 @@ def compile(  # noqa: A001 - the public name users expect: gp.compile(model, pla
     seed: int = 0,
     verify: bool = True,
     hooks: Sequence[PassHook] = (),
+    options: Optional[dict[str, Any]] = None,
 ) -> CompiledModel:
     """Compile ``model`` with ``plan`` into a :class:`CompiledModel`.
 
@@ -59,6 +62,8 @@ def compile(  # noqa: A001 - the public name users expect: gp.compile(model, pla
         seed: seeds adapter initialisation (per layer, independent of the global RNG).
         verify: run the verifier after every pass.
         hooks: pass instrumentation (``TimingHook``, ``IRDumpHook``).
+        options: options for the passes (``PassContext.options``), e.g. ``probe_batch`` and
+            ``probe_loss`` for ``gp.Update(select="gradient")``.
     """
     load_plugins()
     if isinstance(plan, dict) or (isinstance(plan, list) and plan and isinstance(plan[0], dict)):
@@ -66,13 +71,29 @@ def compile(  # noqa: A001 - the public name users expect: gp.compile(model, pla
     elif not isinstance(plan, Plan):
         plan = Plan(plan)
     traced = trace(model, example_inputs, example_kwargs, frontend=frontend, dynamic=dynamic)
-    gm = traced.gm
-    base_ops = op_count(gm)
-    resolution = plan.resolve(find_layers(gm))
-    ctx = PassContext(plan=plan, resolution=resolution, verify=verify, hooks=list(hooks), seed=seed)
-    result = PassManager().run(gm, build_pipeline(plan), ctx)
     example_flat = tuple(t.detach().clone() for t in traced.flatten_inputs(tuple(example_inputs), dict(example_kwargs or {})))
-    cm = CompiledModel(result.gm, traced, plan, resolution, ctx, example_flat, base_ops)
+    cm = compile_traced(traced, plan, example_flat, seed=seed, verify=verify, hooks=hooks, options=options)
     cm.train(model.training)
     log.info("compiled %s: %d adapters", type(model).__name__, len(cm.adapters()))
     return cm
+
+
+def compile_traced(traced: TracedModel, plan: Plan, example_flat: tuple = (), *, seed: int = 0,
+                   verify: bool = True, hooks: Sequence[PassHook] = (),
+                   options: Optional[dict[str, Any]] = None) -> CompiledModel:
+    """The part of :func:`compile` after tracing: resolve ``plan`` on ``traced.gm`` and run the
+    adapter pipeline on it (in place). Lets a caller that tries several plans on one model
+    (``gp.choose_update_scheme``) trace once and compile copies of the trace.
+
+    ``example_flat`` (the flat example inputs) is also given to the passes as
+    ``ctx.options["example_inputs"]`` (with ``"out_spec"``), for passes that run the model once
+    (the gradient probe of ``gp.Update(select="gradient")``).
+    """
+    load_plugins()
+    gm = traced.gm
+    base_ops = op_count(gm)
+    resolution = plan.resolve(plan.layers_of(gm))
+    opts = {"example_inputs": example_flat, "out_spec": traced.out_spec, **(options or {})}
+    ctx = PassContext(plan=plan, resolution=resolution, verify=verify, hooks=list(hooks), seed=seed, options=opts)
+    result = PassManager().run(gm, build_pipeline(plan), ctx)
+    return CompiledModel(result.gm, traced, plan, resolution, ctx, example_flat, base_ops)

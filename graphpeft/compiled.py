@@ -10,8 +10,9 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from .errors import AdapterFileError
-from .graph import META_KEY, Role, adapters, get_tensor, graph_meta, op_count, roles
+from .errors import AdapterError, AdapterFileError
+from .graph import (META_KEY, Role, adapter_name_of, adapters, get_tensor, graph_meta, op_count, roles,
+                    unscoped_tensor_name)
 from .infra import PassContext, PassManager, Pipeline, clone_graph_module
 from .registry import MERGE_STEPS, PASSES, get_backend, load_plugins
 from .trace import TracedModel
@@ -39,6 +40,8 @@ class CompiledModel(torch.nn.Module):
         self._example_inputs = example_inputs
         self.base_op_count = base_op_count if base_op_count is not None else op_count(graph_module)
         self._dropout_training: Optional[bool] = None
+        #: every named adapter once the model has more than its plan's (graphpeft.adapter_bank)
+        self._bank: Any = None
         self.train(True)
 
     # -- calling -------------------------------------------------------------------------------
@@ -89,45 +92,158 @@ class CompiledModel(torch.nn.Module):
         return sum(p.numel() for p in ps)
 
     def adapters(self) -> dict[str, dict[str, Any]]:
-        """Adapter records: layer path -> method, tensors, scaling, rule."""
+        """Records of the adapters the graph runs (the active ones): adapter id (the layer path;
+        ``"<name>:<layer path>"`` for adapters not named "default") -> method, layer, name,
+        tensors, scaling, rule."""
         return {k: dict(v) for k, v in adapters(self.graph_module).items()}
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Adapter tensors under PEFT key names (``<module path>.lora_A.weight`` ...)."""
-        return {n: get_tensor(self.graph_module, n).detach().clone()
-                for n, r in roles(self.graph_module).items() if r in (Role.ADAPTER, Role.TRAINABLE, Role.TRAINABLE_SLICE)}
+    def _live_tensors(self, adapter_name: Optional[str]) -> dict[str, tuple[torch.Tensor, Role]]:
+        # key -> (live tensor, role): the graph's own names, or one adapter's PEFT file names
+        if adapter_name is None:
+            gm = self.graph_module
+            return {n: (get_tensor(gm, n), r) for n, r in roles(gm).items()
+                    if r in (Role.ADAPTER, Role.ADAPTER_CONST, Role.TRAINABLE, Role.TRAINABLE_SLICE)}
+        if self._bank is not None:
+            return self._bank.live_tensors(adapter_name)
+        recs = [r for r in adapters(self.graph_module).values() if adapter_name_of(r) == adapter_name]
+        if not recs:
+            raise AdapterError(f"no adapter named {adapter_name!r}; this model has {self.adapter_names}")
+        names = sorted({t for rec in recs for t in rec["tensors"].values()})
+        role_map = roles(self.graph_module)
+        return {unscoped_tensor_name(n, adapter_name): (get_tensor(self.graph_module, n), role_map[n]) for n in names}
 
-    def load_adapter_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
-        """Load adapter tensors. Checks every key and shape first: on error nothing changes."""
-        own = self.adapter_state_dict()
+    def adapter_state_dict(self, adapter_name: Optional[str] = None, *,
+                           include_constants: bool = False) -> dict[str, torch.Tensor]:
+        """Adapter tensors (copies) under PEFT key names (``<module path>.lora_A.weight`` ...).
+
+        Args:
+            adapter_name: None: every trainable tensor of the graph (the active adapters, under
+                their graph names, plus trainable base weights); a name: that adapter's tensors,
+                active or not, under PEFT's file names (the name stripped).
+            include_constants: also the :attr:`Role.ADAPTER_CONST` tensors (VeRA's shared
+                projections, LoRA-FA's frozen A, SHiRA's indices), which a fresh compile with
+                the same seed regenerates but PEFT and other seeds do not.
+        """
+        return {k: t.detach().clone() for k, (t, r) in self._live_tensors(adapter_name).items()
+                if include_constants or r != Role.ADAPTER_CONST}
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True, *,
+                                adapter_name: Optional[str] = None,
+                                include_constants: Optional[bool] = None) -> None:
+        """Load adapter tensors. Checks every key and shape first: on error nothing changes.
+
+        Keys as :meth:`adapter_state_dict` gives them (for ``adapter_name``); a PEFT prefix
+        ``base_model.model.`` is accepted. Constants (:attr:`Role.ADAPTER_CONST`) present in
+        ``state`` are loaded (integer ones cast to the model's dtype); ``include_constants=True``
+        also requires them, ``False`` rejects them.
+        """
+        live = self._live_tensors(adapter_name)
+        consts = {k for k, (_, r) in live.items() if r == Role.ADAPTER_CONST}
+        allowed = set(live) - (consts if include_constants is False else set())
+        required = set(live) - (set() if include_constants else consts)
         state = {_strip_peft_prefix(k): v for k, v in state.items()}
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
+        missing = sorted(required - set(state))
+        unexpected = sorted(set(state) - allowed)
         problems = []
         if strict and missing:
             problems.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         if unexpected:
             problems.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        for k in sorted(set(own) & set(state)):
-            v = state[k]
+        for k in sorted(allowed & set(state)):
+            v, own = state[k], live[k][0]
             if not isinstance(v, torch.Tensor):
                 problems.append(f"{k} is a {type(v).__name__}, not a tensor")
-            elif tuple(v.shape) != tuple(own[k].shape):
-                problems.append(f"{k} has shape {tuple(v.shape)}, the model needs {tuple(own[k].shape)}")
-            elif not v.is_floating_point() or not torch.isfinite(v).all():
+            elif tuple(v.shape) != tuple(own.shape):
+                problems.append(f"{k} has shape {tuple(v.shape)}, the model needs {tuple(own.shape)}")
+            elif own.is_floating_point() and (not v.is_floating_point() or not torch.isfinite(v).all()):
                 problems.append(f"{k} holds non-finite or non-float values")
+            elif not own.is_floating_point() and v.is_floating_point():
+                problems.append(f"{k} holds floats; the model needs {own.dtype} values (indices)")
         if problems:
             raise AdapterFileError("adapter does not fit this model (nothing was loaded): " + "; ".join(problems)
                                    + ". Was it saved from a model compiled with the same plan?")
         with torch.no_grad():
-            for k in set(own) & set(state):
-                get_tensor(self.graph_module, k).copy_(state[k])
+            for k in allowed & set(state):
+                live[k][0].copy_(state[k].to(live[k][0].dtype))
 
-    def save_adapter(self, folder: Union[str, os.PathLike]) -> None:
-        """Write ``adapter_model.safetensors`` and ``adapter_config.json`` (atomically)."""
+    def save_adapter(self, folder: Union[str, os.PathLike], adapter_name: Optional[str] = None) -> None:
+        """Write ``adapter_model.safetensors`` and ``adapter_config.json`` (atomically), constants
+        included; ``adapter_name``: one named adapter (default: what the graph trains)."""
         from .adapter_io import save_adapter
 
-        save_adapter(self, folder)
+        save_adapter(self, folder, adapter_name=adapter_name)
+
+    # -- named adapters (graphpeft.adapter_bank) -------------------------------------------------
+
+    def _adapter_bank(self) -> Any:
+        if self._bank is None:
+            from .adapter_bank import AdapterBank
+
+            self._bank = AdapterBank(self)
+        return self._bank
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Every adapter name of the model, active or not, in the order they were added."""
+        if self._bank is not None:
+            return self._bank.names()
+        return list(dict.fromkeys(adapter_name_of(r) for r in adapters(self.graph_module).values()))
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The adapters whose branches the graph runs (a fused adapter is not among them)."""
+        if self._bank is not None:
+            fused = self._bank.fused.name if self._bank.fused else None
+            return [n for n in self._bank.active if n != fused]
+        return self.adapter_names
+
+    def add_adapter(self, adapter_name: str, plan: Any, *, seed: int = 0) -> None:
+        """Compile ``plan``'s adapters onto this model under ``adapter_name``, beside the
+        adapters it has (a layer may carry several); the new adapter is inactive until
+        :meth:`set_adapter`. Nothing is re-traced. Raises ``AdapterError`` (a ``ValueError``)
+        for a taken or invalid name and ``PlanError`` when the plan does not fit."""
+        from .plan import Plan
+
+        if isinstance(plan, dict) or (isinstance(plan, list) and plan and isinstance(plan[0], dict)):
+            plan = Plan.from_dict(plan)
+        elif not isinstance(plan, Plan):
+            plan = Plan(plan)
+        self._adapter_bank().add(adapter_name, plan, seed)
+
+    def set_adapter(self, adapter_names: Union[str, list[str]]) -> None:
+        """Make only ``adapter_names`` contribute (PEFT's ``set_adapter``; several may be active:
+        their updates add up). Derives the graph again without re-tracing."""
+        self._adapter_bank().set_active(adapter_names)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter: its branch, records and tensors."""
+        self._adapter_bank().delete(adapter_name)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "linear", **options: Any) -> None:
+        """Add ``adapter_name`` combining ``adapters`` with ``weights``, as PEFT's
+        ``add_weighted_adapter``: for LoRA ``combination_type`` is ``linear``, ``cat``, ``ties``,
+        ``dare_linear``, ``dare_ties``, ``magnitude_prune`` or an ``_svd`` variant (``svd``,
+        ``ties_svd`` ...), with ``density``, ``majority_sign_method``, ``svd_rank``,
+        ``svd_clamp`` and, for DARE, an optional ``generator`` (default: torch's global RNG, as
+        PEFT); IA3 combines linearly. The new adapter is inactive until :meth:`set_adapter`."""
+        self._adapter_bank().add_weighted(adapters, weights, adapter_name, combination_type, **options)
+
+    def fuse_adapter(self, adapter_name: str) -> None:
+        """Fold one adapter into (private copies of) the base weights in place, so inference
+        runs the base graph; fusing another adapter first unfuses this one (rapid switching:
+        a SHiRA adapter switches by scattering its sparse values, a LoRA adapter by ``W ∓ s·BA``)."""
+        self._adapter_bank().fuse(adapter_name)
+
+    def unfuse_adapter(self) -> None:
+        """Undo :meth:`fuse_adapter` (additive methods subtract ΔW, others restore the weights)."""
+        if self._bank is not None:
+            self._bank.unfuse()
+
+    @property
+    def fused_adapter(self) -> Optional[str]:
+        """The name of the adapter fused into the base weights, if any."""
+        return self._bank.fused.name if self._bank is not None and self._bank.fused else None
 
     # -- explain, merge, export ------------------------------------------------------------
 

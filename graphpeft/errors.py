@@ -35,5 +35,10 @@ class AdapterFileError(GraphPeftError):
     """An adapter file is missing, corrupted, or does not fit the model."""
 
 
+class AdapterError(GraphPeftError, ValueError):
+    """A named-adapter operation cannot be done (unknown or taken name, methods that do not
+    combine ...); see ``CompiledModel.add_adapter``."""
+
+
 class ExportError(GraphPeftError):
     """A backend could not lower or run a graph."""

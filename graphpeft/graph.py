@@ -82,8 +82,50 @@ def names_with_role(gm: fx.GraphModule, *wanted: Role) -> list[str]:
 
 
 def adapters(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
-    """Adapter records: adapter id -> {method, layer, tensors, config, join node name}."""
+    """Adapter records: adapter id -> {method, layer, name, tensors, config, join node name}."""
     return graph_meta(gm)["adapters"]
+
+
+# --- named adapters ----------------------------------------------------------------------------
+#
+# One layer can carry several adapters, told apart by an adapter *name* (PEFT's adapter_name).
+# The adapter "default" keeps the plain conventions (id = layer path, tensors under PEFT's file
+# names), so a model with one adapter looks exactly as it always did; any other name gets the id
+# ``"<name>:<layer path>"`` and its tensors live under ``adapters.<name>.<PEFT file name>``: the
+# name is a prefix, not a PEFT-style infix, because infixing would turn a parameter leaf
+# (``...ia3_l``) into a module for the other names.
+
+DEFAULT_ADAPTER = "default"
+ADAPTER_NAMESPACE = "adapters"
+_ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_adapter_name(name: str) -> str:
+    """``name`` if it can name an adapter (an identifier: it becomes a module attribute)."""
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
+        raise ValueError(f"adapter names are identifiers (letters, digits, '_'; not starting with a digit), got {name!r}")
+    return name
+
+
+def adapter_id(layer_path: str, name: str = DEFAULT_ADAPTER) -> str:
+    """Key of one adapter's record: the layer path for "default", else ``"<name>:<layer path>"``."""
+    return layer_path if name == DEFAULT_ADAPTER else f"{name}:{layer_path}"
+
+
+def scoped_tensor_name(tensor_name: str, name: str = DEFAULT_ADAPTER) -> str:
+    """Graph name of an adapter tensor whose PEFT file name is ``tensor_name``."""
+    return tensor_name if name == DEFAULT_ADAPTER else f"{ADAPTER_NAMESPACE}.{name}.{tensor_name}"
+
+
+def unscoped_tensor_name(graph_name: str, name: str = DEFAULT_ADAPTER) -> str:
+    """Inverse of :func:`scoped_tensor_name`: the PEFT file name of an adapter tensor."""
+    prefix = f"{ADAPTER_NAMESPACE}.{name}."
+    return graph_name[len(prefix):] if name != DEFAULT_ADAPTER and graph_name.startswith(prefix) else graph_name
+
+
+def adapter_name_of(record: dict[str, Any]) -> str:
+    """The adapter name an adapter record belongs to (records from before names: "default")."""
+    return record.get("name", DEFAULT_ADAPTER)
 
 
 def _get_tensor(gm: fx.GraphModule, name: str) -> torch.Tensor:
@@ -115,8 +157,11 @@ def attach_tensor(root: torch.nn.Module, name: str, tensor: torch.Tensor, role: 
     if Role(role) == Role.BUFFER:
         owner.register_buffer(leaf, tensor)
     else:
-        param = tensor if isinstance(tensor, torch.nn.Parameter) else torch.nn.Parameter(tensor)
-        param.requires_grad_(Role(role).trainable)
+        # requires_grad is set at construction: a frozen integer constant (SHiRA's sparse
+        # indices, adapter-const) cannot be a Parameter that requires grad even for a moment
+        trainable = Role(role).trainable
+        param = tensor if isinstance(tensor, torch.nn.Parameter) else torch.nn.Parameter(tensor, requires_grad=trainable)
+        param.requires_grad_(trainable)
         owner.register_parameter(leaf, param)
 
 
@@ -186,6 +231,20 @@ class GraphBuilder:
             node.meta["val"] = self._fake_mode.from_tensor(get_tensor(self.gm, name), static_shapes=True)
         return self._stamp(node)
 
+    def attr(self, name: str) -> fx.Node:
+        """A ``get_attr`` node for a tensor already registered on the graph (by this or an
+        earlier rewrite), e.g. a basis shared by every adapted layer (VeRA's ``vera_A``).
+
+        Each rewrite reads a shared tensor through its own stamped node, so deleting one
+        adapter's nodes (merge) leaves the other adapters' reads in place.
+        """
+        if name not in roles(self.gm):
+            raise KeyError(f"{name} is not a tensor of the graph; register it first (GraphBuilder.param)")
+        node = self._insert(lambda: self.gm.graph.get_attr(name))
+        if self._fake_mode is not None:
+            node.meta["val"] = self._fake_mode.from_tensor(get_tensor(self.gm, name), static_shapes=True)
+        return self._stamp(node)
+
     def call(self, target: Callable, *args: Any, **kwargs: Any) -> fx.Node:
         node = self._insert(lambda: self.gm.graph.call_function(target, args, kwargs))
         if self._fake_mode is not None:
@@ -222,7 +281,7 @@ class Layer:
     """One weight-carrying op of the graph, named by its module path."""
 
     path: str
-    kind: str  # "linear" | "conv" | "embedding"
+    kind: str  # "linear" | "conv" | "embedding" | "norm" (see find_norms)
     node: fx.Node
     weight: str
     bias: Optional[str]
@@ -233,6 +292,9 @@ class Layer:
     fan_in_fan_out: bool = False
     #: other layers that read the same weight (tied weights, e.g. GPT-2's lm_head and wte)
     shared_with: list[str] = dataclasses.field(default_factory=list)
+    #: the largest :attr:`layer_index` of the graph (None if no path is numbered); lets a plan
+    #: say "the last k layers" with negative indices (``layers=[-1]``)
+    deepest_index: Optional[int] = None
 
     @property
     def layer_index(self) -> Optional[int]:
@@ -242,6 +304,11 @@ class Layer:
 
 
 def _attr_name(node: Any) -> Optional[str]:
+    # an adapter that rewrites the weight (SHiRA's scatter) feeds the layer op through its join,
+    # whose first argument is what it replaces: the op still reads that weight, and is a layer
+    while (isinstance(node, fx.Node) and node.op == "call_function"
+           and (node.meta.get(META_KEY) or {}).get("part") == "join"):
+        node = node.args[0]
     return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
 
 
@@ -273,7 +340,62 @@ def find_layers(gm: fx.GraphModule) -> list[Layer]:
             layers.append(layer)
     for layer in layers:
         layer.shared_with = [o.path for o in layers if o.weight == layer.weight and o is not layer]
+    _set_deepest(layers)
     return layers
+
+
+def _set_deepest(layers: Sequence[Layer]) -> None:
+    deepest = max((l.layer_index for l in layers if l.layer_index is not None), default=None)
+    for layer in layers:
+        layer.deepest_index = deepest
+
+
+def _is_norm_class(cls_name: str) -> bool:
+    # LayerNorm, RMSNorm (LlamaRMSNorm ...), BatchNorm2d, GroupNorm, InstanceNorm ...
+    return "norm" in cls_name.lower()
+
+
+def find_norms(gm: fx.GraphModule) -> list[Layer]:
+    """Every normalisation module with an affine weight that is a graph parameter, in graph order.
+
+    Norm weights are read by elementwise ops (RMSNorm's ``mul``) or by the norm op itself
+    (``layer_norm``, ``batch_norm``), so they are found by module path instead: a parameter
+    ``<path>.weight`` (and ``<path>.bias``) read by an op whose innermost ``nn_module_stack``
+    entry is the module ``<path>`` of a class named ``*Norm*``. Each is a :class:`Layer` of kind
+    ``"norm"`` (``node``: the op reading the weight; features: the weight's size). Buffers
+    (running statistics) are not parameters and are never selected.
+    """
+    role_map = roles(gm)
+    found: dict[str, Layer] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or role_map.get(node.target) in (None, Role.BUFFER):
+            continue
+        owner, leaf = node.target.rsplit(".", 1) if "." in node.target else ("", node.target)
+        if leaf not in ("weight", "bias"):
+            continue
+        for user in node.users:
+            if user.op != "call_function" or META_KEY in user.meta or not user.meta.get("nn_module_stack"):
+                continue
+            path, cls = _module_of(user, node.target)
+            if path != owner or not _is_norm_class(cls):
+                continue
+            tensor = get_tensor(gm, node.target)
+            if not tensor.is_floating_point():
+                continue
+            layer = found.get(path)
+            if layer is None:
+                layer = Layer(path, "norm", user, "", None, tensor.numel(), tensor.numel(), cls)
+                found[path] = layer
+            if leaf == "weight":
+                layer.weight, layer.node = node.target, user
+            else:
+                layer.bias = node.target
+            break
+    norms = [l for l in found.values() if l.weight]  # a norm without an affine weight has nothing to train
+    indices = [l.layer_index for l in norms + find_layers(gm) if l.layer_index is not None]
+    for layer in norms:
+        layer.deepest_index = max(indices, default=None)
+    return norms
 
 
 def _as_layer(gm: fx.GraphModule, node: fx.Node) -> Optional[Layer]:

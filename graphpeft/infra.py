@@ -44,6 +44,9 @@ class PassContext:
     #: names of the passes run so far (named in errors)
     history: list[str] = dataclasses.field(default_factory=list)
     seed: int = 0
+    #: the name of the adapters insertion passes create (``CompiledModel.add_adapter``); the
+    #: compile's own adapters are "default" (see :func:`graphpeft.graph.adapter_id`)
+    adapter_name: str = "default"
 
 
 class PassBase(abc.ABC):

@@ -7,7 +7,7 @@ registers all three (see ``graphpeft/passes/insert_lora.py``, the example to cop
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -24,6 +24,24 @@ class AdapterMethod:
     rule: type[Rule] = Rule
     #: whether the adapter can be folded into the base weight
     mergeable: bool = True
+    #: whether the merge is ``W + ΔW`` (LoRA, VeRA, SHiRA): then a fused adapter is removed again
+    #: by subtracting ΔW (:meth:`add_delta_`); otherwise (IA3, DoRA) by restoring a saved copy
+    additive: bool = True
+
+    # -- PEFT interop (graphpeft.peft_interop): declarative, so the core needs no method code --
+    #: PEFT's ``peft_type`` of this method's adapters (None: PEFT has no counterpart)
+    peft_type: ClassVar[Optional[str]] = None
+    #: our rule option -> PEFT config key, for options PEFT has under another name or the same
+    #: (``targets``/``exclude``/``layers`` are mapped by the core)
+    peft_options: ClassVar[dict[str, str]] = {}
+    #: PEFT config entries fixed for this method (DoRA: ``{"use_dora": True}``); a PEFT config
+    #: belongs to this method only if it has these values (missing keys count as ``False``)
+    peft_fixed: ClassVar[dict[str, Any]] = {}
+    #: whether a PEFT folder of ``peft_type`` is imported as this method (LoRA-FA exports as a
+    #: PEFT LoRA but a PEFT LoRA imports as LoRA unless asked for)
+    peft_import: ClassVar[bool] = True
+    #: PEFT config keys of per-layer overrides: PEFT key -> our rule option (LoRA's rank_pattern)
+    peft_patterns: ClassVar[dict[str, str]] = {}
 
     def make_pass(self, rules: Sequence[Rule]) -> PassBase:
         """The pass that inserts this method's adapters for ``rules``."""
@@ -45,6 +63,41 @@ class AdapterMethod:
         name = record["weight"]
         w = get_tensor(gm, name).detach()
         return {name: w + self.delta_weight(gm, record).to(w.dtype)}
+
+    def add_delta_(self, gm: fx.GraphModule, record: dict[str, Any], alpha: float = 1.0) -> None:
+        """``W += alpha·ΔW`` in place: fuse (1) or unfuse (-1) an additive adapter
+        (``CompiledModel.fuse_adapter``). Methods override it with a cheaper update (LoRA: one
+        ``addmm_``; SHiRA: a scatter of its sparse values)."""
+        w = get_tensor(gm, record["weight"])
+        w.add_(self.delta_weight(gm, record).to(w.dtype), alpha=alpha)
+
+    def peft_export_config(self, config: dict[str, Any], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Adjust the PEFT config the core derived for this method's adapter (``records``: every
+        layer of it) before it is written; the default keeps it. IA3 names its feed-forward
+        layers here, because PEFT wants them within ``target_modules``."""
+        return config
+
+    def peft_key(self, tensor_name: str) -> str:
+        """PEFT's key in ``adapter_model.safetensors`` for one of our (unscoped) tensor names.
+        Our names already are PEFT's module-relative names; PEFT prefixes them with the wrapper
+        path. A method with model-level tensors (VeRA's shared projections) overrides this."""
+        return "base_model.model." + tensor_name
+
+    def combined_rule_body(self, bodies: Sequence[Sequence[dict[str, Any]]], combination_type: str,
+                           **options: Any) -> dict[str, Any]:
+        """The rule options (data form; the core sets ``targets``) of an adapter combining
+        adapters whose layers had rule options ``bodies`` (one list per source adapter), for
+        ``CompiledModel.add_weighted_adapter``. Raise ``ValueError`` for combinations that do
+        not apply (LoRA's ``linear`` needs one rank)."""
+        raise NotImplementedError(f"{self.name} adapters cannot be combined (add_weighted_adapter)")
+
+    def combine(self, parts: Sequence[dict[str, torch.Tensor]], records: Sequence[dict[str, Any]],
+                weights: Sequence[float], combination_type: str,
+                new: Optional[dict[str, torch.Tensor]] = None, **options: Any) -> dict[str, torch.Tensor]:
+        """One layer of a combined adapter: record tensor key (``"A"``) -> value, from the
+        tensors of each source adapter on that layer (``parts``, keyed the same way), their
+        records and weights; ``new`` holds the combined adapter's tensors there (their shapes)."""
+        raise NotImplementedError(f"{self.name} adapters cannot be combined (add_weighted_adapter)")
 
     def describe(self, record: dict[str, Any]) -> str:
         return f"{self.name}"

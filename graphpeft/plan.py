@@ -8,8 +8,10 @@ A rule selects layers (module paths of weight-carrying ops) and says what to do 
 Selection: ``targets`` as a string is a regular expression that must match the whole module
 path; as a list it is PEFT-style (a path matches when it equals an entry or ends with
 ``"." + entry``); ``"all-linear"`` selects every linear layer except the output head.
-``kind`` restricts to ``linear`` / ``conv`` / ``embedding``; ``layers`` keeps only paths whose
-first integer component (``model.layers.3.mlp`` -> 3) is listed; ``exclude`` removes paths.
+``kind`` restricts to ``linear`` / ``conv`` / ``embedding`` (``norm`` for rules that select norm
+modules); ``layers`` keeps only paths whose first integer component (``model.layers.3.mlp`` -> 3)
+is listed, negative entries counting back from the deepest index (``layers=[-1]``: the last
+block); ``exclude`` removes paths.
 """
 
 from __future__ import annotations
@@ -22,12 +24,17 @@ import re
 from typing import Any, ClassVar, Iterable, Optional, Sequence, Union
 
 from .errors import PlanError
-from .graph import Layer
+from .graph import Layer, find_layers, find_norms
 from .registry import RULES, load_plugins
 
 PLAN_VERSION = 1
 KINDS = ("linear", "conv", "embedding")
+#: kinds a ``kind=`` option may name: the layer kinds plus norm modules (``find_norms``)
+SELECTABLE_KINDS = KINDS + ("norm",)
 HEAD_NAMES = {"lm_head", "score", "classifier", "head", "output", "embed_out"}
+#: option names users bring from PEFT's configs -> ours (for "did you mean" hints)
+PEFT_NAMES = {"rank": "r", "target_modules": "targets", "lora_alpha": "alpha", "lora_dropout": "dropout",
+              "exclude_modules": "exclude", "layers_to_transform": "layers"}
 
 Targets = Union[str, Sequence[str]]
 
@@ -66,13 +73,23 @@ class Rule:
             except re.error as e:
                 raise PlanError(f"{self.key}: targets {self.targets!r} is not a valid regular expression: {e}") from e
         elif not isinstance(self.targets, str):
-            if not all(isinstance(t, str) for t in self.targets) or not list(self.targets):
-                raise PlanError(f"{self.key}: targets must be a regex string or a non-empty list of names")
+            if (not isinstance(self.targets, (list, tuple)) or not self.targets
+                    or not all(isinstance(t, str) for t in self.targets)):
+                raise PlanError(f"{self.key}: targets must be a regex string or a non-empty list of names, "
+                                f"got {self.targets!r}")
+        if isinstance(self.exclude, str):
+            try:
+                re.compile(self.exclude)
+            except re.error as e:
+                raise PlanError(f"{self.key}: exclude {self.exclude!r} is not a valid regular expression: {e}") from e
+        elif self.exclude is not None and (not isinstance(self.exclude, (list, tuple))
+                                           or not all(isinstance(t, str) for t in self.exclude)):
+            raise PlanError(f"{self.key}: exclude must be a regex string or a list of names, got {self.exclude!r}")
         for k in _as_list(self.kind) or []:
-            if k not in KINDS:
-                raise PlanError(f"{self.key}: unknown kind {k!r}; use one of {list(KINDS)}")
+            if k not in SELECTABLE_KINDS:
+                raise PlanError(f"{self.key}: unknown kind {k!r}; use one of {list(SELECTABLE_KINDS)}")
         for i in _as_list(self.layers) or []:
-            if not isinstance(i, int):
+            if not isinstance(i, int) or isinstance(i, bool):
                 raise PlanError(f"{self.key}: layers must be integers, got {i!r}")
 
     # -- selection -------------------------------------------------------------------------
@@ -99,8 +116,13 @@ class Rule:
         if kinds is not None and layer.kind not in kinds:
             return f"layer kind {layer.kind!r} is not in kind={kinds}"
         layers = _as_list(self.layers)
-        if layers is not None and layer.layer_index not in layers:
-            return f"layer index {layer.layer_index} is not in layers={layers}"
+        if layers is not None:
+            if any(i < 0 for i in layers) and layer.deepest_index is None:
+                return (f"layers={layers} counts back from the deepest numbered layer, but no module path "
+                        "of this model is numbered")
+            wanted = {i if i >= 0 else layer.deepest_index + 1 + i for i in layers}  # type: ignore[operator]
+            if layer.layer_index not in wanted:
+                return f"layer index {layer.layer_index} is not in layers={layers}"
         if layer.kind not in self.supported_kinds:
             return f"{self.key} does not support {layer.kind} layers (supports {list(self.supported_kinds)})"
         return None
@@ -108,6 +130,12 @@ class Rule:
     def check(self, layer: Layer) -> Optional[str]:
         """None when ``layer`` can take this rule, else why not. Overridden by methods."""
         return None
+
+    @property
+    def selects_norms(self) -> bool:
+        """Whether the rule chooses among norm modules (:func:`~graphpeft.graph.find_norms`) as
+        well as weight layers; such rules make :meth:`Plan.layers_of` include them."""
+        return False
 
     # -- data form ---------------------------------------------------------------------------
 
@@ -128,8 +156,11 @@ class Rule:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(body) - fields)
         if unknown:
-            hints = [f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, fields, 1)) else repr(u)
-                     for u in unknown]
+            hints = []
+            for u in unknown:
+                alias = PEFT_NAMES.get(u)
+                m = [alias] if alias in fields else difflib.get_close_matches(u, fields, 1)
+                hints.append(f"{u!r} (did you mean {m[0]!r}?)" if m else repr(u))
             raise PlanError(f"{cls.key}: unknown option(s) {', '.join(hints)}; allowed: {sorted(fields)}")
         if "targets" not in body:
             raise PlanError(f"{cls.key}: 'targets' is required (a regex, a list of names, or 'all-linear')")
@@ -245,16 +276,26 @@ class Plan:
 
     # -- applying to a graph -----------------------------------------------------------------
 
+    def layers_of(self, gm: Any) -> list[Layer]:
+        """The candidates this plan's rules choose among in graph ``gm``: every weight layer
+        (:func:`~graphpeft.graph.find_layers`), plus the norm modules when a rule selects them."""
+        layers = find_layers(gm)
+        if any(r.selects_norms for r in self.rules):
+            layers += find_norms(gm)
+        return layers
+
     def resolve(self, layers: Sequence[Layer]) -> Resolution:
         """Decide which rule takes which layer; raise :class:`PlanError` on a bad fit.
 
         Errors: a rule that selects nothing (with the nearest candidate paths), a layer that
         a rule selects but cannot take (rank larger than the layer, tied weight ...), and two
-        adapter rules claiming one layer.
+        adapter rules claiming one layer. Rules that are not adapters (sparse updates) combine
+        with an adapter and with each other on one layer.
         """
         decisions = [LayerDecision(l) for l in layers]
         matches: dict[str, list[Layer]] = {r.name: [] for r in self.rules}
         problems: list[str] = []
+        adapter_of: dict[int, str] = {}  # id(decision) -> the adapter rule that took it
         for rule in self.rules:
             for d in decisions:
                 why = rule.select(d.layer)
@@ -265,11 +306,13 @@ class Plan:
                 if why is not None:
                     d.reasons[rule.name] = why
                     continue
-                if d.rule is not None and rule.is_adapter:
-                    problems.append(f"{d.layer.path} is claimed by two rules: {d.rule} and {rule.name}; "
+                if rule.is_adapter and id(d) in adapter_of:
+                    problems.append(f"{d.layer.path} is claimed by two rules: {adapter_of[id(d)]} and {rule.name}; "
                                     "narrow one of them with exclude= or a tighter targets")
                     continue
-                d.rule = rule.name
+                if rule.is_adapter:
+                    adapter_of[id(d)] = rule.name
+                d.rule = rule.name if d.rule is None else f"{d.rule} + {rule.name}"
                 matches[rule.name].append(d.layer)
             if not matches[rule.name] and not any(rule.name in p for p in problems):
                 problems.append(_nothing_matched(rule, layers))
@@ -281,11 +324,13 @@ class Plan:
 def _nothing_matched(rule: Rule, layers: Sequence[Layer]) -> str:
     paths = [l.path for l in layers]
     targets = [rule.targets] if isinstance(rule.targets, str) else list(rule.targets)
+    leaves = list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in paths))
     near: list[str] = []
     for t in targets:
         probe = re.sub(r"[\\^$.*+?()\[\]{}|]", "", t) if isinstance(rule.targets, str) else t
         near += difflib.get_close_matches(probe, paths, 3, 0.3)
-        near += difflib.get_close_matches(probe, [p.rsplit(".", 1)[-1] for p in paths], 3, 0.5)
+        for leaf in difflib.get_close_matches(probe.rsplit(".", 1)[-1], leaves, 3, 0.5):
+            near += [p for p in paths if p == leaf or p.endswith("." + leaf)][:2]  # full paths
     near = list(dict.fromkeys(near))[:5] or paths[:5]
     reasons = {}
     for l in layers:

@@ -20,6 +20,9 @@ PASSES: dict[str, type] = {}  # pass name -> pass class
 METHODS: dict[str, Any] = {}  # adapter method name -> AdapterMethod (insert pass, merge, io)
 BACKENDS: dict[str, Any] = {}  # backend name -> backend object
 PIPELINES: dict[str, Callable[..., Any]] = {}  # pipeline name -> factory
+#: names of passes ``CompiledModel.merge`` runs after ``merge_adapters``: they fold other
+#: reparameterisations back into base weights (e.g. a row-sliced weight of a sparse update)
+MERGE_STEPS: list[str] = []
 
 _plugins_loaded = False
 
@@ -37,6 +40,12 @@ def register_pass(cls: type[T]) -> type[T]:
     """Class decorator: make a pass available by its ``name``."""
     PASSES[getattr(cls, "name")] = cls
     return cls
+
+
+def register_merge_step(name: str) -> None:
+    """Make ``CompiledModel.merge`` run the registered pass ``name`` after merging adapters."""
+    if name not in MERGE_STEPS:
+        MERGE_STEPS.append(name)
 
 
 def register_method(name: str, method: Any) -> None:

@@ -28,14 +28,15 @@ import torch
 import torch.fx as fx
 
 from graphpeft.errors import PlanError
-from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapters, get_tensor
+from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapter_id, adapters, get_tensor, scoped_tensor_name
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
 from graphpeft.plan import Rule
 from graphpeft.registry import register_method, register_pass, register_rule
 from graphpeft.rewrite import MatchResult, RewritePass
 
-from .layer_rewrite import LayerRewrite, layer_bias, layer_generator, layer_input, layer_weight
+from .layer_rewrite import LayerRewrite, layer_bias, layer_generator, layer_input, layer_output, layer_weight
+from .merge_adapters import unmerged_weight
 
 aten = torch.ops.aten
 
@@ -107,11 +108,12 @@ class DoRARewrite(LayerRewrite):
         s = rule.scaling
         weight = get_tensor(gm, layer.weight)
         a, b = _init_factors(layer, weight, rule, ctx.seed)
-        names = tensor_names(layer)
+        names = {k: scoped_tensor_name(v, ctx.adapter_name) for k, v in tensor_names(layer).items()}
         with torch.no_grad():
             magnitude = torch.linalg.vector_norm(_rows(weight, layer) + s * (b @ a), dim=1)
-        prov = Provenance(InsertDoRA.name, rule.name, layer.path, adapter=layer.path)
-        y = layer.node
+        aid = adapter_id(layer.path, ctx.adapter_name)
+        prov = Provenance(InsertDoRA.name, rule.name, layer.path, adapter=aid)
+        y = layer_output(layer)  # the layer op, or the last adapter joined onto it (named adapters stack)
         g = GraphBuilder(gm, y, prov)
         a_node = g.param(names["A"], a, Role.ADAPTER)
         b_node = g.param(names["B"], b, Role.ADAPTER)
@@ -145,9 +147,10 @@ class DoRARewrite(LayerRewrite):
         joined = g.call(aten.add.Tensor, y, branch)
         joined.meta["graphpeft"]["part"] = "join"
         y.replace_all_uses_with(joined, delete_user_cb=lambda user: user not in g.created)
-        adapters(gm)[layer.path] = {
+        adapters(gm)[aid] = {
             "method": DoRAMethod.name,
             "layer": layer.path,
+            "name": ctx.adapter_name,
             "kind": layer.kind,
             "weight": layer.weight,
             "fan_in_fan_out": layer.fan_in_fan_out,
@@ -198,20 +201,30 @@ class DoRAMethod(AdapterMethod):
 
     name = "dora"
     rule = DoRA
+    additive = False
+    peft_type = "LORA"
+    peft_options = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "use_rslora": "use_rslora"}
+    peft_fixed = {"use_dora": True}
+    peft_patterns = {"rank_pattern": "r", "alpha_pattern": "alpha"}
 
     def make_pass(self, rules: Sequence[Rule]) -> InsertDoRA:
         return InsertDoRA([r for r in rules if isinstance(r, DoRA)])
 
     def merged_tensors(self, gm: fx.GraphModule, record: dict[str, Any]) -> dict[str, torch.Tensor]:
-        # PEFT's merge: W' = (m / ‖W + ΔW‖) · (W + ΔW), the norm per output row
+        # PEFT's merge: W' = (m / ‖W + ΔW‖) · (W + ΔW), the norm per output row. The norm is of
+        # the base weight as the forward reads it: if other adapters on this layer were merged
+        # first (named adapters stacked), W here already holds them but the norm does not
         t = record["tensors"]
         weight = get_tensor(gm, record["weight"]).detach()
+        base = unmerged_weight(gm, record["weight"])
         a = get_tensor(gm, t["A"]).detach()
         b = get_tensor(gm, t["B"]).detach()
         m = get_tensor(gm, t["magnitude"]).detach()
         fiifo = record["fan_in_fan_out"]
-        rows = (weight.T if fiifo else weight) + record["scaling"] * (b @ a)
-        merged = (m / torch.linalg.vector_norm(rows, dim=1)).unsqueeze(1) * rows
+        delta = record["scaling"] * (b @ a)
+        rows = (weight.T if fiifo else weight) + delta
+        norm = torch.linalg.vector_norm((base.T if fiifo else base) + delta, dim=1)
+        merged = (m / norm).unsqueeze(1) * rows
         return {record["weight"]: merged.T if fiifo else merged}
 
     def delta_weight(self, gm: fx.GraphModule, record: dict[str, Any]) -> torch.Tensor:

@@ -21,14 +21,15 @@ import torch
 import torch.fx as fx
 
 from graphpeft.errors import PlanError
-from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapters, get_tensor, op_args
+from graphpeft.graph import (GraphBuilder, Layer, Provenance, Role, adapter_id, adapters, get_tensor, op_args,
+                             scoped_tensor_name)
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
 from graphpeft.plan import Rule, Targets
 from graphpeft.registry import register_method, register_pass, register_rule
 from graphpeft.rewrite import MatchResult, RewritePass
 
-from .layer_rewrite import LayerRewrite, layer_generator, layer_input
+from .layer_rewrite import LayerRewrite, layer_generator, layer_input, layer_output
 
 aten = torch.ops.aten
 
@@ -102,8 +103,9 @@ class IA3Rewrite(LayerRewrite):
             vec = torch.randn(shape, generator=layer_generator(ctx.seed, layer))
         else:
             vec = torch.ones(shape)
-        name = f"{layer.path}.ia3_l"
-        prov = Provenance(InsertIA3.name, rule.name, layer.path, adapter=layer.path)
+        name = scoped_tensor_name(f"{layer.path}.ia3_l", ctx.adapter_name)
+        aid = adapter_id(layer.path, ctx.adapter_name)
+        prov = Provenance(InsertIA3.name, rule.name, layer.path, adapter=aid)
         y = layer.node
         stack = y.meta.get("nn_module_stack")
         if ff:
@@ -114,15 +116,17 @@ class IA3Rewrite(LayerRewrite):
             joined = g.call(aten.mul.Tensor, x, scale)
             y.replace_input_with(x, joined)
         else:
-            g = GraphBuilder(gm, y, prov, module_stack=stack)
+            out = layer_output(layer)  # y, or the last adapter joined onto it (named adapters stack)
+            g = GraphBuilder(gm, out, prov, module_stack=stack)
             scale = self._broadcastable(g, g.param(name, vec.to(weight), Role.ADAPTER), layer)
-            joined = g.call(aten.mul.Tensor, y, scale)
-            y.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
+            joined = g.call(aten.mul.Tensor, out, scale)
+            out.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
         # the join is the node whose first argument it replaces: merge re-points its users there
         joined.meta["graphpeft"]["part"] = "join"
-        adapters(gm)[layer.path] = {
+        adapters(gm)[aid] = {
             "method": IA3Method.name,
             "layer": layer.path,
+            "name": ctx.adapter_name,
             "kind": layer.kind,
             "weight": layer.weight,
             "bias": layer.bias,
@@ -158,6 +162,9 @@ class IA3Method(AdapterMethod):
 
     name = "ia3"
     rule = IA3
+    additive = False
+    peft_type = "IA3"
+    peft_options = {"feedforward_modules": "feedforward_modules"}
 
     def make_pass(self, rules: Sequence[Rule]) -> InsertIA3:
         return InsertIA3([r for r in rules if isinstance(r, IA3)])
@@ -182,6 +189,23 @@ class IA3Method(AdapterMethod):
         # the weight part only (output scaling also rescales the bias: see merged_tensors)
         weight = get_tensor(gm, record["weight"]).detach()
         return self.merged_tensors(gm, record)[record["weight"]] - weight
+
+    def peft_export_config(self, config: dict[str, Any], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        # PEFT wants feedforward_modules within target_modules, which the core writes as paths
+        config["feedforward_modules"] = [r["layer"] for r in records if r["feedforward"]]
+        return config
+
+    # add_weighted_adapter: PEFT's IA3Model.add_weighted_adapter sums the vectors, Σ w_i · l_i
+    def combined_rule_body(self, bodies: Sequence[Sequence[dict[str, Any]]], combination_type: str,
+                           **options: Any) -> dict[str, Any]:
+        if combination_type != "linear":
+            raise ValueError(f"IA3 adapters combine linearly only (combination_type='linear'), got {combination_type!r}")
+        return {k: v for k, v in bodies[0][0].items() if k not in ("targets", "exclude", "layers", "kind", "init")}
+
+    def combine(self, parts: Sequence[dict[str, torch.Tensor]], records: Sequence[dict[str, Any]],
+                weights: Sequence[float], combination_type: str, new: Optional[dict[str, torch.Tensor]] = None,
+                **options: Any) -> dict[str, torch.Tensor]:
+        return {"l": sum(p["l"].detach() * w for p, w in zip(parts, weights))}  # type: ignore[dict-item]
 
 
 register_method(IA3Method.name, IA3Method())

@@ -25,13 +25,17 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapters, find_layers, get_tensor, op_args
+from graphpeft.graph import (DEFAULT_ADAPTER, GraphBuilder, Layer, Provenance, Role, adapter_id, adapter_name_of,
+                             adapters, find_layers, get_tensor, op_args, scoped_tensor_name)
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
 from graphpeft.plan import Rule
 from graphpeft.registry import register_method, register_pass, register_rule
 from graphpeft.rewrite import MatchResult, RewritePass, RewriteRule
 from graphpeft.errors import PlanError
+from graphpeft.task_arithmetic import COMBINATIONS, combine as combine_tensors
+
+from .layer_rewrite import layer_output
 
 aten = torch.ops.aten
 
@@ -65,10 +69,15 @@ class LoRA(Rule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or self.r <= 0:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise PlanError(f"lora: r must be a positive integer, got {self.r!r}")
+        for opt in ("alpha", "dropout"):
+            if not isinstance(getattr(self, opt), (int, float)) or isinstance(getattr(self, opt), bool):
+                raise PlanError(f"lora: {opt} must be a number, got {getattr(self, opt)!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise PlanError(f"lora: dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise PlanError(f"lora: use_rslora must be true or false, got {self.use_rslora!r}")
         if self.init not in INITS:
             raise PlanError(f"lora: init must be one of {list(INITS)}, got {self.init!r}")
 
@@ -110,8 +119,9 @@ class LoRARewrite(RewriteRule):
 
     def check(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> Optional[str]:
         layer: Layer = match.bindings["layer"]
-        if any(rec["layer"] == layer.path for rec in adapters(gm).values()):
-            return "the layer already has an adapter"
+        if any(rec["layer"] == layer.path and adapter_name_of(rec) == ctx.adapter_name for rec in adapters(gm).values()):
+            return "the layer already has an adapter" + (
+                f" named {ctx.adapter_name!r}" if ctx.adapter_name != DEFAULT_ADAPTER else "")
         if not get_tensor(gm, layer.weight).is_floating_point():
             return "the weight is not floating point (quantized weights are not supported yet)"
         return self.rule.check(layer)
@@ -121,10 +131,13 @@ class LoRARewrite(RewriteRule):
         rule = self.rule
         weight = get_tensor(gm, layer.weight)
         a, b = _init_factors(layer, weight, rule, ctx.seed)
-        prov = Provenance(InsertLoRA.name, rule.name, layer.path, adapter=layer.path)
+        # several named adapters may adapt one layer: the id and tensor names carry the name
+        aid = adapter_id(layer.path, ctx.adapter_name)
+        prov = Provenance(InsertLoRA.name, rule.name, layer.path, adapter=aid)
         y = layer.node
-        g = GraphBuilder(gm, y, prov)
-        names = _tensor_names(layer)
+        out = layer_output(layer)  # y, or the last adapter joined onto it (named adapters stack)
+        g = GraphBuilder(gm, out, prov)
+        names = {k: scoped_tensor_name(v, ctx.adapter_name) for k, v in _tensor_names(layer).items()}
         a_node = g.param(names["A"], a, Role.ADAPTER)
         b_node = g.param(names["B"], b, Role.ADAPTER)
         if layer.kind == "embedding":
@@ -145,12 +158,13 @@ class LoRARewrite(RewriteRule):
                 low = g.call(aten.linear.default, x, a_node)
                 up = g.call(aten.linear.default, low, b_node)
         scaled = g.call(aten.mul.Tensor, up, rule.scaling)
-        joined = g.call(aten.add.Tensor, y, scaled)
+        joined = g.call(aten.add.Tensor, out, scaled)
         joined.meta["graphpeft"]["part"] = "join"
-        y.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
-        adapters(gm)[layer.path] = {
+        out.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
+        adapters(gm)[aid] = {
             "method": LoRAMethod.name,
             "layer": layer.path,
+            "name": ctx.adapter_name,
             "kind": layer.kind,
             "weight": layer.weight,
             "fan_in_fan_out": layer.fan_in_fan_out,
@@ -204,6 +218,10 @@ class InsertLoRA(RewritePass):
 class LoRAMethod(AdapterMethod):
     name = "lora"
     rule = LoRA
+    peft_type = "LORA"
+    peft_options = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "use_rslora": "use_rslora"}
+    peft_fixed = {"use_dora": False}
+    peft_patterns = {"rank_pattern": "r", "alpha_pattern": "alpha"}
 
     def make_pass(self, rules: Sequence[Rule]) -> InsertLoRA:
         return InsertLoRA([r for r in rules if isinstance(r, LoRA)])
@@ -219,6 +237,83 @@ class LoRAMethod(AdapterMethod):
             return (b.flatten(1) @ a.flatten(1)).reshape(w.shape) * s
         delta = (b @ a) * s
         return delta.T if record["fan_in_fan_out"] else delta
+
+    def add_delta_(self, gm: fx.GraphModule, record: dict[str, Any], alpha: float = 1.0) -> None:
+        if record["kind"] != "linear":
+            return super().add_delta_(gm, record, alpha)
+        # one GEMM accumulated into W: no (out x in) temporary for ΔW
+        w = get_tensor(gm, record["weight"])
+        a = get_tensor(gm, record["tensors"]["A"]).detach().to(w.dtype)
+        b = get_tensor(gm, record["tensors"]["B"]).detach().to(w.dtype)
+        s = record["scaling"] * alpha
+        if record["fan_in_fan_out"]:
+            w.addmm_(a.T, b.T, alpha=s)
+        else:
+            w.addmm_(b, a, alpha=s)
+
+    # -- add_weighted_adapter, as PEFT's LoraModel.add_weighted_adapter computes it ----------
+
+    def combined_rule_body(self, bodies: Sequence[Sequence[dict[str, Any]]], combination_type: str,
+                           svd_rank: Optional[int] = None, **options: Any) -> dict[str, Any]:
+        ranks = [max(b.get("r", LoRA.r) for b in adapter) for adapter in bodies]
+        if combination_type in COMBINATIONS:
+            if len(set(ranks)) != 1:
+                raise ValueError(f"combination_type {combination_type!r} needs adapters of one rank, got ranks {ranks}; "
+                                 "use 'cat' or an '_svd' combination")
+            new_rank = ranks[0]
+        elif combination_type == "cat":
+            new_rank = sum(ranks)
+        elif combination_type in SVD_COMBINATIONS:
+            new_rank = svd_rank or max(ranks)
+        else:
+            raise ValueError(f"unknown combination_type {combination_type!r}; use one of "
+                             f"{list(COMBINATIONS) + ['cat'] + list(SVD_COMBINATIONS)}")
+        # PEFT gives the combined adapter lora_alpha = r: scaling 1 (sqrt(r) with rsLoRA)
+        body = {k: v for k, v in bodies[0][0].items() if k not in ("targets", "exclude", "layers", "kind", "init")}
+        body.update(r=new_rank, alpha=float(new_rank))
+        return body
+
+    def combine(self, parts: Sequence[dict[str, torch.Tensor]], records: Sequence[dict[str, Any]],
+                weights: Sequence[float], combination_type: str, new: Optional[dict[str, torch.Tensor]] = None,
+                *, svd_clamp: Optional[float] = None, svd_full_matrices: bool = True, svd_driver: Optional[str] = None,
+                density: Optional[float] = None, majority_sign_method: str = "total",
+                generator: Optional[torch.Generator] = None, **_: Any) -> dict[str, torch.Tensor]:
+        assert new is not None, "combine needs the combined adapter's tensors (their shapes)"
+        scalings = [rec["scaling"] for rec in records]
+        As, Bs = [p["A"].detach() for p in parts], [p["B"].detach() for p in parts]
+        if combination_type == "cat":
+            a_cat = torch.cat([a * w * s for a, w, s in zip(As, weights, scalings)], dim=0)
+            b_cat = torch.cat(Bs, dim=1)
+            a_new, b_new = torch.zeros_like(new["A"]), torch.zeros_like(new["B"])
+            a_new[: a_cat.shape[0]] = a_cat
+            b_new[:, : b_cat.shape[1]] = b_cat
+            return {"A": a_new, "B": b_new}
+        if combination_type in SVD_COMBINATIONS:
+            # on ΔW = s·BA in (out, r-side) layout; rank-r SVD back into B (U·S) and A (Vh)
+            deltas = [s * (b.flatten(1) @ a.flatten(1)) for a, b, s in zip(As, Bs, scalings)]
+            inner = combination_type.removesuffix("_svd") if combination_type != "svd" else "linear"
+            delta = combine_tensors(inner, deltas, torch.tensor(list(weights)), density=density,
+                                    majority_sign_method=majority_sign_method,  # type: ignore[arg-type]
+                                    generator=generator)
+            rank = new["A"].shape[0]
+            u, sv, vh = torch.linalg.svd(delta, full_matrices=svd_full_matrices, driver=svd_driver)
+            u = u[:, :rank] @ torch.diag(sv[:rank])
+            vh = vh[:rank, :]
+            if svd_clamp is not None:
+                hi = torch.quantile(torch.cat([u.flatten(), vh.flatten()]), svd_clamp)
+                u, vh = u.clamp(-hi, hi), vh.clamp(-hi, hi)
+            return {"A": vh.reshape(new["A"].shape), "B": u.reshape(new["B"].shape)}
+        # factor-wise: A and B each get sqrt(|w·s|), the sign goes on A only
+        ws = [w * s for w, s in zip(weights, scalings)]
+        w_a = torch.tensor([math.sqrt(abs(x)) * (1 if x >= 0 else -1) for x in ws])
+        w_b = torch.tensor([math.sqrt(abs(x)) for x in ws])
+        opts = dict(density=density, majority_sign_method=majority_sign_method, generator=generator)
+        return {"A": combine_tensors(combination_type, As, w_a, **opts).to(As[0].dtype),  # type: ignore[arg-type]
+                "B": combine_tensors(combination_type, Bs, w_b, **opts).to(Bs[0].dtype)}  # type: ignore[arg-type]
+
+
+#: PEFT's combinations that work on ΔW and factor it again by SVD
+SVD_COMBINATIONS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 
 
 register_method(LoRAMethod.name, LoRAMethod())

@@ -20,14 +20,14 @@ import torch
 import torch.fx as fx
 
 from graphpeft.errors import PlanError
-from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapters, get_tensor
+from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapter_id, adapters, get_tensor, scoped_tensor_name
 from graphpeft.infra import PassContext
 from graphpeft.plan import Rule
 from graphpeft.registry import register_method, register_pass, register_rule
 from graphpeft.rewrite import MatchResult, RewritePass
 
 from .insert_lora import LoRAMethod
-from .layer_rewrite import LayerRewrite, layer_generator, layer_input
+from .layer_rewrite import LayerRewrite, layer_generator, layer_input, layer_output
 
 aten = torch.ops.aten
 
@@ -103,9 +103,10 @@ class LoRAFARewrite(LayerRewrite):
         b = torch.zeros(layer.out_features, rule.r)
         if rule.init == "random":
             torch.nn.init.kaiming_uniform_(b, a=math.sqrt(5), generator=gen)
-        names = {"A": f"{layer.path}.lora_A.weight", "B": f"{layer.path}.lora_B.weight"}
-        prov = Provenance(InsertLoRAFA.name, rule.name, layer.path, adapter=layer.path)
-        y = layer.node
+        names = {k: scoped_tensor_name(f"{layer.path}.lora_{k}.weight", ctx.adapter_name) for k in ("A", "B")}
+        aid = adapter_id(layer.path, ctx.adapter_name)
+        prov = Provenance(InsertLoRAFA.name, rule.name, layer.path, adapter=aid)
+        y = layer_output(layer)  # the layer op, or the last adapter joined onto it (named adapters stack)
         g = GraphBuilder(gm, y, prov)
         a_node = g.param(names["A"], a.to(weight), Role.ADAPTER_CONST)  # the "frozen A"
         b_node = g.param(names["B"], b.to(weight), Role.ADAPTER)
@@ -120,9 +121,10 @@ class LoRAFARewrite(LayerRewrite):
         joined.meta["graphpeft"]["part"] = "join"
         y.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
         # the record has LoRA's fields, so LoRA's delta_weight merges it
-        adapters(gm)[layer.path] = {
+        adapters(gm)[aid] = {
             "method": LoRAFAMethod.name,
             "layer": layer.path,
+            "name": ctx.adapter_name,
             "kind": layer.kind,
             "weight": layer.weight,
             "fan_in_fan_out": layer.fan_in_fan_out,
@@ -149,6 +151,9 @@ class LoRAFAMethod(LoRAMethod):
 
     name = "lora_fa"
     rule = LoRAFA
+    # exported as a PEFT LoRA (PEFT's LoRA-FA is a LoRA with A frozen by its optimizer); a PEFT
+    # LoRA folder imports as LoRA unless import_peft(..., method="lora_fa") asks for this
+    peft_import = False
 
     def make_pass(self, rules: Sequence[Rule]) -> InsertLoRAFA:  # type: ignore[override]
         return InsertLoRAFA([r for r in rules if isinstance(r, LoRAFA)])

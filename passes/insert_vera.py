@@ -27,15 +27,15 @@ import torch
 import torch.fx as fx
 
 from graphpeft.errors import PassError, PlanError
-from graphpeft.graph import (GraphBuilder, Layer, Provenance, Role, adapters, find_layers, get_tensor,
-                             register_tensor, remove_tensor, roles)
+from graphpeft.graph import (GraphBuilder, Layer, Provenance, Role, adapter_id, adapters, find_layers, get_tensor,
+                             register_tensor, remove_tensor, roles, scoped_tensor_name)
 from graphpeft.infra import PassContext, PassResult
 from graphpeft.method import AdapterMethod
 from graphpeft.plan import Rule
 from graphpeft.registry import register_method, register_pass, register_rule
 from graphpeft.rewrite import MatchResult, RewritePass
 
-from .layer_rewrite import LayerRewrite, layer_generator, layer_input
+from .layer_rewrite import LayerRewrite, layer_generator, layer_input, layer_output
 
 aten = torch.ops.aten
 
@@ -116,8 +116,9 @@ class VeRARewrite(LayerRewrite):
         layer: Layer = match.bindings["layer"]
         rule = self.rule
         weight = get_tensor(gm, layer.weight)
-        max_out, r = get_tensor(gm, SHARED_B).shape
-        max_in = get_tensor(gm, SHARED_A).shape[1]
+        shared_a, shared_b = (scoped_tensor_name(n, ctx.adapter_name) for n in (SHARED_A, SHARED_B))
+        max_out, r = get_tensor(gm, shared_b).shape
+        max_in = get_tensor(gm, shared_a).shape[1]
         if rule.init == "random":
             gen = layer_generator(ctx.seed, layer)
             lam_b = torch.randn(layer.out_features, generator=gen)
@@ -125,14 +126,15 @@ class VeRARewrite(LayerRewrite):
         else:
             lam_b = torch.zeros(layer.out_features)
             lam_d = torch.full((r,), float(rule.d_initial))
-        names = tensor_names(layer)
-        prov = Provenance(InsertVeRA.name, rule.name, layer.path, adapter=layer.path)
-        y = layer.node
+        names = {k: scoped_tensor_name(v, ctx.adapter_name) for k, v in tensor_names(layer).items()}
+        aid = adapter_id(layer.path, ctx.adapter_name)
+        prov = Provenance(InsertVeRA.name, rule.name, layer.path, adapter=aid)
+        y = layer_output(layer)  # the layer op, or the last adapter joined onto it (named adapters stack)
         g = GraphBuilder(gm, y, prov)
         b_vec = g.param(names["lambda_b"], lam_b.to(weight), Role.ADAPTER)
         d_vec = g.param(names["lambda_d"], lam_d.to(weight), Role.ADAPTER)
-        a_mat = g.attr(SHARED_A)
-        b_mat = g.attr(SHARED_B)
+        a_mat = g.attr(shared_a)
+        b_mat = g.attr(shared_b)
         # slice only what is larger than this layer (no op when the layer is the largest)
         if layer.in_features != max_in:
             a_mat = g.call(aten.slice.Tensor, a_mat, 1, 0, layer.in_features)
@@ -147,15 +149,16 @@ class VeRARewrite(LayerRewrite):
         joined = g.call(aten.add.Tensor, y, up)
         joined.meta["graphpeft"]["part"] = "join"
         y.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
-        adapters(gm)[layer.path] = {
+        adapters(gm)[aid] = {
             "method": VeRAMethod.name,
             "layer": layer.path,
+            "name": ctx.adapter_name,
             "kind": layer.kind,
             "weight": layer.weight,
             "fan_in_fan_out": layer.fan_in_fan_out,
             "in_features": layer.in_features,
             "out_features": layer.out_features,
-            "tensors": {**names, "A": SHARED_A, "B": SHARED_B},
+            "tensors": {**names, "A": shared_a, "B": shared_b},
             "join": joined.name,
             "rule": rule.name,
             "config": rule.to_dict()[VeRA.key],
@@ -187,8 +190,11 @@ class InsertVeRA(RewritePass):
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if not self.rules:
             return PassResult(gm, False)
-        if SHARED_A in roles(gm) or SHARED_B in roles(gm):
-            raise PassError(self.name, "the graph already has VeRA projections; one VeRA pass per graph")
+        # each adapter name has its own projections (PEFT: base_model.vera_A.<adapter name>)
+        shared_a, shared_b = (scoped_tensor_name(n, ctx.adapter_name) for n in (SHARED_A, SHARED_B))
+        if shared_a in roles(gm) or shared_b in roles(gm):
+            raise PassError(self.name, f"adapter {ctx.adapter_name!r} already has VeRA projections; one VeRA pass "
+                            "per adapter name")
         # PEFT sizes the projections by the largest (out, in) over the targeted layers
         chosen = [l for l in find_layers(gm)
                   if any(r.rule.select(l) is None and r.rule.check(l) is None for r in self.rules)]
@@ -199,12 +205,12 @@ class InsertVeRA(RewritePass):
         max_out = max(l.out_features for l in chosen)
         a, b = shared_projections(rule.r, max_in, max_out, rule.projection_prng_key)
         like = get_tensor(gm, chosen[0].weight)
-        register_tensor(gm, SHARED_A, a.to(like), Role.ADAPTER_CONST)
-        register_tensor(gm, SHARED_B, b.to(like), Role.ADAPTER_CONST)
+        register_tensor(gm, shared_a, a.to(like), Role.ADAPTER_CONST)
+        register_tensor(gm, shared_b, b.to(like), Role.ADAPTER_CONST)
         result = super().call(gm, ctx)
         if not result.modified:  # every layer declined at check: leave no orphan tensors
-            remove_tensor(gm, SHARED_A)
-            remove_tensor(gm, SHARED_B)
+            remove_tensor(gm, shared_a)
+            remove_tensor(gm, shared_b)
         return result
 
 
@@ -213,6 +219,17 @@ class VeRAMethod(AdapterMethod):
 
     name = "vera"
     rule = VeRA
+    peft_type = "VERA"
+    peft_options = {"r": "r", "projection_prng_key": "projection_prng_key", "dropout": "vera_dropout",
+                    "d_initial": "d_initial"}
+
+    def peft_key(self, tensor_name: str) -> str:
+        # PEFT keeps the shared projections on the tuner, not on a layer
+        return f"base_model.{tensor_name}" if tensor_name in (SHARED_A, SHARED_B) else super().peft_key(tensor_name)
+
+    def peft_export_config(self, config: dict[str, Any], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        config["save_projection"] = True  # the file holds vera_A / vera_B: nothing relies on PRNG equality
+        return config
 
     def make_pass(self, rules: Sequence[Rule]) -> InsertVeRA:
         return InsertVeRA([r for r in rules if isinstance(r, VeRA)])

@@ -14,17 +14,18 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from graphpeft.graph import Layer, adapters, find_layers, get_tensor
+from graphpeft.graph import DEFAULT_ADAPTER, META_KEY, Layer, adapter_name_of, adapters, find_layers, get_tensor
 from graphpeft.infra import PassContext
 from graphpeft.plan import Rule
 from graphpeft.rewrite import MatchResult, RewriteRule
 
-__all__ = ["LayerRewrite", "layer_bias", "layer_generator", "layer_input", "layer_weight"]
+__all__ = ["LayerRewrite", "layer_bias", "layer_generator", "layer_input", "layer_output", "layer_weight"]
 
 
 class LayerRewrite(RewriteRule):
     """Matches the layer ops a plan rule selects; declines (with a reason) layers that already
-    carry an adapter, non-float weights, and whatever ``rule.check`` rejects."""
+    carry an adapter of the same name (``ctx.adapter_name``), non-float weights, and whatever
+    ``rule.check`` rejects."""
 
     def __init__(self, rule: Rule) -> None:
         self.rule = rule
@@ -44,8 +45,9 @@ class LayerRewrite(RewriteRule):
 
     def check(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> Optional[str]:
         layer: Layer = match.bindings["layer"]
-        if any(rec["layer"] == layer.path for rec in adapters(gm).values()):
-            return "the layer already has an adapter"
+        if any(rec["layer"] == layer.path and adapter_name_of(rec) == ctx.adapter_name for rec in adapters(gm).values()):
+            return "the layer already has an adapter" + (
+                f" named {ctx.adapter_name!r}" if ctx.adapter_name != DEFAULT_ADAPTER else "")
         if not get_tensor(gm, layer.weight).is_floating_point():
             return "the weight is not floating point (quantized weights are not supported yet)"
         return self.rule.check(layer)
@@ -54,6 +56,21 @@ class LayerRewrite(RewriteRule):
 def layer_input(layer: Layer) -> fx.Node:
     """The activation node a layer op reads (``addmm(bias, x, W)`` keeps it second)."""
     return layer.node.args[1] if layer.fan_in_fan_out else layer.node.args[0]
+
+
+def layer_output(layer: Layer) -> fx.Node:
+    """The node that hands the layer's output to its users: the layer op, or the last join of
+    the output-side adapters already on the layer (named adapters stack). A new adapter joins
+    onto that result so far, as PEFT's forward applies several active adapters one after the
+    other (DoRA's magnitude term then sees the earlier adapters, as in PEFT)."""
+    node = layer.node
+    while True:
+        nxt = next((u for u in node.users if u.args and u.args[0] is node
+                    and (u.meta.get(META_KEY) or {}).get("part") == "join"
+                    and u.meta[META_KEY].get("origin") == layer.path), None)
+        if nxt is None:
+            return node
+        node = nxt
 
 
 def layer_weight(layer: Layer) -> fx.Node:

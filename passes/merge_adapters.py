@@ -13,9 +13,23 @@ import torch
 import torch.fx as fx
 
 from graphpeft.errors import PassError
-from graphpeft.graph import Role, adapters, get_tensor, iter_created, register_tensor, remove_tensor, roles
+from graphpeft.graph import (META_KEY, Role, adapters, get_tensor, graph_meta, iter_created, register_tensor,
+                             remove_tensor, roles)
 from graphpeft.infra import PassBase, PassContext, PassResult
 from graphpeft.registry import get_method, register_pass
+
+
+#: ``graph_meta(gm)`` key, while the pass runs: base tensor name -> its value before the pass
+#: folded anything into it. A layer may carry several adapters (named adapters stacked); a
+#: method whose merge depends on the weight itself (DoRA's norm, taken of the base weight as
+#: the forward does) reads it there, as PEFT's merge does.
+UNMERGED = "unmerged_weights"
+
+
+def unmerged_weight(gm: fx.GraphModule, name: str) -> torch.Tensor:
+    """Base tensor ``name`` as it was before the running merge folded other adapters into it."""
+    pending = ((getattr(gm, "meta", None) or {}).get(META_KEY) or {}).get(UNMERGED) or {}
+    return pending[name] if name in pending else get_tensor(gm, name).detach()
 
 
 @register_pass
@@ -30,20 +44,25 @@ class MergeAdapters(PassBase):
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         records = adapters(gm)
         todo = [k for k in records if self.layers is None or records[k]["layer"] in self.layers]
-        for adapter_id in todo:
-            rec = records[adapter_id]
-            method = get_method(rec["method"])
-            if method is None or not method.mergeable:
-                raise PassError(self.name, f"adapter on {rec['layer']} ({rec['method']}) cannot be merged")
-            with torch.no_grad():
-                # usually {weight: W + ΔW}; a method may also change the bias (IA3) or fold
-                # non-additively (DoRA). New tensors: the source model keeps its weights.
-                merged = method.merged_tensors(gm, rec)
-            for name, value in merged.items():
-                old = get_tensor(gm, name)
-                register_tensor(gm, name, value.to(old.dtype).contiguous(), roles(gm)[name])
-            self._remove_branch(gm, adapter_id, rec)
-            del records[adapter_id]
+        unmerged = graph_meta(gm).setdefault(UNMERGED, {})
+        try:
+            for adapter_id in todo:
+                rec = records[adapter_id]
+                method = get_method(rec["method"])
+                if method is None or not method.mergeable:
+                    raise PassError(self.name, f"adapter on {rec['layer']} ({rec['method']}) cannot be merged")
+                with torch.no_grad():
+                    # usually {weight: W + ΔW}; a method may also change the bias (IA3) or fold
+                    # non-additively (DoRA). New tensors: the source model keeps its weights.
+                    merged = method.merged_tensors(gm, rec)
+                for name, value in merged.items():
+                    old = get_tensor(gm, name)
+                    unmerged.setdefault(name, old.detach())
+                    register_tensor(gm, name, value.to(old.dtype).contiguous(), roles(gm)[name])
+                self._remove_branch(gm, adapter_id, rec)
+                del records[adapter_id]
+        finally:
+            graph_meta(gm).pop(UNMERGED, None)
         return PassResult(gm, bool(todo))
 
     @staticmethod

@@ -6,14 +6,19 @@ from graphpeft.registry import register_backend
 
 from .export import ExportResult, export
 from .runner import OnnxRunner, max_abs_diff
+from .train_export import TrainingExportResult, export_training
+from .trainer import OnnxTrainer
 
 __all__ = ["ExportResult", "OnnxRunner", "export", "max_abs_diff"]
+__all__ += ["OnnxTrainer", "TrainingExportResult", "export_training"]
 
 
 class _OnnxBackend:
     name = "onnx"
     export = staticmethod(export)
     runner = OnnxRunner
+    export_training = staticmethod(export_training)
+    trainer = OnnxTrainer
 
 
 register_backend("onnx", _OnnxBackend())

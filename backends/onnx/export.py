@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 def quiet_exporter() -> Iterator[None]:
     """Silence torch.onnx's registry chatter ("torchvision is not installed ...") during export."""
     names = ["torch.onnx._internal.exporter._registration", "torch.onnx._internal.exporter._core",
-             "onnxscript.optimizer", "onnx_ir.passes"]
+             "onnxscript.optimizer", "onnx_ir.passes",
+             "onnx_ir._convenience"]  # "attribute type is ambiguous" for index_put's empty lists
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -47,6 +48,10 @@ class ExportResult:
     num_nodes: int
     bytes: int
     seconds: float
+    #: with ``adapters_as_inputs``: the input names fed with adapter tensors, in order (PEFT
+    #: file names, ``cm.adapter_state_dict(name, include_constants=True)`` keys), after the
+    #: model's own inputs
+    adapter_inputs: list[str] = dataclasses.field(default_factory=list)
 
 
 def _output_names(cm: "CompiledModel", n: int) -> list[str]:
@@ -67,12 +72,15 @@ def _output_names(cm: "CompiledModel", n: int) -> list[str]:
 
 def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool = True,
            external_data: Optional[bool] = None, opset_version: Optional[int] = None,
-           example_inputs: Optional[Sequence[torch.Tensor]] = None) -> ExportResult:
+           example_inputs: Optional[Sequence[torch.Tensor]] = None,
+           adapters_as_inputs: bool = False) -> ExportResult:
     """Export ``cm`` (its graph as it is: merged or not) to ``path``.
 
-    Frozen weights become initializers; adapter tensors stay initializers too (inference).
-    ``dynamic`` keeps every input dimension symbolic; ``external_data`` stores weights beside
-    the file (default: only above 1.5 GB).
+    Frozen weights become initializers; adapter tensors stay initializers too (inference),
+    unless ``adapters_as_inputs``: then every adapter tensor (constants included) is a graph
+    input after the model's inputs (named in ``ExportResult.adapter_inputs``), so the one file
+    runs any adapter of the same shapes. ``dynamic`` keeps every model input dimension
+    symbolic; ``external_data`` stores weights beside the file (default: only above 1.5 GB).
     """
     import onnx
 
@@ -91,6 +99,15 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool 
         dyn = tuple({i: Dim.AUTO for i in range(x.dim())} for x in inputs)
     was_training = cm.training
     cm.eval()
+    adapter_inputs: list[str] = []
+    if adapters_as_inputs:
+        try:
+            gm, adapter_inputs, values = _lift_adapters(cm)
+        except BaseException:
+            cm.train(was_training)
+            raise
+        inputs, input_names = inputs + tuple(values), input_names + adapter_inputs
+        dyn = dyn + (None,) * len(values) if dyn is not None else None  # adapter shapes are fixed
     start = time.perf_counter()
     try:
         with warnings.catch_warnings(), quiet_exporter():
@@ -130,4 +147,26 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool 
     seconds = time.perf_counter() - start
     num_nodes = len(program.model.graph) if hasattr(program, "model") else -1
     log.info("exported %s: %d nodes in %.1f s", path, num_nodes, seconds)
-    return ExportResult(path, input_names, output_names, num_nodes, os.path.getsize(path), seconds)
+    return ExportResult(path, input_names, output_names, num_nodes, os.path.getsize(path), seconds, adapter_inputs)
+
+
+def _lift_adapters(cm: "CompiledModel") -> tuple[Any, list[str], list[torch.Tensor]]:
+    """A copy of ``cm``'s graph whose adapter tensors are inputs: (graph module, input names,
+    the current tensors to export with)."""
+    from graphpeft.graph import adapter_name_of, adapters, get_tensor, graph_meta, unscoped_tensor_name
+    from graphpeft.infra import PassContext, PassManager, clone_graph_module
+    from graphpeft.registry import PASSES
+
+    gm = clone_graph_module(cm.graph_module)
+    owner = {t: adapter_name_of(rec) for rec in adapters(gm).values() for t in rec["tensors"].values()}
+    PassManager().run(gm, [PASSES["lift_adapter_tensors"]()], PassContext(verify=True))
+    lifted = graph_meta(gm)["lifted_inputs"]
+    if not lifted:
+        raise ExportError("adapters_as_inputs: the graph has no adapter tensors (export with merged=False, and "
+                          "compile with adapters)")
+    # PEFT file names, so any adapter's adapter_state_dict(name, include_constants=True) feeds
+    # the file; several active adapters sharing those names keep their graph names instead
+    names = [unscoped_tensor_name(t, owner.get(t, "default")) for t in lifted]
+    if len(set(names)) != len(names):
+        names = list(lifted)
+    return gm, names, [get_tensor(cm.graph_module, t).detach().clone() for t in lifted]

@@ -1,0 +1,320 @@
+"""Read and write PEFT adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    gp.export_peft(cm, "out/")                       # PeftModel.from_pretrained(base, "out/") loads it
+    cm = gp.import_peft(model, "peft_folder/", (input_ids,), {"use_cache": False})
+    gp.import_peft(cm, "other_folder/", adapter_name="fr")   # a second, named adapter
+
+The mapping is declarative and lives with each method (``AdapterMethod.peft_type``,
+``peft_options``, ``peft_fixed``, ``peft_patterns``, ``peft_key``, ``peft_export_config``), so
+this module only uses the registry: LoRA (and rsLoRA), DoRA (PEFT LoRA with ``use_dora``), IA3,
+VeRA and SHiRA go both ways; LoRA-FA exports as a PEFT LoRA (PEFT's LoRA-FA is a LoRA whose A
+its optimizer freezes) and a PEFT LoRA imports as LoRA-FA on request (``method="lora_fa"``).
+
+Our tensor names are PEFT's module-relative names already; PEFT's file prefixes them with
+``base_model.model.`` (VeRA's shared projections: ``base_model.``). Exported files hold every
+tensor PEFT saves, frozen constants included (VeRA's projections, LoRA-FA's A, SHiRA's indices),
+and ``target_modules`` lists the adapted module paths, so PEFT adapts exactly the same layers.
+
+On import, every config entry graphpeft does not map must have its default value (no
+``bias``, ``modules_to_save``, ``layer_replication`` ...): anything else raises
+:class:`~graphpeft.errors.AdapterFileError` naming it, as does a config that does not fit the
+model (no layer matches, shapes differ). Writes are atomic, tensor file first.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import re
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+
+import torch
+
+from .adapter_io import _atomic_write
+from .errors import AdapterFileError, PlanError
+from .graph import DEFAULT_ADAPTER, Layer, Role, adapter_name_of, adapters, find_layers
+from .plan import Plan, Rule
+from .registry import METHODS, get_method, load_plugins
+
+if TYPE_CHECKING:
+    from .compiled import CompiledModel
+    from .method import AdapterMethod
+
+log = logging.getLogger(__name__)
+
+__all__ = ["export_peft", "import_peft", "peft_config", "plan_from_peft", "read_peft_folder"]
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+#: rule options every method shares -> PEFT config keys
+COMMON_OPTIONS = {"targets": "target_modules", "exclude": "exclude_modules", "layers": "layers_to_transform"}
+#: PEFT config entries that do not change what the adapter computes once its tensors are loaded
+#: (initialisation, bookkeeping; ``fan_in_fan_out`` is read off the graph, layer by layer)
+IGNORED = {"peft_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision", "task_type",
+           "inference_mode", "init_lora_weights", "init_ia3_weights", "init_weights", "megatron_core",
+           "qalora_group_size", "fan_in_fan_out", "save_projection", "layers_pattern"}
+_DEFAULTISH = (None, False, "none", "")
+
+
+# --- choosing the method ----------------------------------------------------------------------
+
+
+def _peft_methods() -> list["AdapterMethod"]:
+    load_plugins()
+    return [m for m in METHODS.values() if getattr(m, "peft_type", None)]
+
+
+def method_for(config: dict[str, Any], method: Optional[str] = None) -> "AdapterMethod":
+    """The registered method a PEFT config belongs to (``method`` forces one of the same type)."""
+    ptype = config.get("peft_type")
+    fits = [m for m in _peft_methods() if m.peft_type == ptype
+            and all(bool(config.get(k, False)) == bool(v) for k, v in m.peft_fixed.items())]
+    if method is not None:
+        chosen = get_method(method)
+        if chosen is None or chosen not in fits:
+            raise AdapterFileError(f"a PEFT {ptype} adapter{_fixed_note(config)} cannot be imported as {method!r}; "
+                                   f"it fits {[m.name for m in fits] or 'no graphpeft method'}")
+        return chosen
+    fits = [m for m in fits if m.peft_import]
+    if not fits:
+        known = sorted({f"{m.peft_type}{_fixed_note(m.peft_fixed)}" for m in _peft_methods() if m.peft_import})
+        raise AdapterFileError(f"PEFT adapters of type {ptype!r}{_fixed_note(config)} are not supported; graphpeft "
+                               f"imports {known}")
+    return fits[0]
+
+
+def _fixed_note(config: dict[str, Any]) -> str:
+    flags = [k for k in ("use_dora",) if config.get(k)]
+    return f" ({', '.join(flags)})" if flags else ""
+
+
+# --- PEFT config -> plan ------------------------------------------------------------------------
+
+
+def plan_from_peft(config: dict[str, Any], layers: Sequence[Layer], method: Optional[str] = None) -> Plan:
+    """The plan equivalent to a PEFT adapter config, for a model with ``layers``.
+
+    Per-layer overrides (LoRA's ``rank_pattern`` / ``alpha_pattern``) become one rule per group
+    of layers that share their values, matched as PEFT matches them.
+    """
+    m = method_for(config, method)
+    known = (IGNORED | set(COMMON_OPTIONS.values()) | set(m.peft_options.values()) | set(m.peft_fixed)
+             | set(m.peft_patterns))
+    unsupported = sorted(k for k, v in config.items()
+                         if k not in known and v not in _DEFAULTISH and v != {} and v != [])
+    if unsupported:
+        raise AdapterFileError(f"the PEFT {config.get('peft_type')} config sets {unsupported}, which graphpeft does not "
+                               "support; only adapters without them can be imported")
+    body: dict[str, Any] = {}
+    for ours, theirs in {**COMMON_OPTIONS, **m.peft_options}.items():
+        value = config.get(theirs)
+        if value is not None and value != []:
+            body[ours] = sorted(value) if isinstance(value, (set, frozenset)) else value
+    if "targets" not in body:
+        raise AdapterFileError("the PEFT config has no target_modules: save it again from a PEFT model (saved "
+                               "configs list the modules PEFT adapted)")
+    try:
+        rule = m.rule.from_body(body)
+    except PlanError as e:
+        raise AdapterFileError(f"the PEFT config does not translate into a {m.name} rule: {e}") from e
+    patterns = {ours: config.get(theirs) or {} for theirs, ours in m.peft_patterns.items()}
+    if not any(patterns.values()):
+        return Plan([rule])
+    groups: dict[tuple, list[str]] = collections.OrderedDict()
+    for layer in layers:
+        if rule.select(layer) is not None:
+            continue
+        overrides = []
+        for option, pattern in patterns.items():
+            key = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", layer.path)), None)  # PEFT's get_pattern_key
+            if key is not None:
+                overrides.append((option, pattern[key]))
+        groups.setdefault(tuple(overrides), []).append(layer.path)
+    rules: list[Rule] = []
+    for overrides, paths in groups.items():
+        targets = "|".join(re.escape(p) for p in paths)
+        try:
+            rules.append(dataclasses.replace(rule, targets=targets, exclude=None, layers=None, **dict(overrides)))
+        except (PlanError, TypeError) as e:
+            raise AdapterFileError(f"the PEFT config's per-layer values {dict(overrides)} do not fit: {e}") from e
+    return Plan(rules or [rule])
+
+
+# --- reading and writing folders -----------------------------------------------------------------
+
+
+def read_peft_folder(folder: Union[str, os.PathLike]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A PEFT adapter folder's config and tensors. Raises :class:`AdapterFileError`."""
+    from safetensors.torch import load
+
+    folder = os.fspath(folder)
+    config_path, weights_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
+    if not os.path.isfile(config_path):
+        raise AdapterFileError(f"{config_path} does not exist: pass the folder PEFT's save_pretrained wrote")
+    if not os.path.isfile(weights_path):
+        extra = (" (it holds adapter_model.bin: save it with safe_serialization=True)"
+                 if os.path.isfile(os.path.join(folder, "adapter_model.bin")) else "")
+        raise AdapterFileError(f"{weights_path} does not exist{extra}")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{config_path} is corrupted (not valid JSON: {e})") from e
+    if not isinstance(config, dict) or "peft_type" not in config:
+        hint = " (a graphpeft adapter: use gp.load_adapter)" if isinstance(config, dict) and config.get("format") else ""
+        raise AdapterFileError(f"{config_path} is not a PEFT adapter config: it has no peft_type{hint}")
+    try:
+        with open(weights_path, "rb") as f:
+            state = load(f.read())
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise AdapterFileError(f"{weights_path} is not a valid safetensors file: {e}") from e
+    return config, state
+
+
+def _records_of(cm: "CompiledModel", adapter_name: str) -> list[dict[str, Any]]:
+    if cm._bank is not None:
+        recs = list(cm._bank.records_of(adapter_name).values())
+    else:
+        recs = [r for r in adapters(cm.graph_module).values() if adapter_name_of(r) == adapter_name]
+    if not recs:
+        raise AdapterFileError(f"no adapter named {adapter_name!r} to export; this model has {cm.adapter_names}")
+    return recs
+
+
+def peft_config(cm: "CompiledModel", adapter_name: str = DEFAULT_ADAPTER) -> dict[str, Any]:
+    """The PEFT ``adapter_config.json`` content for one adapter of ``cm``."""
+    recs = _records_of(cm, adapter_name)
+    names = sorted({r["method"] for r in recs})
+    if len(names) != 1:
+        raise AdapterFileError(f"adapter {adapter_name!r} mixes methods {names}; a PEFT adapter has one method: "
+                               "compile each method under its own adapter name")
+    m = get_method(names[0])
+    if m is None or not getattr(m, "peft_type", None):
+        raise AdapterFileError(f"PEFT has no counterpart of {names[0]!r} adapters; save with cm.save_adapter instead")
+    rules = [m.rule.from_body(r["config"]) for r in recs]
+    options = [{ours: getattr(rule, ours) for ours in m.peft_options} for rule in rules]
+    # each option's most common value is the config's; the other layers go into the patterns
+    base_options = {ours: json.loads(collections.Counter(json.dumps(o[ours], default=str) for o in options)
+                                     .most_common(1)[0][0]) for ours in m.peft_options}
+    config: dict[str, Any] = {"peft_type": m.peft_type, **m.peft_fixed}
+    config.update({theirs: base_options[ours] for ours, theirs in m.peft_options.items()})
+    pattern_of = {ours: theirs for theirs, ours in m.peft_patterns.items()}
+    for rec, opts in zip(recs, options):
+        for ours, value in opts.items():
+            if value == base_options[ours]:
+                continue
+            if ours not in pattern_of:
+                raise AdapterFileError(f"adapter {adapter_name!r} uses {ours}={value!r} on {rec['layer']} but "
+                                       f"{base_options[ours]!r} elsewhere; PEFT holds one {ours} per adapter")
+            config.setdefault(pattern_of[ours], {})[re.escape(rec["layer"])] = value
+    config.update({
+        "target_modules": [r["layer"] for r in recs],  # exactly our layers, whatever the rules said
+        "fan_in_fan_out": any(r.get("fan_in_fan_out") for r in recs),
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+    })
+    return m.peft_export_config(config, recs)
+
+
+def export_peft(cm: "CompiledModel", folder: Union[str, os.PathLike],
+                adapter_name: str = DEFAULT_ADAPTER) -> dict[str, str]:
+    """Write one adapter of ``cm`` as a PEFT adapter folder; returns the two paths.
+
+    ``peft.PeftModel.from_pretrained(base_model, folder)`` then gives the same outputs as
+    ``cm`` with that adapter active. Raises :class:`AdapterFileError` for a method PEFT does
+    not have or an adapter PEFT cannot hold (mixed methods, per-layer options other than
+    LoRA's rank and alpha).
+    """
+    from safetensors.torch import save
+
+    config = peft_config(cm, adapter_name)
+    m = get_method(_records_of(cm, adapter_name)[0]["method"])
+    live = cm._live_tensors(adapter_name)
+    if any(r in (Role.TRAINABLE, Role.TRAINABLE_SLICE) for r in cm.roles().values()):
+        log.warning("the model also trains base weights (sparse updates): a PEFT adapter folder does not hold them")
+    state = {m.peft_key(k): t.detach().contiguous() for k, (t, _) in live.items()}
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    weights_path, config_path = os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, CONFIG_NAME)
+    _atomic_write(weights_path, save(state, metadata={"format": "pt"}))
+    _atomic_write(config_path, json.dumps(config, indent=2, sort_keys=True).encode())
+    return {"weights": weights_path, "config": config_path}
+
+
+def import_peft(model: Union[torch.nn.Module, "CompiledModel"], folder: Union[str, os.PathLike],
+                example_inputs: Sequence[Any] = (), example_kwargs: Optional[dict[str, Any]] = None, *,
+                adapter_name: str = DEFAULT_ADAPTER, method: Optional[str] = None, seed: int = 0,
+                **compile_options: Any) -> "CompiledModel":
+    """Build the adapter a PEFT folder (``peft_model.save_pretrained(folder)``) describes and load
+    its tensors.
+
+    Args:
+        model: the base ``nn.Module`` (it is compiled with the plan the PEFT config describes,
+            using ``example_inputs`` / ``example_kwargs`` and ``compile_options`` as
+            :func:`graphpeft.compile` takes them), or a :class:`CompiledModel` to add the
+            adapter to under ``adapter_name`` (inactive until ``cm.set_adapter``; nothing is
+            re-traced).
+        folder: the PEFT adapter folder.
+        adapter_name: the name of the imported adapter.
+        method: import as this graphpeft method (``"lora_fa"`` for a PEFT LoRA).
+        seed: seeds the initialisation the file does not overwrite (constants PEFT did not save).
+
+    Returns the compiled model. Raises :class:`AdapterFileError` for an unsupported
+    ``peft_type`` or config entry, a config that does not fit the model, or tensors that do not.
+    """
+    from .api import compile as compile_model
+    from .compiled import CompiledModel
+
+    config, state = read_peft_folder(folder)
+    if isinstance(model, CompiledModel):
+        cm = model
+        plan = plan_from_peft(config, find_layers(cm.graph_module), method)
+        _add(cm, adapter_name, plan, seed)
+    else:
+        traced_layers = None
+        if any(config.get(k) for k in ("rank_pattern", "alpha_pattern")):
+            from .trace import trace
+
+            traced_layers = find_layers(trace(model, example_inputs, example_kwargs).gm)
+        plan = plan_from_peft(config, traced_layers or [], method)
+        try:
+            cm = compile_model(model, plan if adapter_name == DEFAULT_ADAPTER else Plan([]), example_inputs,
+                               example_kwargs, seed=seed, **compile_options)
+        except PlanError as e:
+            raise AdapterFileError(f"the PEFT adapter in {os.fspath(folder)} does not fit this model: {e}") from e
+        if adapter_name != DEFAULT_ADAPTER:
+            _add(cm, adapter_name, plan, seed)
+            cm.set_adapter(adapter_name)
+    try:
+        _load(cm, adapter_name, state, os.fspath(folder))
+    except BaseException:
+        if isinstance(model, CompiledModel):
+            cm.delete_adapter(adapter_name)  # leave the model as it was
+        raise
+    return cm
+
+
+def _add(cm: "CompiledModel", adapter_name: str, plan: Plan, seed: int) -> None:
+    if adapter_name in cm.adapter_names:
+        raise AdapterFileError(f"the model already has an adapter named {adapter_name!r}; pass another adapter_name")
+    try:
+        cm.add_adapter(adapter_name, plan, seed=seed)
+    except PlanError as e:
+        raise AdapterFileError(f"the PEFT adapter does not fit this model: {e}") from e
+
+
+def _load(cm: "CompiledModel", adapter_name: str, state: dict[str, torch.Tensor], where: str) -> None:
+    recs = _records_of(cm, adapter_name)
+    m = get_method(recs[0]["method"])
+    live = cm._live_tensors(adapter_name)
+    by_peft_key = {m.peft_key(k): k for k in live}
+    unknown = sorted(k for k in state if k not in by_peft_key)
+    if unknown:
+        raise AdapterFileError(f"{where} holds tensors the adapter does not have: {unknown[:5]}"
+                               f"{' ...' if len(unknown) > 5 else ''}; does its config fit this model?")
+    # constants PEFT did not save (VeRA with save_projection=False) keep their regenerated values
+    cm.load_adapter_state_dict({by_peft_key[k]: v for k, v in state.items()}, adapter_name=adapter_name)
