@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from .cases import CASES, INFER, TRAIN
-from .harness import Stats, count_flops, gemm_peak_gflops, interleave, run_isolated
+from .harness import count_flops, gemm_peak_gflops, interleave, run_isolated
 
 log = logging.getLogger("benchmarks")
 

@@ -7,7 +7,6 @@ with a reason instead of failing the whole run.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import tempfile

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from graphpeft.graph import Role, get_tensor, roles
+from graphpeft.graph import get_tensor, roles
 from graphpeft.infra import PassBase, PassContext, PassResult
 from graphpeft.registry import register_pass
 

@@ -25,17 +25,17 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from graphpeft.graph import (DEFAULT_ADAPTER, GraphBuilder, Layer, Provenance, Role, adapter_id, adapter_name_of,
-                             adapters, find_layers, get_tensor, op_args, scoped_tensor_name)
+from graphpeft.graph import (GraphBuilder, Layer, Provenance, Role, adapter_id, adapters, get_tensor, op_args,
+                             scoped_tensor_name)
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
 from graphpeft.plan import Rule
 from graphpeft.registry import register_method, register_pass, register_rule
-from graphpeft.rewrite import MatchResult, RewritePass, RewriteRule
+from graphpeft.rewrite import MatchResult, RewritePass
 from graphpeft.errors import PlanError
 from graphpeft.task_arithmetic import COMBINATIONS, combine as combine_tensors
 
-from .layer_rewrite import layer_output
+from .layer_rewrite import LayerRewrite, layer_output
 
 aten = torch.ops.aten
 
@@ -98,33 +98,13 @@ class LoRA(Rule):
         return None
 
 
-class LoRARewrite(RewriteRule):
-    """Rewrites one layer op ``y = op(x, W)`` into ``y + scaling * B(A(dropout(x)))``."""
+class LoRARewrite(LayerRewrite):
+    """Rewrites one layer op ``y = op(x, W)`` into ``y + scaling * B(A(dropout(x)))``.
 
-    def __init__(self, rule: LoRA) -> None:
-        self.rule = rule
-        self.name = rule.name
-        self._layers: dict[fx.Node, Layer] = {}
+    ``LayerRewrite`` supplies match (the layer ops the rule selects, with the reason for the
+    others) and check (no second adapter of the same name, float weights, ``LoRA.check``)."""
 
-    def match(self, gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> Optional[MatchResult]:
-        if not self._layers:
-            self._layers = {l.node: l for l in find_layers(gm)}
-        layer = self._layers.get(node)
-        if layer is None:
-            return None  # not a layer op: not worth a reason
-        why = self.rule.select(layer)
-        if why is not None:
-            return MatchResult.fail(self.name, node, why, layer.path)
-        return MatchResult.success(self.name, node, layer.path, layer=layer)
-
-    def check(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> Optional[str]:
-        layer: Layer = match.bindings["layer"]
-        if any(rec["layer"] == layer.path and adapter_name_of(rec) == ctx.adapter_name for rec in adapters(gm).values()):
-            return "the layer already has an adapter" + (
-                f" named {ctx.adapter_name!r}" if ctx.adapter_name != DEFAULT_ADAPTER else "")
-        if not get_tensor(gm, layer.weight).is_floating_point():
-            return "the weight is not floating point (quantized weights are not supported yet)"
-        return self.rule.check(layer)
+    rule: LoRA
 
     def rewrite(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> None:
         layer: Layer = match.bindings["layer"]

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from graphpeft.errors import PassError
-from graphpeft.graph import (META_KEY, Role, adapters, get_tensor, graph_meta, iter_created, register_tensor,
+from graphpeft.graph import (META_KEY, adapters, get_tensor, graph_meta, iter_created, register_tensor,
                              remove_tensor, roles)
 from graphpeft.infra import PassBase, PassContext, PassResult
 from graphpeft.registry import get_method, register_pass
