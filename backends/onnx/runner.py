@@ -25,6 +25,8 @@ class OnnxRunner:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
+        # idle worker threads spin by default and take the CPU from torch running beside them
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
         try:
