@@ -21,13 +21,11 @@ Linear layers only (GPT-2's Conv1D included).
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.fx as fx
 
-from graphpeft.errors import PlanError
 from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapter_id, adapters, get_tensor, scoped_tensor_name
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
@@ -35,17 +33,17 @@ from graphpeft.plan import Rule
 from graphpeft.registry import register_method, register_pass, register_rule
 from graphpeft.rewrite import MatchResult, RewritePass
 
-from .layer_rewrite import LayerRewrite, layer_bias, layer_generator, layer_input, layer_output, layer_weight
+from .insert_lora import LoRA, _init_factors  # same factors and initialisation as LoRA
+from .layer_rewrite import LayerRewrite, layer_bias, layer_input, layer_output, layer_weight
 from .merge_adapters import unmerged_weight
 
 aten = torch.ops.aten
 
-INITS = ("default", "gaussian", "random")
 
 
 @register_rule
 @dataclasses.dataclass
-class DoRA(Rule):
+class DoRA(LoRA):
     """Weight-decomposed low-rank adapter: LoRA's ``A``, ``B`` plus a magnitude vector.
 
     Args:
@@ -61,40 +59,6 @@ class DoRA(Rule):
 
     key: ClassVar[str] = "dora"
     supported_kinds: ClassVar[tuple[str, ...]] = ("linear",)
-
-    r: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    use_rslora: bool = False
-    init: str = "default"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise PlanError(f"dora: r must be a positive integer, got {self.r!r}")
-        for opt in ('alpha', 'dropout'):
-            if not isinstance(getattr(self, opt), (int, float)) or isinstance(getattr(self, opt), bool):
-                raise PlanError(f"dora: {opt} must be a number, got {getattr(self, opt)!r}")
-        if not isinstance(self.use_rslora, bool):
-            raise PlanError(f"dora: use_rslora must be true or false, got {self.use_rslora!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise PlanError(f"dora: dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
-            raise PlanError(f"dora: init must be one of {list(INITS)}, got {self.init!r}")
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-    def check(self, layer: Layer) -> Optional[str]:
-        limit = min(layer.in_features, layer.out_features)
-        if self.r > limit:
-            return (f"rank r={self.r} is larger than the layer ({layer.in_features} -> "
-                    f"{layer.out_features}); use r <= {limit}")
-        if layer.shared_with:
-            return (f"its weight {layer.weight} is shared with {layer.shared_with} (tied weights): "
-                    "merging would change both; exclude this layer")
-        return None
 
 
 class DoRARewrite(LayerRewrite):
@@ -171,19 +135,6 @@ def tensor_names(layer: Layer) -> dict[str, str]:
 def _rows(weight: torch.Tensor, layer: Layer) -> torch.Tensor:
     # the weight in (out, in) layout: GPT-2's Conv1D stores (in, out)
     return weight.detach().T if layer.fan_in_fan_out else weight.detach()
-
-
-def _init_factors(layer: Layer, weight: torch.Tensor, rule: DoRA, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = layer_generator(seed, layer)
-    a = torch.empty(rule.r, layer.in_features)
-    b = torch.zeros(layer.out_features, rule.r)
-    if rule.init == "gaussian":
-        torch.nn.init.normal_(a, std=1 / rule.r, generator=gen)
-    else:
-        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
-    if rule.init == "random":
-        torch.nn.init.kaiming_uniform_(b, a=math.sqrt(5), generator=gen)
-    return a.to(weight), b.to(weight)
 
 
 @register_pass

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import zlib
 from typing import Any, ClassVar, Optional, Sequence
 
 import torch
@@ -35,7 +34,7 @@ from graphpeft.rewrite import MatchResult, RewritePass
 from graphpeft.errors import PlanError
 from graphpeft.task_arithmetic import COMBINATIONS, combine as combine_tensors
 
-from .layer_rewrite import LayerRewrite, layer_output
+from .layer_rewrite import LayerRewrite, layer_generator, layer_output
 
 aten = torch.ops.aten
 
@@ -70,16 +69,16 @@ class LoRA(Rule):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise PlanError(f"lora: r must be a positive integer, got {self.r!r}")
+            raise PlanError(f"{self.key}: r must be a positive integer, got {self.r!r}")
         for opt in ("alpha", "dropout"):
             if not isinstance(getattr(self, opt), (int, float)) or isinstance(getattr(self, opt), bool):
-                raise PlanError(f"lora: {opt} must be a number, got {getattr(self, opt)!r}")
+                raise PlanError(f"{self.key}: {opt} must be a number, got {getattr(self, opt)!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
-            raise PlanError(f"lora: dropout must be in [0, 1), got {self.dropout!r}")
+            raise PlanError(f"{self.key}: dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.use_rslora, bool):
-            raise PlanError(f"lora: use_rslora must be true or false, got {self.use_rslora!r}")
+            raise PlanError(f"{self.key}: use_rslora must be true or false, got {self.use_rslora!r}")
         if self.init not in INITS:
-            raise PlanError(f"lora: init must be one of {list(INITS)}, got {self.init!r}")
+            raise PlanError(f"{self.key}: init must be one of {list(INITS)}, got {self.init!r}")
 
     @property
     def scaling(self) -> float:
@@ -163,8 +162,7 @@ def _tensor_names(layer: Layer) -> dict[str, str]:
 
 
 def _init_factors(layer: Layer, weight: torch.Tensor, rule: LoRA, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # a generator per layer: the same plan and seed give the same adapters, whatever else ran
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(layer.path.encode()))
+    gen = layer_generator(seed, layer)
     r = rule.r
     if layer.kind == "embedding":
         a = torch.zeros(r, layer.in_features)
@@ -204,7 +202,7 @@ class LoRAMethod(AdapterMethod):
     peft_patterns = {"rank_pattern": "r", "alpha_pattern": "alpha"}
 
     def make_pass(self, rules: Sequence[Rule]) -> InsertLoRA:
-        return InsertLoRA([r for r in rules if isinstance(r, LoRA)])
+        return InsertLoRA([r for r in rules if r.key == LoRA.key])  # DoRA, LoRA-FA subclass LoRA
 
     def delta_weight(self, gm: fx.GraphModule, record: dict[str, Any]) -> torch.Tensor:
         a = get_tensor(gm, record["tensors"]["A"]).detach()

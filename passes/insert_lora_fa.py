@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar, Optional, Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.fx as fx
@@ -26,7 +26,7 @@ from graphpeft.plan import Rule
 from graphpeft.registry import register_method, register_pass, register_rule
 from graphpeft.rewrite import MatchResult, RewritePass
 
-from .insert_lora import LoRAMethod
+from .insert_lora import LoRA, LoRAMethod
 from .layer_rewrite import LayerRewrite, layer_generator, layer_input, layer_output
 
 aten = torch.ops.aten
@@ -36,7 +36,7 @@ INITS = ("default", "random")
 
 @register_rule
 @dataclasses.dataclass
-class LoRAFA(Rule):
+class LoRAFA(LoRA):
     """LoRA with a frozen random ``A``: only ``B (out x r)`` trains.
 
     Args:
@@ -53,39 +53,10 @@ class LoRAFA(Rule):
     key: ClassVar[str] = "lora_fa"
     supported_kinds: ClassVar[tuple[str, ...]] = ("linear",)
 
-    r: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    use_rslora: bool = False
-    init: str = "default"
-
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise PlanError(f"lora_fa: r must be a positive integer, got {self.r!r}")
-        for opt in ('alpha', 'dropout'):
-            if not isinstance(getattr(self, opt), (int, float)) or isinstance(getattr(self, opt), bool):
-                raise PlanError(f"lora_fa: {opt} must be a number, got {getattr(self, opt)!r}")
-        if not isinstance(self.use_rslora, bool):
-            raise PlanError(f"lora_fa: use_rslora must be true or false, got {self.use_rslora!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise PlanError(f"lora_fa: dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
+        if self.init not in INITS:  # A is frozen Kaiming-uniform: "gaussian" has no meaning here
             raise PlanError(f"lora_fa: init must be one of {list(INITS)}, got {self.init!r}")
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-    def check(self, layer: Layer) -> Optional[str]:
-        limit = min(layer.in_features, layer.out_features)
-        if self.r > limit:
-            return (f"rank r={self.r} is larger than the layer ({layer.in_features} -> "
-                    f"{layer.out_features}); use r <= {limit}")
-        if layer.shared_with:
-            return (f"its weight {layer.weight} is shared with {layer.shared_with} (tied weights): "
-                    "merging would change both; exclude this layer")
-        return None
 
 
 class LoRAFARewrite(LayerRewrite):
