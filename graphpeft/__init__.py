@@ -30,10 +30,11 @@ from . import passes  # noqa: E402  (graphpeft.passes, mapped from the top-level
 from . import backends  # noqa: E402
 from .passes import LoRA  # noqa: E402
 from .passes import DoRA, IA3, LoRAFA, SHiRA, VeRA  # noqa: E402
+from .passes import Hydra, LoLDU, LoRAXS, MoLE, NOLA, RandLoRA, SLTrain, SoRA, SVFit  # noqa: E402
 
 __all__ = [
     "AdapterFileError", "AdapterMethod", "CompiledModel", "DoRA", "ExportError", "GraphPeftError", "IA3",
-    "LoRAFA", "SHiRA", "VeRA",
+    "LoRAFA", "SHiRA", "VeRA", "Hydra", "LoLDU", "LoRAXS", "MoLE", "NOLA", "RandLoRA", "SLTrain", "SoRA", "SVFit",
     "IRDumpHook", "Layer", "LoRA", "MatchResult", "PassBase", "PassContext", "PassError", "PassHook",
     "PassManager", "PassResult", "Pipeline", "Plan", "PlanError", "Provenance", "RewritePass",
     "RewriteRule", "Role", "Rule", "TimingHook", "TraceError", "VerificationError", "backends",

@@ -45,3 +45,16 @@ __all__ += ["ReportBackward"]
 from .lift_adapter_tensors import LiftAdapterTensors  # noqa: E402
 
 __all__ += ["LiftAdapterTensors"]
+
+# the rest of the method library (issue 6)
+from .insert_hydra import Hydra  # noqa: E402
+from .insert_loldu import LoLDU  # noqa: E402
+from .insert_lora_xs import LoRAXS  # noqa: E402
+from .insert_mole import MoLE  # noqa: E402
+from .insert_nola import NOLA  # noqa: E402
+from .insert_randlora import RandLoRA  # noqa: E402
+from .insert_sltrain import SLTrain  # noqa: E402
+from .insert_sora import SoRA  # noqa: E402
+from .insert_svfit import SVFit  # noqa: E402
+
+__all__ += ["Hydra", "LoLDU", "LoRAXS", "MoLE", "NOLA", "RandLoRA", "SLTrain", "SoRA", "SVFit"]

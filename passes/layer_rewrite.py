@@ -9,7 +9,7 @@ weight and bias nodes whatever its form (``linear(x, W, b)``, GPT-2's ``addmm(b,
 from __future__ import annotations
 
 import zlib
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.fx as fx
@@ -19,7 +19,8 @@ from graphpeft.infra import PassContext
 from graphpeft.plan import Rule
 from graphpeft.rewrite import MatchResult, RewriteRule
 
-__all__ = ["LayerRewrite", "layer_bias", "layer_generator", "layer_input", "layer_output", "layer_weight"]
+__all__ = ["LayerRewrite", "layer_bias", "layer_generator", "layer_input", "layer_output", "layer_weight",
+           "record_adapter"]
 
 
 class LayerRewrite(RewriteRule):
@@ -92,3 +93,31 @@ def layer_generator(seed: int, layer: Layer) -> torch.Generator:
     """A generator per layer: the same plan and seed give the same adapters, whatever else ran
     (the same derivation as LoRA's, so methods agree on what "seed" means)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(layer.path.encode()))
+
+
+def record_adapter(gm: fx.GraphModule, aid: str, layer: Layer, ctx: PassContext, rule: Rule, method: str,
+                   tensors: Mapping[str, str], join: fx.Node, **extra: Any) -> dict[str, Any]:
+    """Register the record of one inserted adapter (``gm.meta``'s adapter table) and return it.
+
+    The fields every method shares are filled here: the layer and its weight, the adapter name,
+    the method, the graph names of its tensors (role key -> tensor name, e.g. ``{"A": ...}``),
+    the join node merge removes, and the rule's options (``config``, its data form) so that an
+    adapter file can rebuild the plan. ``extra`` holds what only this method needs (LoRA's
+    ``scaling``, IA3's ``feedforward``)."""
+    record = {
+        "method": method,
+        "layer": layer.path,
+        "name": ctx.adapter_name,
+        "kind": layer.kind,
+        "weight": layer.weight,
+        "fan_in_fan_out": layer.fan_in_fan_out,
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "tensors": dict(tensors),
+        "join": join.name,
+        "rule": rule.name,
+        "config": rule.to_dict()[rule.key],
+        **extra,
+    }
+    adapters(gm)[aid] = record
+    return record
