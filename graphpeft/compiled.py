@@ -266,11 +266,16 @@ class CompiledModel(torch.nn.Module):
         return "\n".join(lines)
 
     def merge(self) -> "CompiledModel":
-        """A new model with every adapter folded into its base weight (this one is unchanged)."""
+        """A new model with every adapter folded into its base weight (this one is unchanged).
+
+        Adapters whose method cannot be merged (MoLE's routed experts: the update depends on
+        the input) stay in the new model as branches, with their records and tensors; the
+        others are folded, so ``export_onnx(merged=True)`` exports routed experts beside
+        merged weights."""
         load_plugins()
         gm = clone_graph_module(self.graph_module)
         ctx = PassContext(verify=True)
-        merge = PASSES["merge_adapters"]()
+        merge = PASSES["merge_adapters"](keep_unmergeable=True)
         folds = [PASSES[name]() for name in MERGE_STEPS]  # e.g. reassemble row-sliced weights
         result = PassManager().run(gm, Pipeline("merge", [merge, *folds, PASSES["remove_dead_code"](),
                                                           PASSES["freeze"]()]), ctx)

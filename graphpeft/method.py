@@ -71,6 +71,18 @@ class AdapterMethod:
         w = get_tensor(gm, record["weight"])
         w.add_(self.delta_weight(gm, record).to(w.dtype), alpha=alpha)
 
+    def after_update(self, record: dict[str, Any], key: str, param: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+        """A trainable tensor of this adapter just after the optimizer updated it; returns its
+        final value for the step. ``key`` is the tensor's key in ``record["tensors"]`` and ``lr``
+        the step's learning rate (a 0-dim tensor: a graph input, so a schedule can change it).
+
+        The training-step compiler (``cm.compile_training``) calls this for every trainable
+        adapter tensor inside the traced step, so what it computes is part of the step graph and
+        of its ONNX export. It must be functional (no in-place ops on ``param``). The default
+        returns ``param``: plain methods have no post-update step. SoRA overrides it with the
+        proximal L1 step on its gate."""
+        return param
+
     def peft_export_config(self, config: dict[str, Any], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Adjust the PEFT config the core derived for this method's adapter (``records``: every
         layer of it) before it is written; the default keeps it. IA3 names its feed-forward

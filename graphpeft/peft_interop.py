@@ -7,8 +7,10 @@
 The mapping is declarative and lives with each method (``AdapterMethod.peft_type``,
 ``peft_options``, ``peft_fixed``, ``peft_patterns``, ``peft_key``, ``peft_export_config``), so
 this module only uses the registry: LoRA (and rsLoRA), DoRA (PEFT LoRA with ``use_dora``), IA3,
-VeRA and SHiRA go both ways; LoRA-FA exports as a PEFT LoRA (PEFT's LoRA-FA is a LoRA whose A
-its optimizer freezes) and a PEFT LoRA imports as LoRA-FA on request (``method="lora_fa"``).
+VeRA, SHiRA and RandLoRA go both ways; LoRA-FA exports as a PEFT LoRA (PEFT's LoRA-FA is a LoRA
+whose A its optimizer freezes) and a PEFT LoRA imports as LoRA-FA on request (``method="lora_fa"``).
+A method whose PEFT file repeats a tensor under several keys (RandLoRA: its shared bases under
+every layer too) names the copies in an optional ``peft_aliases(records)``.
 
 Our tensor names are PEFT's module-relative names already; PEFT's file prefixes them with
 ``base_model.model.`` (VeRA's shared projections: ``base_model.``). Exported files hold every
@@ -237,6 +239,9 @@ def export_peft(cm: "CompiledModel", folder: Union[str, os.PathLike],
     if any(r in (Role.TRAINABLE, Role.TRAINABLE_SLICE) for r in cm.roles().values()):
         log.warning("the model also trains base weights (sparse updates): a PEFT adapter folder does not hold them")
     state = {m.peft_key(k): t.detach().contiguous() for k, (t, _) in live.items()}
+    # copies, not shared storage: safetensors refuses tensors that share memory
+    state.update({alias: state[key].clone() for alias, key in _aliases(m, _records_of(cm, adapter_name)).items()
+                  if key in state})
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     weights_path, config_path = os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, CONFIG_NAME)
@@ -307,11 +312,27 @@ def _add(cm: "CompiledModel", adapter_name: str, plan: Plan, seed: int) -> None:
         raise AdapterFileError(f"the PEFT adapter does not fit this model: {e}") from e
 
 
+def _aliases(m: "AdapterMethod", records: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """PEFT file keys that repeat another key's tensor, alias -> key (RandLoRA's file holds its
+    shared bases on the tuner and again under every layer). A method declares them with an
+    optional ``peft_aliases(records)``; export writes the copies, import checks and drops them."""
+    declare = getattr(m, "peft_aliases", None)
+    return declare(records) if declare is not None else {}
+
+
 def _load(cm: "CompiledModel", adapter_name: str, state: dict[str, torch.Tensor], where: str) -> None:
     recs = _records_of(cm, adapter_name)
     m = get_method(recs[0]["method"])
     live = cm._live_tensors(adapter_name)
     by_peft_key = {m.peft_key(k): k for k in live}
+    state = dict(state)
+    for alias, key in _aliases(m, recs).items():
+        if alias not in state:
+            continue
+        copy = state.pop(alias)
+        if key in state and not torch.equal(copy, state[key]):
+            raise AdapterFileError(f"{where}: {alias} should repeat {key} but differs from it; the file is inconsistent")
+        state.setdefault(key, copy)
     unknown = sorted(k for k in state if k not in by_peft_key)
     if unknown:
         raise AdapterFileError(f"{where} holds tensors the adapter does not have: {unknown[:5]}"

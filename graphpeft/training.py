@@ -10,7 +10,11 @@ reads every tensor from an explicit dict) with the trainable tensors as explicit
 ``torch.func.grad_and_value`` differentiates the loss toward them only, so autograd never builds
 a backward for frozen parts; a functional optimizer (:mod:`graphpeft.optim`) turns gradients
 and state into new tensors; ``make_fx`` with the core ATen decomposition table traces all of it
-into one graph. Every node is tagged with its phase (``forward``, ``loss``, ``backward``,
+into one graph. An adapter method may finish its tensors' update with a step of its own
+(:meth:`~graphpeft.method.AdapterMethod.after_update`, e.g. SoRA's proximal L1 step on its
+gates): it is traced right after the optimizer's update, so it is in the graph and in its ONNX
+export too (:func:`apply_after_update` runs the same step in an eager ``torch.optim`` loop).
+Every node is tagged with its phase (``forward``, ``loss``, ``backward``,
 ``accumulate``, ``clip``, ``optimizer``) in its provenance, which the training passes use.
 
 The graph's signature (flat, in this order)::
@@ -41,11 +45,11 @@ import torch.fx.traceback as fxt
 from torch.utils import _pytree as pytree
 
 from .errors import GraphPeftError, PlanError, TraceError, VerificationError
-from .graph import META_KEY, Provenance, Role, attach_tensor, get_tensor, graph_meta, roles
+from .graph import META_KEY, Provenance, Role, adapters, attach_tensor, get_tensor, graph_meta, roles
 from .infra import PassContext, PassHook, PassManager, Pipeline, TimingHook
 from .losses import Loss, LossSpec, make_loss
 from .optim import STEP_KEY, Optimizer, make_optimizer
-from .registry import PASSES, get_backend, load_plugins
+from .registry import PASSES, get_backend, get_method, load_plugins
 
 if TYPE_CHECKING:
     from .backward_report import BackwardReport
@@ -291,6 +295,40 @@ def _sdpa_math() -> Any:
         return contextlib.nullcontext()
 
 
+def after_update_hooks(gm: fx.GraphModule, names: Sequence[str]) -> dict[str, tuple[Any, dict[str, Any], str]]:
+    """For the trainable tensors ``names`` that belong to an adapter: tensor name ->
+    ``(method, record, key)``, whose ``method.after_update(record, key, p, lr)`` finishes that
+    tensor's update (:meth:`~graphpeft.method.AdapterMethod.after_update`). A tensor shared by
+    several adapters gets the hook of the first one only."""
+    wanted = set(names)
+    hooks: dict[str, tuple[Any, dict[str, Any], str]] = {}
+    for rec in adapters(gm).values():
+        method = get_method(rec["method"])
+        if method is None:
+            continue
+        for key, name in rec["tensors"].items():
+            if name in wanted and name not in hooks:
+                hooks[name] = (method, rec, key)
+    return hooks
+
+
+def apply_after_update(cm: "CompiledModel", lr: float, methods: Optional[Sequence[str]] = None) -> None:
+    """The eager twin of the compiled step's post-update hooks: call it after
+    ``torch.optim``'s ``step()`` in a plain PyTorch loop, with that step's learning rate, and
+    each adapter's :meth:`~graphpeft.method.AdapterMethod.after_update` (SoRA's proximal step
+    on its gates) runs on the model's tensors in place, exactly as the compiled step runs it.
+    ``methods`` restricts it to those method names (default: every method)."""
+    gm = cm.graph_module
+    names = [n for n, r in roles(gm).items() if r.trainable]
+    lr_t = torch.tensor(float(lr), dtype=torch.float32)  # what the compiled step receives
+    with torch.no_grad():
+        for name, (method, rec, key) in after_update_hooks(gm, names).items():
+            if methods is not None and rec["method"] not in methods:
+                continue
+            p = get_tensor(gm, name)
+            p.copy_(method.after_update(rec, key, p.detach(), lr_t))
+
+
 def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, batch: Sequence[Tensor],
                         options: TrainingOptions, lr: Optional[float] = None) -> fx.GraphModule:
     """Trace one training step of ``cm`` for ``batch`` into a graph (no passes run yet)."""
@@ -320,6 +358,8 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
     consts = [get_tensor(src, n).detach() for n in const_names]
     state = optimizer.init_state(dict(zip(param_names, params)))
     lr_value = float(optimizer.lr if lr is None else lr)
+    # methods with a step of their own after the optimizer's (SoRA's proximal L1 step)
+    hooks = after_update_hooks(src, param_names)
 
     def run_model(tensors: dict[str, Tensor], inputs: Sequence[Tensor], micro: int) -> Any:
         flat = _FunctionalInterpreter(src, tensors, {"phase": "forward", "micro": micro}).run(*inputs)
@@ -381,6 +421,9 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
             with _annotate("optimizer", param=n):
                 slots = {s: sdict[f"{n}:{s}"] for s in optimizer.param_slots()}
                 new_p, new_slots = optimizer.update_one(pdict[n], grads[n], slots, shared, lr_t)
+                if n in hooks:
+                    method, rec, key = hooks[n]
+                    new_p = method.after_update(rec, key, new_p, lr_t)
             new_params.append(new_p)
             for s, v in new_slots.items():
                 new_state[f"{n}:{s}"] = v
@@ -823,6 +866,6 @@ def compile_training(cm: "CompiledModel", loss: LossSpec, optimizer: Union[Optim
     return TrainingStep(cm, loss, optimizer, TrainingOptions(**options))
 
 
-__all__ = ["DEFAULT_TRAINING_PASSES", "IOSpec", "load_training_state", "save_training_state", "MemoryReport", "TrainingOptions", "TrainingSignature",
+__all__ = ["DEFAULT_TRAINING_PASSES", "IOSpec", "after_update_hooks", "apply_after_update", "load_training_state", "save_training_state", "MemoryReport", "TrainingOptions", "TrainingSignature",
            "TrainingStep", "compile_training", "phase_of", "signature_of", "trace_training_step",
            "verify_training"]

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 import torch.fx as fx
 
-from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapter_id, adapters, get_tensor, scoped_tensor_name
+from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapter_id, get_tensor, scoped_tensor_name
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
 from graphpeft.plan import Rule
@@ -34,7 +34,7 @@ from graphpeft.registry import register_method, register_pass, register_rule
 from graphpeft.rewrite import MatchResult, RewritePass
 
 from .insert_lora import LoRA, _init_factors  # same factors and initialisation as LoRA
-from .layer_rewrite import LayerRewrite, layer_bias, layer_input, layer_output, layer_weight
+from .layer_rewrite import LayerRewrite, layer_bias, layer_input, layer_output, layer_weight, record_adapter
 from .merge_adapters import unmerged_weight
 
 aten = torch.ops.aten
@@ -111,19 +111,7 @@ class DoRARewrite(LayerRewrite):
         joined = g.call(aten.add.Tensor, y, branch)
         joined.meta["graphpeft"]["part"] = "join"
         y.replace_all_uses_with(joined, delete_user_cb=lambda user: user not in g.created)
-        adapters(gm)[aid] = {
-            "method": DoRAMethod.name,
-            "layer": layer.path,
-            "name": ctx.adapter_name,
-            "kind": layer.kind,
-            "weight": layer.weight,
-            "fan_in_fan_out": layer.fan_in_fan_out,
-            "tensors": names,
-            "scaling": s,
-            "join": joined.name,
-            "rule": rule.name,
-            "config": rule.to_dict()[DoRA.key],
-        }
+        record_adapter(gm, aid, layer, ctx, rule, DoRAMethod.name, names, joined, scaling=s)
 
 
 def tensor_names(layer: Layer) -> dict[str, str]:

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from graphpeft.errors import PlanError
-from graphpeft.graph import (GraphBuilder, Layer, Provenance, Role, adapter_id, adapters, get_tensor, op_args,
+from graphpeft.graph import (GraphBuilder, Layer, Provenance, Role, adapter_id, get_tensor, op_args,
                              scoped_tensor_name)
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
@@ -29,7 +29,7 @@ from graphpeft.plan import Rule, Targets
 from graphpeft.registry import register_method, register_pass, register_rule
 from graphpeft.rewrite import MatchResult, RewritePass
 
-from .layer_rewrite import LayerRewrite, layer_generator, layer_input, layer_output
+from .layer_rewrite import LayerRewrite, layer_generator, layer_input, layer_output, record_adapter
 
 aten = torch.ops.aten
 
@@ -123,20 +123,7 @@ class IA3Rewrite(LayerRewrite):
             out.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
         # the join is the node whose first argument it replaces: merge re-points its users there
         joined.meta["graphpeft"]["part"] = "join"
-        adapters(gm)[aid] = {
-            "method": IA3Method.name,
-            "layer": layer.path,
-            "name": ctx.adapter_name,
-            "kind": layer.kind,
-            "weight": layer.weight,
-            "bias": layer.bias,
-            "fan_in_fan_out": layer.fan_in_fan_out,
-            "feedforward": ff,
-            "tensors": {"l": name},
-            "join": joined.name,
-            "rule": rule.name,
-            "config": rule.to_dict()[IA3.key],
-        }
+        record_adapter(gm, aid, layer, ctx, rule, IA3Method.name, {"l": name}, joined, bias=layer.bias, feedforward=ff)
 
     @staticmethod
     def _broadcastable(g: GraphBuilder, vec: fx.Node, layer: Layer) -> fx.Node:

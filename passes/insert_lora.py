@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from graphpeft.graph import (GraphBuilder, Layer, Provenance, Role, adapter_id, adapters, get_tensor, op_args,
+from graphpeft.graph import (GraphBuilder, Layer, Provenance, Role, adapter_id, get_tensor, op_args,
                              scoped_tensor_name)
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
@@ -34,7 +34,7 @@ from graphpeft.rewrite import MatchResult, RewritePass
 from graphpeft.errors import PlanError
 from graphpeft.task_arithmetic import COMBINATIONS, combine as combine_tensors
 
-from .layer_rewrite import LayerRewrite, layer_generator, layer_output
+from .layer_rewrite import LayerRewrite, layer_generator, layer_output, record_adapter
 
 aten = torch.ops.aten
 
@@ -140,19 +140,8 @@ class LoRARewrite(LayerRewrite):
         joined = g.call(aten.add.Tensor, out, scaled)
         joined.meta["graphpeft"]["part"] = "join"
         out.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
-        adapters(gm)[aid] = {
-            "method": LoRAMethod.name,
-            "layer": layer.path,
-            "name": ctx.adapter_name,
-            "kind": layer.kind,
-            "weight": layer.weight,
-            "fan_in_fan_out": layer.fan_in_fan_out,
-            "tensors": {"A": names["A"], "B": names["B"]},
-            "scaling": rule.scaling,
-            "join": joined.name,
-            "rule": rule.name,
-            "config": rule.to_dict()["lora"],
-        }
+        record_adapter(gm, aid, layer, ctx, rule, LoRAMethod.name, {"A": names["A"], "B": names["B"]}, joined,
+                       scaling=rule.scaling)
 
 
 def _tensor_names(layer: Layer) -> dict[str, str]:

@@ -20,14 +20,14 @@ import torch
 import torch.fx as fx
 
 from graphpeft.errors import PlanError
-from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapter_id, adapters, get_tensor, scoped_tensor_name
+from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapter_id, get_tensor, scoped_tensor_name
 from graphpeft.infra import PassContext
 from graphpeft.plan import Rule
 from graphpeft.registry import register_method, register_pass, register_rule
 from graphpeft.rewrite import MatchResult, RewritePass
 
 from .insert_lora import LoRA, LoRAMethod
-from .layer_rewrite import LayerRewrite, layer_generator, layer_input, layer_output
+from .layer_rewrite import LayerRewrite, layer_generator, layer_input, layer_output, record_adapter
 
 aten = torch.ops.aten
 
@@ -92,19 +92,7 @@ class LoRAFARewrite(LayerRewrite):
         joined.meta["graphpeft"]["part"] = "join"
         y.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
         # the record has LoRA's fields, so LoRA's delta_weight merges it
-        adapters(gm)[aid] = {
-            "method": LoRAFAMethod.name,
-            "layer": layer.path,
-            "name": ctx.adapter_name,
-            "kind": layer.kind,
-            "weight": layer.weight,
-            "fan_in_fan_out": layer.fan_in_fan_out,
-            "tensors": names,
-            "scaling": rule.scaling,
-            "join": joined.name,
-            "rule": rule.name,
-            "config": rule.to_dict()[LoRAFA.key],
-        }
+        record_adapter(gm, aid, layer, ctx, rule, LoRAFAMethod.name, names, joined, scaling=rule.scaling)
 
 
 @register_pass

@@ -1,5 +1,301 @@
-"""Placeholder: this method module is being written (issue 6)."""
+"""LoRA-XS (Bałazy et al., 2024) and its LoRA-SB initialisation (Ponkshe et al., 2024).
+
+Only a small ``r x r`` core ``R`` trains, between two frozen factors taken from a truncated SVD::
+
+    y = base(x) + s · B(R(A(dropout(x))))          s = alpha / r
+
+**LoRA-XS** (``init="default"``): the factors come from the frozen weight, ``W = U Σ Vᵀ``
+(``W`` in ``(out, in)`` layout; GPT-2's Conv1D weight is transposed first), as the official code
+builds them: ``B = U_r`` ``(out, r)`` and ``A = Σ_r V_rᵀ`` ``(r, in)``. (The paper writes
+``A = U_r Σ_r``, ``B = V_rᵀ`` for ``h = xW`` with ``W`` stored ``(in, out)``; the official code
+takes the SVD of ``weight.T`` accordingly, so in PyTorch's ``(out, in)`` layout ``Σ_r`` sits on
+the input side.) ``R`` is drawn ``N(0, σ²)`` with ``σ = 1e-5`` as in the official code
+(``init_module_weights(..., sigma=0.00001)``): a fresh adapter changes the outputs only by
+that much; ``init="zero"`` starts exactly at the identity (training is unaffected: ``B``, ``A``
+are frozen, so ``∂L/∂R = s·Bᵀ G Aᵀ`` is non-zero at ``R = 0``).
+
+**LoRA-SB** (``init="sb"``): same architecture, initialised from an approximation of the first
+full fine-tuning update. A gradient probe runs the graph forward and backward once on a probe
+batch (``compile(..., options={"probe_batch": ..., "probe_loss": ...})``, default: the example
+inputs and next-token cross-entropy, as ``gp.Update(select="gradient")`` uses); the update is
+approximated as AdamW's first step, ``ΔW ≈ -η·sign(∇W L)`` (``η = sb_lr``; the official code's
+``estimate_and_process_grads_torch``), and ``ΔW = U Σ Vᵀ`` gives ``B = U_r``, ``A = V_rᵀ`` and
+``R = Σ_r / s``, so ``s·BRA`` is the best rank-``r`` approximation of ``ΔW``. The base weight
+is not changed: a fresh LoRA-SB adapter has taken that approximate first step. Not done here:
+the official code sums the gradients of 50 samples (``num_samples``) in several mini-batches;
+the probe here uses the one probe batch given (the sign is scale-free, so a mean and a sum of
+the same gradients give the same ``ΔW``).
+
+Decompositions run in float64 (deterministic for the same weight: singular vectors get a
+canonical sign, the largest-magnitude entry of each column of ``U`` positive) and are cast to
+the weight's dtype. ``A`` and ``B`` are :attr:`Role.ADAPTER_CONST`: a compile regenerates them
+from the same weight (LoRA-XS) or the same probe batch (LoRA-SB); ``save_adapter`` writes them
+too (the core saves constants), so a LoRA-SB adapter reloads exactly whatever the probe batch of
+the new compile. ``adapter_state_dict()`` holds ``R`` only.
+
+Tensor names follow the official LoRA-XS code (a PEFT LoRA whose ``lora_A``/``lora_B`` are
+frozen plus a ``default_lora_latent_mapping`` linear): ``<path>.lora_A.weight`` ``(r, in)``,
+``<path>.lora_B.weight`` ``(out, r)``, ``<path>.default_lora_latent_mapping.weight``
+``(r, r)``. Merge is additive and exact: ``W + s·B R A``. Linear layers only (GPT-2's Conv1D
+included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Optional, Sequence
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from graphpeft.errors import PlanError
+from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapter_id, find_layers, get_tensor, scoped_tensor_name
+from graphpeft.infra import PassContext, PassResult
+from graphpeft.losses import make_loss
+from graphpeft.method import AdapterMethod
+from graphpeft.plan import Rule
+from graphpeft.registry import register_method, register_pass, register_rule
+from graphpeft.rewrite import MatchResult, RewritePass
+
+from .layer_rewrite import LayerRewrite, layer_generator, layer_input, layer_output, record_adapter
+from .probe_gradients import default_probe_loss
+
+aten = torch.ops.aten
+
+INITS = ("default", "zero", "sb", "random")
+#: std of the core's Gaussian init in the official LoRA-XS code
+R_INIT_STD = 1e-5
 
 
-class LoRAXS:  # replaced by the method's plan rule
-    pass
+@register_rule
+@dataclasses.dataclass
+class LoRAXS(Rule):
+    """LoRA-XS: a trainable ``r x r`` core between frozen factors of the weight's SVD.
+
+    Args:
+        targets: layers to adapt (regex on the module path, list of name suffixes, or
+            ``"all-linear"``).
+        r: rank of the frozen factors; the core has ``r²`` trainable entries. Default 16 (the
+            paper's RoBERTa-large GLUE setting quoted with 24.6K parameters).
+        alpha: scaling numerator; the branch is multiplied by ``alpha / r`` (default 16:
+            scaling 1, as the official math/instruction scripts set ``lora_alpha = r``).
+        dropout: dropout probability on the adapter branch's input (training only).
+        init: ``"default"`` (LoRA-XS: factors from the SVD of ``W``, ``R ~ N(0, 1e-5²)``),
+            ``"zero"`` (same factors, ``R = 0``: exactly the identity), ``"sb"`` (LoRA-SB: factors
+            and ``R`` from a gradient probe, see the module doc) or ``"random"`` (``R`` standard
+            normal: a non-identity start, for tests).
+        sb_lr: with ``init="sb"``, the learning rate ``η`` of the approximated first update
+            ``-η·sign(∇W L)`` (the official code uses the first warm-up step's rate).
+    """
+
+    key: ClassVar[str] = "lora_xs"
+    supported_kinds: ClassVar[tuple[str, ...]] = ("linear",)
+
+    r: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    init: str = "default"
+    sb_lr: float = 1e-4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise PlanError(f"{self.key}: r must be a positive integer, got {self.r!r}")
+        for opt in ("alpha", "dropout", "sb_lr"):
+            if not isinstance(getattr(self, opt), (int, float)) or isinstance(getattr(self, opt), bool):
+                raise PlanError(f"{self.key}: {opt} must be a number, got {getattr(self, opt)!r}")
+        if float(self.alpha) == 0.0:
+            raise PlanError(f"{self.key}: alpha must not be 0 (the branch would be switched off)")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise PlanError(f"{self.key}: dropout must be in [0, 1), got {self.dropout!r}")
+        if float(self.sb_lr) <= 0.0:
+            raise PlanError(f"{self.key}: sb_lr must be positive, got {self.sb_lr!r}")
+        if self.init not in INITS:
+            raise PlanError(f"{self.key}: init must be one of {list(INITS)}, got {self.init!r}")
+
+    @property
+    def scaling(self) -> float:
+        return float(self.alpha) / self.r
+
+    def check(self, layer: Layer) -> Optional[str]:
+        return check_rank_and_tying(self.r, layer)
+
+
+def check_rank_and_tying(r: Optional[int], layer: Layer) -> Optional[str]:
+    """The checks every weight-decomposing method shares: the rank fits the layer and the weight
+    is not tied to another layer's (merging would change both)."""
+    limit = min(layer.in_features, layer.out_features)
+    if r is not None and r > limit:
+        return (f"rank r={r} is larger than the layer ({layer.in_features} -> {layer.out_features}); "
+                f"use r <= {limit}")
+    if layer.shared_with:
+        return (f"its weight {layer.weight} is shared with {layer.shared_with} (tied weights): "
+                "merging would change both; exclude this layer")
+    return None
+
+
+# -- decompositions (float64, deterministic) -------------------------------------------------------
+
+
+def weight_rows(weight: torch.Tensor, layer: Layer) -> torch.Tensor:
+    """The weight in ``(out, in)`` layout as float64 (GPT-2's Conv1D stores ``(in, out)``)."""
+    w = weight.detach().to(torch.float64)
+    return w.T if layer.fan_in_fan_out else w
+
+
+def top_singular(matrix: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U_r, σ_r, V_rᵀ)`` of a float64 matrix, with a canonical sign per component (the
+    largest-magnitude entry of each column of ``U_r`` is positive), so the same matrix gives the
+    same factors whatever LAPACK's sign choice."""
+    u, s, vh = torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
+    u, s, vh = u[:, :r], s[:r], vh[:r]
+    pivot = u.abs().argmax(dim=0)
+    sign = torch.sign(u[pivot, torch.arange(u.shape[1])])
+    sign[sign == 0] = 1.0
+    return u * sign, s, vh * sign.unsqueeze(1)
+
+
+def probe_weight_gradients(gm: fx.GraphModule, layers: Sequence[Layer], ctx: PassContext) -> dict[str, torch.Tensor]:
+    """``∇W L`` of each layer's weight (weight name -> gradient in the stored layout) from one
+    forward and backward of ``gm`` on the probe batch; the graph and the weights are unchanged.
+
+    Reads ``ctx.options`` as the gradient probe of ``gp.Update(select="gradient")`` does:
+    ``probe_batch`` (the model's flat inputs followed by the targets; default: the example
+    inputs) and ``probe_loss`` (default: next-token cross-entropy for token LMs)."""
+    batch = ctx.options.get("probe_batch") or ctx.options.get("example_inputs")
+    out_spec = ctx.options.get("out_spec")
+    if not batch or out_spec is None:
+        raise PlanError("lora_xs init='sb' needs a probe batch: compile the model with gp.compile(...) (it passes the "
+                        "example inputs), or give options={'probe_batch': (...), 'probe_loss': ...}")
+    n_in = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    batch = list(batch)
+    if len(batch) < n_in:
+        raise PlanError(f"the probe batch has {len(batch)} tensors but the model takes {n_in} inputs: give the "
+                        "model's flat inputs followed by the targets")
+    inputs, targets = batch[:n_in], batch[n_in:]
+    names = list(dict.fromkeys(l.weight for l in layers))
+    params = [get_tensor(gm, n) for n in names]
+    before = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            outputs = pytree.tree_unflatten(list(gm(*inputs)), out_spec)
+            spec = ctx.options.get("probe_loss")
+            loss = make_loss(spec) if spec is not None else default_probe_loss(outputs, inputs)
+            grads = torch.autograd.grad(loss(outputs, inputs, targets), params, allow_unused=True)
+    finally:
+        for p, rg in zip(params, before):
+            p.requires_grad_(rg)
+    return {n: (g if g is not None else torch.zeros_like(p)).detach() for n, g, p in zip(names, grads, params)}
+
+
+def lora_xs_factors(weight: torch.Tensor, layer: Layer, rule: LoRAXS, seed: int,
+                    grad: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A (r, in), B (out, r), R (r, r))`` for one layer, in float64."""
+    r = rule.r
+    if rule.init == "sb":
+        assert grad is not None, "init='sb' needs the layer's probe gradient"
+        update = -float(rule.sb_lr) * torch.sign(weight_rows(grad, layer))  # AdamW's first step
+        u, s, vh = top_singular(update, r)
+        return vh, u, torch.diag(s) / rule.scaling  # s·B R A = U_r Σ_r V_rᵀ
+    u, s, vh = top_singular(weight_rows(weight, layer), r)
+    a = s.unsqueeze(1) * vh  # Σ_r V_rᵀ: the official code's SVD of Wᵀ puts Σ on the input side
+    if rule.init == "zero":
+        core = torch.zeros(r, r, dtype=torch.float64)
+    else:
+        gen = layer_generator(seed, layer)
+        std = 1.0 if rule.init == "random" else R_INIT_STD
+        core = (torch.randn(r, r, generator=gen) * std).to(torch.float64)
+    return a, u, core
+
+
+class LoRAXSRewrite(LayerRewrite):
+    """Rewrites ``y = op(x, W)`` into ``y + s · B(R(A(dropout(x))))``."""
+
+    rule: LoRAXS
+
+    def __init__(self, rule: LoRAXS) -> None:
+        super().__init__(rule)
+        #: weight name -> probe gradient (``init="sb"``), filled by :class:`InsertLoRAXS`
+        self.gradients: dict[str, torch.Tensor] = {}
+
+    def rewrite(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> None:
+        layer: Layer = match.bindings["layer"]
+        rule = self.rule
+        weight = get_tensor(gm, layer.weight)
+        a, b, core = lora_xs_factors(weight, layer, rule, ctx.seed, self.gradients.get(layer.weight))
+        names = {k: scoped_tensor_name(v, ctx.adapter_name) for k, v in tensor_names(layer).items()}
+        aid = adapter_id(layer.path, ctx.adapter_name)
+        prov = Provenance(InsertLoRAXS.name, rule.name, layer.path, adapter=aid)
+        y = layer_output(layer)  # the layer op, or the last adapter joined onto it (named adapters stack)
+        g = GraphBuilder(gm, y, prov)
+        a_node = g.param(names["A"], a.to(weight.dtype).contiguous(), Role.ADAPTER_CONST)
+        r_node = g.param(names["R"], core.to(weight.dtype).contiguous(), Role.ADAPTER)
+        b_node = g.param(names["B"], b.to(weight.dtype).contiguous(), Role.ADAPTER_CONST)
+        x = layer_input(layer)
+        if rule.dropout > 0:
+            x = g.call(aten.dropout.default, x, float(rule.dropout), True)
+            x.meta["graphpeft"]["part"] = "dropout"
+        low = g.call(aten.linear.default, x, a_node)  # (.., r): A x
+        mixed = g.call(aten.linear.default, low, r_node)  # R A x
+        up = g.call(aten.linear.default, mixed, b_node)  # B R A x
+        scaled = g.call(aten.mul.Tensor, up, rule.scaling)
+        joined = g.call(aten.add.Tensor, y, scaled)
+        joined.meta["graphpeft"]["part"] = "join"
+        y.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
+        record_adapter(gm, aid, layer, ctx, rule, LoRAXSMethod.name, names, joined, scaling=rule.scaling)
+
+
+def tensor_names(layer: Layer) -> dict[str, str]:
+    """State-dict keys of one LoRA-XS layer (the official code's names)."""
+    return {"A": f"{layer.path}.lora_A.weight", "B": f"{layer.path}.lora_B.weight",
+            "R": f"{layer.path}.default_lora_latent_mapping.weight"}
+
+
+@register_pass
+class InsertLoRAXS(RewritePass):
+    """Inserts a LoRA-XS branch on every layer selected by the given rules; for ``init="sb"``
+    rules it first probes the weights' gradients (one forward and backward, before any branch
+    of this pass exists)."""
+
+    name = "insert_lora_xs"
+
+    def __init__(self, rules: Sequence[LoRAXS]) -> None:
+        super().__init__([LoRAXSRewrite(r) for r in rules])
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        sb = [rw for rw in self.rules if isinstance(rw, LoRAXSRewrite) and rw.rule.init == "sb"]
+        if sb:
+            layers = [l for l in find_layers(gm)
+                      if any(rw.rule.select(l) is None and rw.rule.check(l) is None for rw in sb)]
+            grads = probe_weight_gradients(gm, layers, ctx) if layers else {}
+            for rw in sb:
+                rw.gradients = grads
+        try:
+            return super().call(gm, ctx)
+        finally:
+            for rw in sb:
+                rw.gradients = {}  # the gradients are weight-sized: do not keep them
+
+
+class LoRAXSMethod(AdapterMethod):
+    """LoRA-XS for the core: additive merge ``ΔW = s · B R A``."""
+
+    name = "lora_xs"
+    rule = LoRAXS
+
+    def make_pass(self, rules: Sequence[Rule]) -> InsertLoRAXS:
+        return InsertLoRAXS([r for r in rules if isinstance(r, LoRAXS)])
+
+    def delta_weight(self, gm: fx.GraphModule, record: dict[str, Any]) -> torch.Tensor:
+        t = record["tensors"]
+        a = get_tensor(gm, t["A"]).detach()
+        b = get_tensor(gm, t["B"]).detach()
+        core = get_tensor(gm, t["R"]).detach()
+        delta = (b @ core @ a) * record["scaling"]
+        return delta.T if record["fan_in_fan_out"] else delta
+
+
+register_method(LoRAXSMethod.name, LoRAXSMethod())

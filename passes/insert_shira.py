@@ -8,11 +8,30 @@ the weight before the matmul, and so does the graph::
 
 Tensors (PEFT names, so state dicts are interchangeable): ``<path>.shira_weight`` ``(nnz,)``,
 :attr:`Role.ADAPTER`, init zero (a fresh adapter is the identity); ``<path>.shira_indices``
-``(2, nnz)`` int64 (row, column) pairs in row-major order, :attr:`Role.ADAPTER_CONST`. The
-random mask is drawn as PEFT's ``random_mask`` draws it (``randperm`` of the flat weight from a
-generator seeded with ``random_seed``), so the same seed selects the same entries; without a
-seed it comes from the compile seed and the layer path. Merge is a scatter-add, exact:
-``W[rows, cols] += values``. Linear layers in ``(out, in)`` layout only, as in PEFT.
+``(2, nnz)`` int64 (row, column) pairs in row-major order, :attr:`Role.ADAPTER_CONST`. Merge is
+a scatter-add, exact: ``W[rows, cols] += values``. Linear layers in ``(out, in)`` layout only,
+as in PEFT.
+
+Masks (``mask_type``; the paper's section 3.1 and appendix B):
+
+* ``"random"`` (SHiRA-Rand; the default): drawn as PEFT's ``random_mask`` draws it
+  (``randperm`` of the flat weight from a generator seeded with ``random_seed``), so the same
+  seed selects the same entries; without a seed it comes from the compile seed and the layer
+  path;
+* ``"magnitude"`` (SHiRA-WM): the ``r·(in + out)`` entries of largest ``|W|`` of the layer;
+* ``"gradient"`` (SHiRA-Grad): the entries of largest gradient magnitude, the full elementwise
+  ``|∂L/∂W|`` on one probe batch: ``compile(..., options={"probe_batch": ..., "probe_loss":
+  ...})``, by default the example inputs and a next-token loss, through the same probe as
+  ``gp.Update(select="gradient")``
+  (:func:`~graphpeft.passes.probe_gradients.probe_weight_gradients`);
+* ``"snip"`` (SHiRA-SNIP): the largest ``|W ⊙ ∂L/∂W|``, from the same probe.
+
+A mask is a function of the weight (and the batch): ties go to the lower flat index. The probe
+runs once per pass, on the graph as the pass finds it (the base model plus the adapters of
+earlier passes), before any SHiRA rewrite. The indices of a data-dependent mask cannot be
+regenerated from a seed, so (as every adapter constant) ``save_adapter`` and
+``adapter_state_dict(include_constants=True)`` hold them and loading puts them back over the
+recomputed ones: an adapter file restores its own mask whatever batch the loading model probed.
 
 The graph rewrite re-points the layer op's weight argument to the scattered weight; that node is
 the adapter's join (merge points the op back at ``W``), like IA3's input scaling.
@@ -28,19 +47,22 @@ import torch.fx as fx
 from torch.utils.weak import WeakIdKeyDictionary
 
 from graphpeft.errors import PlanError
-from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapter_id, adapters, get_tensor, scoped_tensor_name
-from graphpeft.infra import PassContext
+from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapter_id, find_layers, get_tensor, scoped_tensor_name
+from graphpeft.infra import PassContext, PassResult
 from graphpeft.method import AdapterMethod
 from graphpeft.plan import Rule
 from graphpeft.registry import register_method, register_pass, register_rule
 from graphpeft.rewrite import MatchResult, RewritePass
 
-from .layer_rewrite import LayerRewrite, layer_generator, layer_weight
+from .layer_rewrite import LayerRewrite, layer_generator, layer_weight, record_adapter
+from .probe_gradients import probe_weight_gradients
 
 aten = torch.ops.aten
 
 INITS = ("default", "random")
-MASKS = ("random",)
+MASKS = ("random", "magnitude", "gradient", "snip")
+#: the masks that rank entries by the gradient probe
+PROBED_MASKS = ("gradient", "snip")
 
 
 @register_rule
@@ -53,9 +75,11 @@ class SHiRA(Rule):
             ``"all-linear"``).
         r: sizes the adapter like a rank-``r`` LoRA (``r·(in + out)`` entries); the update
             itself is not rank-limited. PEFT's default is 32.
-        mask_type: how entries are chosen; ``"random"`` (PEFT's default mask).
+        mask_type: how entries are chosen: ``"random"`` (PEFT's default mask),
+            ``"magnitude"`` (largest ``|W|``), ``"gradient"`` (largest ``|∂L/∂W|`` on a probe
+            batch) or ``"snip"`` (largest ``|W ⊙ ∂L/∂W|``); see the module docstring.
         random_seed: seed of the random mask (PEFT's name); ``None`` derives it from the
-            compile seed and the layer path.
+            compile seed and the layer path. Random masks only.
         init: ``"default"`` (zero values: the identity) or ``"random"`` (standard normal, as
             PEFT's ``init_weights=False``; for tests).
     """
@@ -76,6 +100,9 @@ class SHiRA(Rule):
             raise PlanError(f"shira: mask_type must be one of {list(MASKS)}, got {self.mask_type!r}")
         if self.random_seed is not None and (not isinstance(self.random_seed, int) or isinstance(self.random_seed, bool)):
             raise PlanError(f"shira: random_seed must be an integer or null, got {self.random_seed!r}")
+        if self.random_seed is not None and self.mask_type != "random":
+            raise PlanError(f"shira: random_seed seeds the random mask, but mask_type={self.mask_type!r} is chosen "
+                            "from the weight (and the probe batch), not drawn: leave random_seed unset")
         if self.init not in INITS:
             raise PlanError(f"shira: init must be one of {list(INITS)}, got {self.init!r}")
 
@@ -103,10 +130,35 @@ def random_mask_indices(out_features: int, in_features: int, count: int, generat
     return torch.stack([rows, cols]).to(torch.int64)
 
 
+def top_mask_indices(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """``(2, count)`` (row, column) indices of the ``count`` largest entries of ``scores`` (a
+    weight-shaped tensor), in row-major order; ties go to the lower flat index (stable sort),
+    so the mask is a function of the scores."""
+    flat = torch.argsort(scores.detach().flatten(), descending=True, stable=True)[:count].sort().values
+    return torch.stack([flat // scores.shape[1], flat % scores.shape[1]]).to(torch.int64)
+
+
+def mask_scores(mask_type: str, weight: torch.Tensor, gradient: Optional[torch.Tensor]) -> torch.Tensor:
+    """What a data-dependent mask ranks: ``|W|`` (magnitude), ``|∂L/∂W|`` (gradient) or
+    ``|W ⊙ ∂L/∂W|`` (snip)."""
+    if mask_type == "magnitude":
+        return weight.detach().abs()
+    if gradient is None:
+        raise ValueError(f"mask_type={mask_type!r} needs the probe's gradient of the weight")
+    return gradient.abs() if mask_type == "gradient" else (weight.detach() * gradient).abs()
+
+
 class SHiRARewrite(LayerRewrite):
-    """Rewrites ``linear(x, W, b)`` into ``linear(x, index_put(W, idx, values, accumulate), b)``."""
+    """Rewrites ``linear(x, W, b)`` into ``linear(x, index_put(W, idx, values, accumulate), b)``.
+
+    ``gradients`` (weight name -> probe gradient) is filled by :class:`InsertSHiRA` before the
+    rewrites run, for the probed masks."""
 
     rule: SHiRA
+
+    def __init__(self, rule: SHiRA, gradients: Optional[dict[str, torch.Tensor]] = None) -> None:
+        super().__init__(rule)
+        self.gradients = gradients if gradients is not None else {}
 
     def rewrite(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> None:
         layer: Layer = match.bindings["layer"]
@@ -115,7 +167,10 @@ class SHiRARewrite(LayerRewrite):
         gen = (torch.Generator().manual_seed(rule.random_seed) if rule.random_seed is not None
                else layer_generator(ctx.seed, layer))
         count = rule.num_entries(layer)
-        indices = random_mask_indices(layer.out_features, layer.in_features, count, gen)
+        if rule.mask_type == "random":
+            indices = random_mask_indices(layer.out_features, layer.in_features, count, gen)
+        else:
+            indices = top_mask_indices(mask_scores(rule.mask_type, weight, self.gradients.get(layer.weight)), count)
         values = torch.randn(count, generator=gen) if rule.init == "random" else torch.zeros(count)
         names = {k: scoped_tensor_name(v, ctx.adapter_name) for k, v in tensor_names(layer).items()}
         aid = adapter_id(layer.path, ctx.adapter_name)
@@ -131,18 +186,7 @@ class SHiRARewrite(LayerRewrite):
         joined = g.call(aten.index_put.default, w_node, [rows, cols], v_node, True)
         joined.meta["graphpeft"]["part"] = "join"
         y.replace_input_with(w_node, joined)
-        adapters(gm)[aid] = {
-            "method": SHiRAMethod.name,
-            "layer": layer.path,
-            "name": ctx.adapter_name,
-            "kind": layer.kind,
-            "weight": layer.weight,
-            "fan_in_fan_out": layer.fan_in_fan_out,
-            "tensors": names,
-            "join": joined.name,
-            "rule": rule.name,
-            "config": rule.to_dict()[SHiRA.key],
-        }
+        record_adapter(gm, aid, layer, ctx, rule, SHiRAMethod.name, names, joined)
 
 
 def tensor_names(layer: Layer) -> dict[str, str]:
@@ -152,12 +196,27 @@ def tensor_names(layer: Layer) -> dict[str, str]:
 
 @register_pass
 class InsertSHiRA(RewritePass):
-    """Inserts a SHiRA sparse update on every layer selected by the given SHiRA rules."""
+    """Inserts a SHiRA sparse update on every layer selected by the given SHiRA rules; for
+    gradient and SNIP masks it first runs the gradient probe once for all of their layers."""
 
     name = "insert_shira"
 
     def __init__(self, rules: Sequence[SHiRA]) -> None:
-        super().__init__([SHiRARewrite(r) for r in rules])
+        self._gradients: dict[str, torch.Tensor] = {}
+        super().__init__([SHiRARewrite(r, self._gradients) for r in rules])
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        probed = [r.rule for r in self.rules if r.rule.mask_type in PROBED_MASKS]
+        weights = list(dict.fromkeys(
+            l.weight for l in find_layers(gm)
+            if any(rule.select(l) is None and rule.check(l) is None for rule in probed)
+            and get_tensor(gm, l.weight).is_floating_point()))
+        if weights:  # one forward and backward serves every probed mask of the pass
+            self._gradients.update(probe_weight_gradients(gm, ctx, weights, f"shira mask_type={probed[0].mask_type!r}"))
+        try:
+            return super().call(gm, ctx)
+        finally:
+            self._gradients.clear()  # weight-sized tensors: not kept past the pass
 
 
 class SHiRAMethod(AdapterMethod):

@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from graphpeft.errors import PassError, PlanError
-from graphpeft.graph import (GraphBuilder, Layer, Provenance, Role, adapter_id, adapters, find_layers, get_tensor,
+from graphpeft.graph import (GraphBuilder, Layer, Provenance, Role, adapter_id, find_layers, get_tensor,
                              register_tensor, remove_tensor, roles, scoped_tensor_name)
 from graphpeft.infra import PassContext, PassResult
 from graphpeft.method import AdapterMethod
@@ -35,7 +35,7 @@ from graphpeft.plan import Rule
 from graphpeft.registry import register_method, register_pass, register_rule
 from graphpeft.rewrite import MatchResult, RewritePass
 
-from .layer_rewrite import LayerRewrite, layer_generator, layer_input, layer_output
+from .layer_rewrite import LayerRewrite, layer_generator, layer_input, layer_output, record_adapter
 
 aten = torch.ops.aten
 
@@ -149,20 +149,7 @@ class VeRARewrite(LayerRewrite):
         joined = g.call(aten.add.Tensor, y, up)
         joined.meta["graphpeft"]["part"] = "join"
         y.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
-        adapters(gm)[aid] = {
-            "method": VeRAMethod.name,
-            "layer": layer.path,
-            "name": ctx.adapter_name,
-            "kind": layer.kind,
-            "weight": layer.weight,
-            "fan_in_fan_out": layer.fan_in_fan_out,
-            "in_features": layer.in_features,
-            "out_features": layer.out_features,
-            "tensors": {**names, "A": shared_a, "B": shared_b},
-            "join": joined.name,
-            "rule": rule.name,
-            "config": rule.to_dict()[VeRA.key],
-        }
+        record_adapter(gm, aid, layer, ctx, rule, VeRAMethod.name, {**names, "A": shared_a, "B": shared_b}, joined)
 
 
 def tensor_names(layer: Layer) -> dict[str, str]:

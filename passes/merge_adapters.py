@@ -2,7 +2,9 @@
 
 The merged graph is the base model's graph again (same op count); only weights differ. The
 method of each adapter supplies the merged base tensors (``AdapterMethod.merged_tensors``:
-``W + ΔW`` by default, in the weight's own layout).
+``W + ΔW`` by default, in the weight's own layout). Adapters of a method that cannot be merged
+(routed experts, MoLE: their update depends on the input) raise, or with ``keep_unmergeable``
+stay in the graph as they are (``CompiledModel.merge`` keeps them).
 """
 
 from __future__ import annotations
@@ -34,23 +36,37 @@ def unmerged_weight(gm: fx.GraphModule, name: str) -> torch.Tensor:
 
 @register_pass
 class MergeAdapters(PassBase):
-    """Folds adapters (all, or the given layer paths) into base weights; in place."""
+    """Folds adapters (all, or the given layer paths) into base weights; in place.
+
+    Args:
+        layers: layer paths whose adapters to merge (default: every adapter).
+        keep_unmergeable: leave adapters whose method is not mergeable (MoLE) in the graph,
+            branch, record and tensors, instead of raising.
+    """
 
     name = "merge_adapters"
 
-    def __init__(self, layers: Optional[Sequence[str]] = None) -> None:
+    def __init__(self, layers: Optional[Sequence[str]] = None, keep_unmergeable: bool = False) -> None:
         self.layers = None if layers is None else set(layers)
+        self.keep_unmergeable = keep_unmergeable
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         records = adapters(gm)
         todo = [k for k in records if self.layers is None or records[k]["layer"] in self.layers]
         unmerged = graph_meta(gm).setdefault(UNMERGED, {})
         try:
-            for adapter_id in todo:
+            for adapter_id in list(todo):
                 rec = records[adapter_id]
                 method = get_method(rec["method"])
-                if method is None or not method.mergeable:
-                    raise PassError(self.name, f"adapter on {rec['layer']} ({rec['method']}) cannot be merged")
+                if method is not None and not method.mergeable and self.keep_unmergeable:
+                    todo.remove(adapter_id)  # stays: branch, record and tensors
+                    continue
+                if method is None:
+                    raise PassError(self.name, f"adapter on {rec['layer']}: method {rec['method']!r} is not registered")
+                if not method.mergeable:
+                    raise PassError(self.name, f"adapter on {rec['layer']} ({rec['method']}) cannot be merged into "
+                                    "its weight (method not mergeable); export with merged=False, or use "
+                                    "CompiledModel.merge(), which folds the other adapters and keeps this one")
                 with torch.no_grad():
                     # usually {weight: W + ΔW}; a method may also change the bias (IA3) or fold
                     # non-additively (DoRA). New tensors: the source model keeps its weights.

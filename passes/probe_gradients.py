@@ -5,6 +5,8 @@
 backward once on a probe batch, with the selected weights temporarily requiring gradients, and
 stores the L2 norm of each row of each gradient in ``ctx.options["row_scores"]`` (weight name ->
 scores), which ``slice_rows`` reads. The graph and the weights are unchanged.
+:func:`probe_weight_gradients` is the probe itself (weight name -> full gradient); SHiRA's
+``mask_type="gradient"`` calls it too and keeps the entries of largest gradient magnitude.
 
 The probe batch and loss come from ``ctx.options`` (``compile(..., options=...)``):
 
@@ -74,34 +76,45 @@ class ProbeGradients(PassBase):
                   if any(r.select(l) is None and r.check(l) is None for r in self.rules)]
         if not layers:
             return PassResult(gm, False)
-        batch = ctx.options.get("probe_batch") or ctx.options.get("example_inputs")
-        out_spec = ctx.options.get("out_spec")
-        if not batch or out_spec is None:
-            raise PlanError("select='gradient' needs a probe batch: compile the model with gp.compile(...) (it "
-                            "passes the example inputs), or give options={'probe_batch': (...), 'probe_loss': ...}")
-        n_in = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
-        batch = list(batch)
-        if len(batch) < n_in:
-            raise PlanError(f"the probe batch has {len(batch)} tensors but the model takes {n_in} inputs: give the "
-                            "model's flat inputs followed by the targets")
-        inputs, targets = batch[:n_in], batch[n_in:]
         weights = list(dict.fromkeys((l.weight, l.fan_in_fan_out) for l in layers))
-        params = [get_tensor(gm, w) for w, _ in weights]
-        before = [p.requires_grad for p in params]
-        try:
-            for p in params:
-                p.requires_grad_(True)
-            with torch.enable_grad():
-                flat = gm(*inputs)
-                outputs = pytree.tree_unflatten(list(flat), out_spec)
-                spec = ctx.options.get("probe_loss")
-                loss = make_loss(spec) if spec is not None else default_probe_loss(outputs, inputs)
-                value = loss(outputs, inputs, targets)
-                grads = torch.autograd.grad(value, params, allow_unused=True)
-        finally:
-            for p, rg in zip(params, before):
-                p.requires_grad_(rg)
+        grads = probe_weight_gradients(gm, ctx, [w for w, _ in weights], "select='gradient'")
         scores = ctx.options.setdefault(ROW_SCORES, {})
-        for (name, fif), g, p in zip(weights, grads, params):
-            scores[name] = row_norms(g if g is not None else torch.zeros_like(p), fif)
+        for name, fif in weights:
+            scores[name] = row_norms(grads[name], fif)
         return PassResult(gm, False)
+
+
+def probe_weight_gradients(gm: fx.GraphModule, ctx: PassContext, names: Sequence[str],
+                           needed_by: str) -> dict[str, torch.Tensor]:
+    """The gradient of the probe loss with respect to each tensor in ``names`` (weight name ->
+    gradient, zeros where the loss does not reach it), from one forward and backward of ``gm``
+    on the probe batch of ``ctx.options`` (see the module docstring). The tensors require
+    gradients only during the probe; the graph and the values are unchanged. ``needed_by``
+    names the option that asked for the probe, for the error when there is no batch."""
+    batch = ctx.options.get("probe_batch") or ctx.options.get("example_inputs")
+    out_spec = ctx.options.get("out_spec")
+    if not batch or out_spec is None:
+        raise PlanError(f"{needed_by} needs a probe batch: compile the model with gp.compile(...) (it "
+                        "passes the example inputs), or give options={'probe_batch': (...), 'probe_loss': ...}")
+    n_in = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    batch = list(batch)
+    if len(batch) < n_in:
+        raise PlanError(f"the probe batch has {len(batch)} tensors but the model takes {n_in} inputs: give the "
+                        "model's flat inputs followed by the targets")
+    inputs, targets = batch[:n_in], batch[n_in:]
+    params = [get_tensor(gm, w) for w in names]
+    before = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            flat = gm(*inputs)
+            outputs = pytree.tree_unflatten(list(flat), out_spec)
+            spec = ctx.options.get("probe_loss")
+            loss = make_loss(spec) if spec is not None else default_probe_loss(outputs, inputs)
+            value = loss(outputs, inputs, targets)
+            grads = torch.autograd.grad(value, params, allow_unused=True)
+    finally:
+        for p, rg in zip(params, before):
+            p.requires_grad_(rg)
+    return {w: (g if g is not None else torch.zeros_like(p)).detach() for w, g, p in zip(names, grads, params)}
