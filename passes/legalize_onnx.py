@@ -19,6 +19,15 @@ Rules, each a rewrite with provenance on every node it makes:
   gradient a sum.
 * ``squeeze`` — ``aten.squeeze.dims`` (no direct translation: the exporter would re-trace and
   decompose the whole graph for it) becomes a ``view`` to its recorded static shape.
+* ``inline_grad_regions`` — ``wrap_with_set_grad_enabled`` regions (``torch.no_grad()`` blocks
+  inside a model, e.g. HF rotary embeddings) are inlined: grad mode means nothing to an
+  exported graph, and the exporter translates the subgraph without legalizing it.
+* ``equivalents`` — ops without a direct translation that have an exact one-op (or two-op)
+  equivalent that has one, rewritten here because one such op makes the exporter re-trace and
+  decompose the whole graph (seconds): ``to.dtype`` / ``to.dtype_layout`` / ``to.device`` ->
+  ``_to_copy`` (a pure device move is dropped),
+  ``__and__`` / ``__or__`` -> ``bitwise_and`` / ``bitwise_or``, first-order ``diff`` -> a
+  difference of two slices (of the concatenation with ``prepend`` / ``append``) (inference graphs of HF models have all of these).
 * ``empty`` — ``aten.empty_permuted`` / ``empty.memory_format`` / ``empty_strided`` /
   ``empty_like`` (no ONNX translation) become zero-filled tensors of the same shape and dtype
   (their content is undefined, so zeros are a valid value).
@@ -212,6 +221,90 @@ def _replace_empty(gm: fx.GraphModule) -> int:
     return count
 
 
+def _inline_grad_regions(gm: fx.GraphModule) -> int:
+    from torch._higher_order_ops.wrap import wrap_with_set_grad_enabled
+
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not wrap_with_set_grad_enabled:
+            continue
+        holder = node.args[1]
+        sub = getattr(gm, holder.target)
+        env: dict[fx.Node, Any] = dict(zip([n for n in sub.graph.nodes if n.op == "placeholder"], node.args[2:]))
+        result: Any = None
+        with gm.graph.inserting_before(node):
+            for s in sub.graph.nodes:
+                if s.op == "placeholder":
+                    continue
+                if s.op == "output":
+                    result = torch.fx.node.map_arg(s.args[0], lambda a: env[a])
+                elif s.op == "call_function":
+                    env[s] = gm.graph.node_copy(s, lambda a: env[a])  # original model nodes: meta kept
+                else:
+                    raise ExportError(f"cannot inline {node.name}: its region has a {s.op} node ({s.name})")
+        outs = result if isinstance(result, (list, tuple)) else (result,)
+        for user in list(node.users):
+            if user.target is not operator.getitem:
+                raise ExportError(f"cannot inline {node.name}: its result is used whole by {user.name}")
+            user.replace_all_uses_with(outs[user.args[1]])
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        if not holder.users:
+            gm.graph.erase_node(holder)
+            delattr(gm, holder.target)
+        count += 1
+    return count
+
+
+#: op -> translatable op taking the same arguments
+SAME_ARGS = {aten.__and__.Tensor: aten.bitwise_and.Tensor, aten.__or__.Tensor: aten.bitwise_or.Tensor}
+CASTS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device}
+
+
+def _replace_equivalents(gm: fx.GraphModule) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in SAME_ARGS:
+            new_target, args, kwargs = SAME_ARGS[node.target], node.args, node.kwargs
+        elif node.target in CASTS:
+            names = [a.name for a in node.target._schema.arguments]
+            dtype = dict(zip(names, node.args), **node.kwargs).get("dtype")
+            if dtype is None:  # a pure device move: nothing to compute in an exported graph
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+                count += 1
+                continue
+            new_target, args, kwargs = aten._to_copy.default, (node.args[0],), {"dtype": dtype}
+        elif node.target == aten.diff.default:
+            bound = dict(zip(("self", "n", "dim", "prepend", "append"), node.args), **node.kwargs)
+            x, n, dim = bound["self"], bound.get("n", 1), bound.get("dim", -1)
+            if n != 1 or _val(x).dtype == torch.bool:
+                continue  # the general form is left to the exporter's decomposition
+            builder = _builder(gm, node, "equivalents")
+            parts = [t for t in (bound.get("prepend"), x, bound.get("append")) if t is not None]
+            if len(parts) > 1:  # diff(x, prepend=p, append=a) is diff(cat([p, x, a]))
+                x = builder.call(aten.cat.default, parts, dim)
+            upper = builder.call(aten.slice.Tensor, x, dim, 1, torch.iinfo(torch.int64).max)
+            lower = builder.call(aten.slice.Tensor, x, dim, 0, -1)
+            new = builder.call(aten.sub.Tensor, upper, lower)
+            _finish(builder, node)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            count += 1
+            continue
+        else:
+            continue
+        builder = _builder(gm, node, "equivalents")
+        new = builder.call(new_target, *args, **kwargs)
+        _finish(builder, node)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        count += 1
+    return count
+
+
 def _replace_conv_backward(gm: fx.GraphModule) -> int:
     count = 0
     for node in list(gm.graph.nodes):
@@ -291,10 +384,12 @@ class LegalizeOnnx(PassBase):
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         counts = {
+            "inline_grad_regions": _inline_grad_regions(gm),  # first: the regions hold asserts and casts
             "drop_asserts": _drop_asserts(gm),
             "decompose": _decompose(gm),
             "functionalize": _functionalize(gm),
         }
+        counts["equivalents"] = _replace_equivalents(gm)
         counts["empty"] = _replace_empty(gm)
         counts["squeeze"] = _replace_squeeze_dims(gm)
         counts["conv_backward"] = _replace_conv_backward(gm)

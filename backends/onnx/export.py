@@ -73,7 +73,7 @@ def _output_names(cm: "CompiledModel", n: int) -> list[str]:
 def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool = True,
            external_data: Optional[bool] = None, opset_version: Optional[int] = None,
            example_inputs: Optional[Sequence[torch.Tensor]] = None,
-           adapters_as_inputs: bool = False) -> ExportResult:
+           adapters_as_inputs: bool = False, fast: bool = True) -> ExportResult:
     """Export ``cm`` (its graph as it is: merged or not) to ``path``.
 
     Frozen weights become initializers; adapter tensors stay initializers too (inference),
@@ -81,6 +81,13 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool 
     input after the model's inputs (named in ``ExportResult.adapter_inputs``), so the one file
     runs any adapter of the same shapes. ``dynamic`` keeps every model input dimension
     symbolic; ``external_data`` stores weights beside the file (default: only above 1.5 GB).
+    ``fast`` translates the graph directly (it is ATen already, with the traced shapes) instead
+    of letting ``torch.onnx.export`` re-trace it; it falls back to that on failure, and when
+    ``dynamic`` asks for other shapes than the graph was traced with.
+
+    The ONNX graph is optimized with the safe subset of onnxscript's optimizer (constant
+    folding, unused-node removal, deduplication, CSE): its pattern rewrites treat constants
+    within 1e-8 of zero as zero and would delete e.g. a normalization's small epsilon.
     """
     import onnx
 
@@ -110,11 +117,14 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool 
         dyn = dyn + (None,) * len(values) if dyn is not None else None  # adapter shapes are fixed
     start = time.perf_counter()
     try:
-        with warnings.catch_warnings(), quiet_exporter():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(gm, inputs, dynamo=True, dynamic_shapes=dyn,
-                                        input_names=input_names, output_names=output_names,
-                                        opset_version=opset_version, verbose=False, optimize=True)
+        program = _translate_graph(gm, input_names, output_names, opset_version, dynamic) if fast else None
+        if program is None:
+            with warnings.catch_warnings(), quiet_exporter():
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(gm, inputs, dynamo=True, dynamic_shapes=dyn,
+                                            input_names=input_names, output_names=output_names,
+                                            opset_version=opset_version, verbose=False, optimize=False)
+                _strip_and_optimize(program.model)
     except Exception as e:
         raise ExportError(f"torch.onnx could not export the graph: {type(e).__name__}: {str(e)[:2000]}") from e
     finally:
@@ -148,6 +158,45 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool 
     num_nodes = len(program.model.graph) if hasattr(program, "model") else -1
     log.info("exported %s: %d nodes in %.1f s", path, num_nodes, seconds)
     return ExportResult(path, input_names, output_names, num_nodes, os.path.getsize(path), seconds, adapter_inputs)
+
+
+def _symbolic_inputs(gm: torch.fx.GraphModule) -> Optional[bool]:
+    """Whether the graph's inputs carry symbolic sizes (None: no fake values to tell)."""
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    if not vals or any(not isinstance(v, torch.Tensor) for v in vals):
+        return None
+    return any(not isinstance(d, int) for v in vals for d in v.shape)
+
+
+def _strip_and_optimize(model: Any) -> None:
+    from .train_export import _safe_optimize
+
+    for node in model.graph.all_nodes():  # stack traces per node: most of the file otherwise
+        node.metadata_props.clear()
+    _safe_optimize(model)
+
+
+def _translate_graph(gm: torch.fx.GraphModule, input_names: list[str], output_names: list[str],
+                     opset_version: Optional[int], dynamic: bool) -> Any:
+    """The graph translated without re-tracing it (legalized copy -> ExportedProgram -> ONNX),
+    or None where that does not apply or fails (the caller then uses ``torch.onnx.export``)."""
+    from graphpeft.verify import verify
+
+    from .train_export import _translate_fast, exported_program, legalized_copy
+
+    symbolic = _symbolic_inputs(gm)
+    if symbolic is None or symbolic != dynamic:
+        return None  # the traced shapes are not the ones asked for: torch.onnx.export re-traces
+    try:
+        legal, _ = legalized_copy(gm, verify=False, verifier=verify)
+        with warnings.catch_warnings(), quiet_exporter():
+            warnings.simplefilter("ignore")
+            program = _translate_fast(exported_program(legal), input_names, output_names, opset_version)
+        _strip_and_optimize(program.model)
+        return program
+    except Exception as e:  # noqa: BLE001 - private exporter API: fall back to the public one
+        log.info("direct ONNX translation failed (%s: %s); using torch.onnx.export", type(e).__name__, e)
+        return None
 
 
 def _lift_adapters(cm: "CompiledModel") -> tuple[Any, list[str], list[torch.Tensor]]:

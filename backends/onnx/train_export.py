@@ -28,7 +28,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -68,9 +68,10 @@ class TrainingExportResult:
     legalized: dict[str, int]
 
 
-def legalized_copy(gm: fx.GraphModule, verify: bool = True) -> tuple[fx.GraphModule, dict[str, int]]:
-    """A copy of the training graph (tensors shared, not copied) run through ``legalize_onnx``
-    and dead-code removal."""
+def legalized_copy(gm: fx.GraphModule, verify: bool = True,
+                   verifier: Callable[[fx.GraphModule], None] = verify_training) -> tuple[fx.GraphModule, dict[str, int]]:
+    """A copy of the graph (tensors shared, not copied) run through ``legalize_onnx`` and
+    dead-code removal, checked by ``verifier`` (the training verifier by default)."""
     graph = fx.Graph()
     out = graph.graph_copy(gm.graph, {}, return_output_node=True)
     graph.output(out[0] if isinstance(out, tuple) else out)
@@ -81,7 +82,7 @@ def legalized_copy(gm: fx.GraphModule, verify: bool = True) -> tuple[fx.GraphMod
     new.meta["graphpeft"].pop("memory", None)
     ctx = PassContext(verify=verify)
     pipeline = Pipeline("legalize_onnx", [PASSES["legalize_onnx"](), PASSES["remove_dead_code"]()])
-    result = PassManager(verifier=verify_training).run(new, pipeline, ctx)
+    result = PassManager(verifier=verifier).run(new, pipeline, ctx)
     return result.gm, dict(ctx.options.get("legalize_onnx", {}))
 
 
@@ -263,6 +264,8 @@ def exported_program(gm: fx.GraphModule) -> Any:
     specs: list[Any] = []
     state: dict[str, torch.Tensor] = {}
     for node in gm.graph.nodes:  # lifted tensors first, as torch.export orders them
+        if node.op == "get_attr" and isinstance(getattr(gm, node.target, None), torch.nn.Module):
+            continue  # a higher-order op's subgraph (an inference graph's no_grad region): stays get_attr
         if node.op == "get_attr" and node.target not in state:
             ph = graph.placeholder("p_" + node.target.replace(".", "_"))
             ph.meta.update(node.meta)
@@ -281,7 +284,7 @@ def exported_program(gm: fx.GraphModule) -> Any:
         env[node] = ph
     outputs: list[fx.Node] = []
     for node in gm.graph.nodes:
-        if node.op in ("placeholder", "get_attr"):
+        if node.op == "placeholder" or (node.op == "get_attr" and node in env):
             continue
         if node.op == "output":
             outputs = [env[a] for a in node.args[0]]
@@ -295,7 +298,7 @@ def exported_program(gm: fx.GraphModule) -> Any:
     in_spec = pytree.tree_flatten((tuple(range(len(users))), {}))[1]
     out_spec = pytree.tree_flatten(tuple(range(len(outputs))))[1]
     call_graph = [ModuleCallEntry("", ModuleCallSignature(inputs=[], outputs=[], in_spec=in_spec, out_spec=out_spec))]
-    return ExportedProgram(torch.nn.Module(), graph, signature, state, {}, call_graph)
+    return ExportedProgram(gm, graph, signature, state, {}, call_graph)
 
 
 _REGISTRIES: dict[int, Any] = {}
