@@ -331,7 +331,8 @@ def _load(cm: "CompiledModel", adapter_name: str, state: dict[str, torch.Tensor]
             continue
         copy = state.pop(alias)
         if key in state and not torch.equal(copy, state[key]):
-            raise AdapterFileError(f"{where}: {alias} should repeat {key} but differs from it; the file is inconsistent")
+            raise AdapterFileError(f"{where}: {alias} should repeat {key} but differs from it; the file is "
+                                   "inconsistent")
         state.setdefault(key, copy)
     unknown = sorted(k for k in state if k not in by_peft_key)
     if unknown:

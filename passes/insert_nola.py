@@ -140,7 +140,8 @@ def frozen_a(rule: NOLA, layer: Layer) -> torch.Tensor:
     """``A₀`` ``(r, in)``: Kaiming-uniform with ``a = √5`` (the official code's A weight),
     seeded by ``projection_prng_key`` and the layer path."""
     a0 = torch.empty(rule.r, layer.in_features)
-    return torch.nn.init.kaiming_uniform_(a0, a=math.sqrt(5), generator=layer_generator(rule.projection_prng_key, layer))
+    gen = layer_generator(rule.projection_prng_key, layer)
+    return torch.nn.init.kaiming_uniform_(a0, a=math.sqrt(5), generator=gen)
 
 
 class NOLARewrite(LayerRewrite):
