@@ -6,7 +6,7 @@ For fine-tuning the pretrained weight stays frozen and the sum is the adapter::
 
     y = linear(x, W + ΔW, b),    ΔW = scaling · B A + S,    scaling = alpha / r
 
-Tensors (per layer, in the method's own namespace as PEFT-style names are): ``<path>.sltrain_A``
+Tensors per layer, prefixed with the method's name as PEFT names its tensors: ``<path>.sltrain_A``
 ``(r, in)`` and ``<path>.sltrain_B`` ``(out, r)``, :attr:`Role.ADAPTER`; ``<path>.sltrain_values``
 ``(nnz,)``, :attr:`Role.ADAPTER`, the values of ``S``; ``<path>.sltrain_indices`` ``(nnz,)``
 int64, :attr:`Role.ADAPTER_CONST`, the support as sorted flat indices into the weight as stored

@@ -1,5 +1,7 @@
 """SHiRA: structure, match count, the random mask equal to peft's for the same seed, parity with
-peft, exact scatter-add merge touching only the masked entries, ONNX export, training."""
+peft, exact scatter-add merge touching only the masked entries, ONNX export, training; the
+paper's magnitude, gradient and SNIP masks (the top entries of |W|, |∂L/∂W| and |W ⊙ ∂L/∂W| on
+the probe batch, checked against eager PyTorch) and their round trip through adapter files."""
 
 from __future__ import annotations
 
@@ -7,12 +9,13 @@ import pytest
 import torch
 
 import graphpeft as gp
-from graphpeft.errors import PlanError, VerificationError
+from graphpeft.errors import PlanError
 from graphpeft.graph import find_layers, get_tensor
+from graphpeft.infra import PassContext, PassManager, clone_graph_module
 
 from method_helpers import (IDS, assert_loss_falls, check_merge, check_onnx, check_provenance, compile_model,
                             created_ops, peft_model, randomize, run, train_compiled)
-from models import tiny_llama
+from models import tiny_llama, token_batch
 
 RULE = dict(targets=["q_proj", "v_proj"], r=2, random_seed=3)
 
@@ -24,7 +27,8 @@ def _peft_config():
 
 
 def _indices(cm) -> dict:
-    # the masks are adapter-const (regenerated from the seed, not in adapter_state_dict)
+    # the masks are adapter-const (regenerated from the seed; adapter_state_dict leaves them out
+    # unless include_constants=True)
     return {f"base_model.model.{r['tensors']['indices']}": get_tensor(cm.graph_module, r["tensors"]["indices"])
             for r in cm.adapters().values()}
 
@@ -67,7 +71,9 @@ def test_mask_is_peft_random_mask_and_rejections(llama):
     with pytest.raises(PlanError, match="more than the layer"):
         gp.Plan([gp.SHiRA(targets=["k_proj"], r=16)]).resolve(find_layers(llama.graph_module))
     with pytest.raises(PlanError, match="mask_type"):
-        gp.SHiRA(targets=["q_proj"], mask_type="magnitude")
+        gp.SHiRA(targets=["q_proj"], mask_type="struct")
+    with pytest.raises(PlanError, match="random_seed seeds the random mask"):
+        gp.SHiRA(targets=["q_proj"], mask_type="magnitude", random_seed=3)
     assert gp.Plan.from_dict([{"shira": RULE}]) == llama.plan
 
 
@@ -104,7 +110,109 @@ def test_training_step_loss_falls(llama):
         llama.load_adapter_state_dict(saved)
 
 
-# As for VeRA and LoRA-FA: the training compiler leaves the get_attr nodes of adapter-const
-# tensors (the masks) without provenance, and its verifier rejects the graph.
+# the training graph reads the masks through adapter-const get_attr nodes; the verifier accepts it
 def test_training_graph_verifies(llama):
     llama.compile_training("causal_lm", gp.optim.AdamW(lr=1e-2), example_batch=(IDS,))
+
+
+# --- the paper's data-dependent masks -----------------------------------------------------------
+
+#: one rule per mask, each on its own layers (one compile covers the three)
+MASK_RULES = lambda: [gp.SHiRA(targets=["q_proj"], r=2, mask_type="magnitude"),  # noqa: E731
+                      gp.SHiRA(targets=["v_proj"], r=2, mask_type="gradient"),
+                      gp.SHiRA(targets=["o_proj"], r=2, mask_type="snip")]
+PROBE = token_batch(seed=11)  # the probe batch differs from the example inputs (IDS)
+
+
+def _compile_masks(**options):
+    return gp.compile(tiny_llama(), gp.Plan(MASK_RULES()), (IDS,), {"use_cache": False}, options=options)
+
+
+@pytest.fixture(scope="module")
+def masks():
+    return _compile_masks(probe_batch=(PROBE,), probe_loss="causal_lm")
+
+
+def _eager_gradients(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """∂L/∂W of every weight, next-token cross-entropy on ``batch``, by plain eager autograd."""
+    model = tiny_llama()
+    logits = model(batch, use_cache=False).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_masks_pick_the_top_entries(masks):
+    grads = _eager_gradients(PROBE)
+    base = dict(tiny_llama().named_parameters())
+    for path, rec in masks.adapters().items():
+        w = base[rec["weight"]].detach()
+        score = {"magnitude": w.abs(), "gradient": grads[rec["weight"]].abs(),
+                 "snip": (w * grads[rec["weight"]]).abs()}[rec["config"]["mask_type"]]
+        rows, cols = get_tensor(masks.graph_module, rec["tensors"]["indices"])
+        count = 2 * (rec["in_features"] + rec["out_features"])
+        flat = rows * w.shape[1] + cols
+        assert flat.numel() == count and torch.equal(flat, flat.unique())  # distinct, row-major
+        chosen = torch.zeros(w.numel(), dtype=torch.bool)
+        chosen[flat] = True
+        # every chosen entry scores at least as high as every other one (up to the rounding of
+        # the graph's gradient against eager autograd's), and the chosen set is not trivial
+        top, rest = score.flatten()[chosen], score.flatten()[~chosen]
+        assert top.min() >= rest.max() - 1e-6 * score.max(), (path, top.min(), rest.max())
+        assert top.min() > 0
+    kinds = {rec["config"]["mask_type"] for rec in masks.adapters().values()}
+    assert kinds == {"magnitude", "gradient", "snip"} and len(masks.adapters()) == 6
+
+
+@pytest.fixture(scope="module")
+def probed_on_ids():
+    return _compile_masks()  # no probe options: the example inputs (IDS) are the probe batch
+
+
+def test_masks_are_deterministic_and_follow_the_probe_batch(masks, probed_on_ids):
+    again = _compile_masks(probe_batch=(PROBE,), probe_loss="causal_lm")
+    differs = {}
+    for rec in masks.adapters().values():
+        ours = get_tensor(masks.graph_module, rec["tensors"]["indices"])
+        assert torch.equal(get_tensor(again.graph_module, rec["tensors"]["indices"]), ours)
+        differs[rec["config"]["mask_type"]] = not torch.equal(
+            get_tensor(probed_on_ids.graph_module, rec["tensors"]["indices"]), ours)
+    assert differs == {"magnitude": False, "gradient": True, "snip": True}
+
+
+def _same_masks(a: gp.CompiledModel, b: gp.CompiledModel) -> bool:
+    return all(torch.equal(get_tensor(a.graph_module, r["tensors"]["indices"]),
+                           get_tensor(b.graph_module, r["tensors"]["indices"])) for r in a.adapters().values())
+
+
+def test_data_dependent_masks_round_trip(masks, probed_on_ids, tmp_path):
+    # probed_on_ids chose other gradient/SNIP masks; loading restores the saved ones over them
+    saved, own = masks.adapter_state_dict(), probed_on_ids.adapter_state_dict(include_constants=True)
+    try:
+        randomize(masks)
+        # in memory: the masks travel with include_constants=True (the default leaves them out)
+        state = masks.adapter_state_dict(include_constants=True)
+        assert {k for k in state if k.endswith("shira_indices")} == {r["tensors"]["indices"]
+                                                                    for r in masks.adapters().values()}
+        assert not any(k.endswith("shira_indices") for k in masks.adapter_state_dict())
+        probed_on_ids.load_adapter_state_dict(state)
+        assert _same_masks(masks, probed_on_ids)
+        probed_on_ids.load_adapter_state_dict(own)
+        assert not _same_masks(masks, probed_on_ids)
+        # adapter files hold every constant: save_adapter / load_adapter restore the masks
+        masks.save_adapter(tmp_path / "masks")
+        gp.load_adapter(probed_on_ids, tmp_path / "masks")
+        assert _same_masks(masks, probed_on_ids)
+        with torch.no_grad():
+            assert torch.equal(run(probed_on_ids, "llama"), run(masks, "llama"))
+        check_merge(probed_on_ids, "llama")
+    finally:
+        masks.load_adapter_state_dict(saved)
+        probed_on_ids.load_adapter_state_dict(own)
+
+
+def test_gradient_mask_needs_a_probe_batch(masks):
+    gm = clone_graph_module(masks.graph_module)
+    insert = gp.passes.InsertSHiRA([gp.SHiRA(targets=["k_proj"], r=2, mask_type="gradient")])
+    with pytest.raises(PlanError, match="shira mask_type='gradient' needs a probe batch"):
+        PassManager().run(gm, [insert], PassContext())
