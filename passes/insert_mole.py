@@ -281,7 +281,8 @@ def load_balancing_loss(router_logits: Sequence[torch.Tensor], top_k: int) -> to
     """The load-balancing loss of Switch Transformers as Mixtral and MixLoRA compute it:
     ``E · Σ_e f_e · P_e`` over the tokens of every given layer together, with ``f_e`` the
     fraction of (token, choice) slots routed to expert ``e`` (no gradient) and ``P_e`` its mean
-    router probability. 1.0 when routing is uniform; larger when it is unbalanced."""
+    router probability (transformers' Mixtral ``load_balancing_loss_func`` gives the same value).
+    ``top_k`` when routing is uniform; larger when it is unbalanced."""
     if not router_logits:
         raise ValueError("no router logits: the model has no MoLE adapters")
     num_experts = router_logits[0].shape[-1]
