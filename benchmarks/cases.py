@@ -173,14 +173,12 @@ def gp_lora_eager(case: Case) -> Callable[[], float]:
     return _eager_step(cm, case, list(cm.trainable_parameters().values()))
 
 
-def _gp_training_step(case: Case):
+def _gp_training_step(case: Case, **options: Any):
     import graphpeft as gp
 
     cm = _gp_compiled(case)
-    if not hasattr(cm, "compile_training"):
-        raise NotImplementedError("the training-step compiler is not built yet")
     loss_fn = case.loss if case.loss == "causal_lm" else "cross_entropy"
-    return cm, cm.compile_training(loss=loss_fn, optimizer=gp.optim.AdamW(lr=1e-4))
+    return cm, cm.compile_training(loss=loss_fn, optimizer=gp.optim.AdamW(lr=1e-4), **options)
 
 
 def _targets(case: Case) -> tuple:
@@ -190,6 +188,14 @@ def _targets(case: Case) -> tuple:
 def gp_step_torch(case: Case) -> Callable[[], Any]:
     _, step = _gp_training_step(case)
     batch = (*case.batch, *_targets(case))
+    return lambda: step(*batch)
+
+
+def gp_step_inductor(case: Case) -> Callable[[], Any]:
+    """The compiled step run by torch.compile (the first call compiles: warm-up absorbs it)."""
+    _, step = _gp_training_step(case, executor="inductor")
+    batch = (*case.batch, *_targets(case))
+    step(*batch)
     return lambda: step(*batch)
 
 
@@ -211,6 +217,7 @@ TRAIN = {
     "peft_lora_compiled": peft_lora_compiled,
     "gp_lora_eager": gp_lora_eager,
     "gp_step_torch": gp_step_torch,
+    "gp_step_inductor": gp_step_inductor,
     "gp_step_ort": gp_step_ort,
 }
 
