@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 from typing import Any, ClassVar, Iterable, Optional, Sequence, Union
@@ -168,6 +169,78 @@ class Rule:
             return cls(**body)
         except TypeError as e:
             raise PlanError(f"{cls.key}: {e}") from e
+
+
+# -- option checks for rules' __post_init__ ------------------------------------------------------
+# One wording per kind of mistake, prefixed with the rule's key ("vera: r must be ..."), so every
+# method reports a bad plan the same way.
+
+
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is an int or a float; ``bool`` is not (``True`` in a plan file is a mistake)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_positive_int(rule: Rule, *options: str, none_means: Optional[str] = None) -> None:
+    """Raise :class:`PlanError` unless each named option of ``rule`` is an integer >= 1.
+
+    ``none_means``: ``None`` is allowed as well, and the message says what it stands for
+    (``"r must be a positive integer or null (all singular values)"``)."""
+    for opt in options:
+        value = getattr(rule, opt)
+        if none_means is not None and value is None:
+            continue
+        if not _is_int(value) or value <= 0:
+            null = f" or null ({none_means})" if none_means is not None else ""
+            raise PlanError(f"{rule.key}: {opt} must be a positive integer{null}, got {value!r}")
+
+
+def check_int(rule: Rule, *options: str, optional: bool = False) -> None:
+    """Raise :class:`PlanError` unless each named option of ``rule`` is an integer (a seed);
+    ``optional``: ``None`` is allowed too."""
+    for opt in options:
+        value = getattr(rule, opt)
+        if optional and value is None:
+            continue
+        if not _is_int(value):
+            null = " or null" if optional else ""
+            raise PlanError(f"{rule.key}: {opt} must be an integer{null}, got {value!r}")
+
+
+def check_number(rule: Rule, *options: str, finite: bool = False, what: str = "a number") -> None:
+    """Raise :class:`PlanError` unless each named option of ``rule`` is a number (``finite``:
+    also not inf or nan); the message says the option must be ``what``."""
+    for opt in options:
+        value = getattr(rule, opt)
+        if not is_number(value) or (finite and not math.isfinite(value)):
+            raise PlanError(f"{rule.key}: {opt} must be {what}, got {value!r}")
+
+
+def check_probability(rule: Rule, option: str = "dropout") -> None:
+    """Raise :class:`PlanError` unless the option is a number in ``[0, 1)`` (a dropout rate)."""
+    check_number(rule, option)
+    value = getattr(rule, option)
+    if not 0.0 <= float(value) < 1.0:
+        raise PlanError(f"{rule.key}: {option} must be in [0, 1), got {value!r}")
+
+
+def check_bool(rule: Rule, *options: str) -> None:
+    """Raise :class:`PlanError` unless each named option of ``rule`` is ``True`` or ``False``."""
+    for opt in options:
+        value = getattr(rule, opt)
+        if not isinstance(value, bool):
+            raise PlanError(f"{rule.key}: {opt} must be true or false, got {value!r}")
+
+
+def check_choice(rule: Rule, option: str, allowed: Sequence[Any]) -> None:
+    """Raise :class:`PlanError` unless the option is one of ``allowed`` (an ``init`` or a mask type)."""
+    value = getattr(rule, option)
+    if value not in allowed:
+        raise PlanError(f"{rule.key}: {option} must be one of {list(allowed)}, got {value!r}")
 
 
 @dataclasses.dataclass

@@ -26,15 +26,16 @@ from typing import Any, ClassVar, Sequence
 import torch
 import torch.fx as fx
 
-from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapter_id, get_tensor, scoped_tensor_name
+from graphpeft.graph import Layer, Role, get_tensor, scoped_tensor_name
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
 from graphpeft.plan import Rule
 from graphpeft.registry import register_method, register_pass, register_rule
-from graphpeft.rewrite import MatchResult, RewritePass
+from graphpeft.rewrite import MatchResult
 
 from .insert_lora import LoRA, _init_factors  # same factors and initialisation as LoRA
-from .layer_rewrite import LayerRewrite, layer_bias, layer_input, layer_output, layer_weight, record_adapter
+from .layer_rewrite import (LayerRewrite, LayerRewritePass, adapter_dropout, branch_builder, join_output, layer_bias,
+                            layer_input, layer_weight, record_adapter)
 from .merge_adapters import unmerged_weight
 
 aten = torch.ops.aten
@@ -75,10 +76,7 @@ class DoRARewrite(LayerRewrite):
         names = {k: scoped_tensor_name(v, ctx.adapter_name) for k, v in tensor_names(layer).items()}
         with torch.no_grad():
             magnitude = torch.linalg.vector_norm(_rows(weight, layer) + s * (b @ a), dim=1)
-        aid = adapter_id(layer.path, ctx.adapter_name)
-        prov = Provenance(InsertDoRA.name, rule.name, layer.path, adapter=aid)
-        y = layer_output(layer)  # the layer op, or the last adapter joined onto it (named adapters stack)
-        g = GraphBuilder(gm, y, prov)
+        aid, y, g = branch_builder(gm, layer, ctx, InsertDoRA.name, rule)
         a_node = g.param(names["A"], a, Role.ADAPTER)
         b_node = g.param(names["B"], b, Role.ADAPTER)
         m_node = g.param(names["magnitude"], magnitude, Role.ADAPTER)
@@ -93,10 +91,8 @@ class DoRARewrite(LayerRewrite):
         mag_scale = g.call(aten.div.Tensor, m_node, norm)
         mag_scale.meta["graphpeft"]["part"] = "magnitude_scale"
 
-        x = layer_input(layer)
+        x = adapter_dropout(g, layer_input(layer), rule.dropout)
         if rule.dropout > 0:
-            x = g.call(aten.dropout.default, x, float(rule.dropout), True)
-            x.meta["graphpeft"]["part"] = "dropout"
             # PEFT: with dropout active the base term is recomputed on the dropped-out input
             base = g.call(aten.mm.default, x, w_node) if layer.fan_in_fan_out else g.call(aten.linear.default, x, w_node)
         else:
@@ -108,9 +104,7 @@ class DoRARewrite(LayerRewrite):
         base_term = g.call(aten.mul.Tensor, g.call(aten.sub.Tensor, mag_scale, 1.0), base)
         lora_term = g.call(aten.mul.Tensor, lora, mag_scale)
         branch = g.call(aten.add.Tensor, base_term, lora_term)
-        joined = g.call(aten.add.Tensor, y, branch)
-        joined.meta["graphpeft"]["part"] = "join"
-        y.replace_all_uses_with(joined, delete_user_cb=lambda user: user not in g.created)
+        joined = join_output(g, y, branch)
         record_adapter(gm, aid, layer, ctx, rule, DoRAMethod.name, names, joined, scaling=s)
 
 
@@ -126,13 +120,11 @@ def _rows(weight: torch.Tensor, layer: Layer) -> torch.Tensor:
 
 
 @register_pass
-class InsertDoRA(RewritePass):
+class InsertDoRA(LayerRewritePass):
     """Inserts a DoRA branch on every layer selected by the given DoRA rules."""
 
     name = "insert_dora"
-
-    def __init__(self, rules: Sequence[DoRA]) -> None:
-        super().__init__([DoRARewrite(r) for r in rules])
+    rewrite_class = DoRARewrite
 
 
 class DoRAMethod(AdapterMethod):

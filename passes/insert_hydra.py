@@ -34,15 +34,15 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from graphpeft.errors import PlanError
-from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapter_id, get_tensor, scoped_tensor_name
+from graphpeft.graph import Layer, Role, get_tensor, scoped_tensor_name
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
-from graphpeft.plan import Rule
+from graphpeft.plan import Rule, check_choice, check_number, check_positive_int, check_probability
 from graphpeft.registry import register_method, register_pass, register_rule
-from graphpeft.rewrite import MatchResult, RewritePass
+from graphpeft.rewrite import MatchResult
 
-from .layer_rewrite import LayerRewrite, layer_generator, layer_input, layer_output, record_adapter
+from .layer_rewrite import (LayerRewrite, LayerRewritePass, adapter_dropout, branch_builder, join_output,
+                            layer_generator, layer_input, record_adapter, tied_weights_reason)
 from .merge_adapters import unmerged_weight
 
 aten = torch.ops.aten
@@ -78,18 +78,10 @@ class Hydra(Rule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for opt in ("par_r", "seq_r"):
-            v = getattr(self, opt)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise PlanError(f"hydra: {opt} must be a positive integer, got {v!r}")
-        for opt in ("scale", "dropout"):
-            v = getattr(self, opt)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                raise PlanError(f"hydra: {opt} must be a finite number, got {v!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise PlanError(f"hydra: dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
-            raise PlanError(f"hydra: init must be one of {list(INITS)}, got {self.init!r}")
+        check_positive_int(self, "par_r", "seq_r")
+        check_number(self, "scale", "dropout", finite=True, what="a finite number")
+        check_probability(self, "dropout")
+        check_choice(self, "init", INITS)
 
     def check(self, layer: Layer) -> Optional[str]:
         if self.par_r > min(layer.in_features, layer.out_features):
@@ -97,10 +89,7 @@ class Hydra(Rule):
                     f"use par_r <= {min(layer.in_features, layer.out_features)}")
         if self.seq_r > layer.out_features:
             return f"seq_r={self.seq_r} is larger than the layer's output ({layer.out_features}); use seq_r <= {layer.out_features}"
-        if layer.shared_with:
-            return (f"its weight {layer.weight} is shared with {layer.shared_with} (tied weights): "
-                    "merging would change both; exclude this layer")
-        return None
+        return tied_weights_reason(layer)
 
 
 class HydraRewrite(LayerRewrite):
@@ -114,27 +103,18 @@ class HydraRewrite(LayerRewrite):
         weight = get_tensor(gm, layer.weight)
         factors = _init_factors(layer, rule, ctx.seed)
         names = {k: scoped_tensor_name(v, ctx.adapter_name) for k, v in tensor_names(layer).items()}
-        aid = adapter_id(layer.path, ctx.adapter_name)
-        prov = Provenance(InsertHydra.name, rule.name, layer.path, adapter=aid)
-        y = layer_output(layer)  # the layer op, or the last adapter joined onto it (named adapters stack)
-        g = GraphBuilder(gm, y, prov)
+        aid, y, g = branch_builder(gm, layer, ctx, InsertHydra.name, rule)
         nodes = {k: g.param(names[k], factors[k].to(weight), Role.ADAPTER) for k in names}
 
         def branch(inp: fx.Node, a: fx.Node, b: fx.Node) -> fx.Node:
-            low = g.call(aten.linear.default, inp, a)
-            if rule.dropout > 0:
-                low = g.call(aten.dropout.default, low, float(rule.dropout), True)
-                low.meta["graphpeft"]["part"] = "dropout"
+            low = adapter_dropout(g, g.call(aten.linear.default, inp, a), rule.dropout)
             return g.call(aten.linear.default, low, b)
 
         par = branch(layer_input(layer), nodes["par_A"], nodes["par_B"])
         # the sequential branch reads the base layer's own output (W x + b), not other adapters'
         seq = branch(layer.node, nodes["seq_A"], nodes["seq_B"])
         scaled = g.call(aten.mul.Tensor, g.call(aten.add.Tensor, par, seq), float(rule.scale))
-        joined = g.call(aten.add.Tensor, y, scaled)
-        joined.meta["graphpeft"]["part"] = "join"
-        # the sequential branch itself reads y when y is the layer op: keep that read
-        y.replace_all_uses_with(joined, delete_user_cb=lambda user: user not in g.created)
+        joined = join_output(g, y, scaled)  # the sequential branch keeps reading y when y is the layer op
         record_adapter(gm, aid, layer, ctx, rule, HydraMethod.name, names, joined, scaling=float(rule.scale),
                        bias=layer.bias)
 
@@ -159,13 +139,11 @@ def _init_factors(layer: Layer, rule: Hydra, seed: int) -> dict[str, torch.Tenso
 
 
 @register_pass
-class InsertHydra(RewritePass):
+class InsertHydra(LayerRewritePass):
     """Inserts a Hydra branch pair on every layer selected by the given Hydra rules."""
 
     name = "insert_hydra"
-
-    def __init__(self, rules: Sequence[Hydra]) -> None:
-        super().__init__([HydraRewrite(r) for r in rules])
+    rewrite_class = HydraRewrite
 
 
 class HydraMethod(AdapterMethod):

@@ -25,11 +25,12 @@ from graphpeft.graph import (GraphBuilder, Layer, Provenance, Role, adapter_id, 
                              scoped_tensor_name)
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
-from graphpeft.plan import Rule, Targets
+from graphpeft.plan import Rule, Targets, check_choice
 from graphpeft.registry import register_method, register_pass, register_rule
-from graphpeft.rewrite import MatchResult, RewritePass
+from graphpeft.rewrite import MatchResult
 
-from .layer_rewrite import LayerRewrite, layer_generator, layer_input, layer_output, record_adapter
+from .layer_rewrite import (LayerRewrite, LayerRewritePass, layer_generator, layer_input, layer_output, record_adapter,
+                            tied_weights_reason)
 
 aten = torch.ops.aten
 
@@ -59,8 +60,7 @@ class IA3(Rule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.init not in INITS:
-            raise PlanError(f"ia3: init must be one of {list(INITS)}, got {self.init!r}")
+        check_choice(self, "init", INITS)
         ff = self.feedforward_modules
         if ff is not None and not isinstance(ff, str):
             if not all(isinstance(t, str) for t in ff):
@@ -72,12 +72,10 @@ class IA3(Rule):
         return self.feedforward_modules is not None and self._path_matches(self.feedforward_modules, layer)
 
     def check(self, layer: Layer) -> Optional[str]:
-        if layer.shared_with:
-            return (f"its weight {layer.weight} is shared with {layer.shared_with} (tied weights): "
-                    "merging would change both; exclude this layer")
-        if layer.kind == "conv" and op_args(layer.node).get("groups", 1) != 1:
-            return "grouped convolutions are not supported by IA3"
-        return None
+        reason = tied_weights_reason(layer)
+        if reason is None and layer.kind == "conv" and op_args(layer.node).get("groups", 1) != 1:
+            reason = "grouped convolutions are not supported by IA3"
+        return reason
 
 
 def vector_shape(layer: Layer, feedforward: bool) -> tuple[int, ...]:
@@ -135,13 +133,11 @@ class IA3Rewrite(LayerRewrite):
 
 
 @register_pass
-class InsertIA3(RewritePass):
+class InsertIA3(LayerRewritePass):
     """Inserts IA3 scaling on every layer selected by the given IA3 rules."""
 
     name = "insert_ia3"
-
-    def __init__(self, rules: Sequence[IA3]) -> None:
-        super().__init__([IA3Rewrite(r) for r in rules])
+    rewrite_class = IA3Rewrite
 
 
 class IA3Method(AdapterMethod):

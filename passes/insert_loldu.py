@@ -32,16 +32,16 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from graphpeft.errors import PlanError
-from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapter_id, get_tensor, scoped_tensor_name
+from graphpeft.graph import Layer, Role, get_tensor, scoped_tensor_name
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
-from graphpeft.plan import Rule
+from graphpeft.plan import Rule, check_choice, check_number, check_positive_int
 from graphpeft.registry import register_method, register_pass, register_rule
-from graphpeft.rewrite import MatchResult, RewritePass
+from graphpeft.rewrite import MatchResult
 
-from .insert_lora_xs import check_rank_and_tying, weight_rows
-from .layer_rewrite import LayerRewrite, layer_generator, layer_input, layer_output, record_adapter
+from .insert_lora_xs import weight_rows
+from .layer_rewrite import (LayerRewrite, LayerRewritePass, branch_builder, check_rank_and_tying, join_output,
+                            layer_generator, layer_input, record_adapter)
 
 aten = torch.ops.aten
 
@@ -73,12 +73,9 @@ class LoLDU(Rule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise PlanError(f"{self.key}: r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool):
-            raise PlanError(f"{self.key}: alpha must be a number, got {self.alpha!r}")
-        if self.init not in INITS:
-            raise PlanError(f"{self.key}: init must be one of {list(INITS)}, got {self.init!r}")
+        check_positive_int(self, "r")
+        check_number(self, "alpha")
+        check_choice(self, "init", INITS)
 
     @property
     def scaling(self) -> float:
@@ -122,10 +119,7 @@ class LoLDURewrite(LayerRewrite):
             z = z + torch.randn(rule.r, generator=gen).to(dtype)
             scale = scale + torch.randn(1, generator=gen).to(dtype)
         names = {k: scoped_tensor_name(v, ctx.adapter_name) for k, v in tensor_names(layer).items()}
-        aid = adapter_id(layer.path, ctx.adapter_name)
-        prov = Provenance(InsertLoLDU.name, rule.name, layer.path, adapter=aid)
-        y = layer_output(layer)  # the layer op, or the last adapter joined onto it (named adapters stack)
-        g = GraphBuilder(gm, y, prov)
+        aid, y, g = branch_builder(gm, layer, ctx, InsertLoLDU.name, rule)
         u_node = g.param(names["U"], unit_upper.to(dtype), Role.ADAPTER_CONST)
         z_node = g.param(names["z"], z, Role.ADAPTER)
         s_node = g.param(names["scale"], scale, Role.ADAPTER)
@@ -134,9 +128,7 @@ class LoLDURewrite(LayerRewrite):
         coef = g.call(aten.sub.Tensor, g.call(aten.mul.Tensor, z_node, s_node), o_node)
         low = g.call(aten.linear.default, layer_input(layer), u_node)  # U'_r x
         up = g.call(aten.linear.default, g.call(aten.mul.Tensor, low, coef), l_node)
-        joined = g.call(aten.add.Tensor, y, up)
-        joined.meta["graphpeft"]["part"] = "join"
-        y.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
+        joined = join_output(g, y, up)
         record_adapter(gm, aid, layer, ctx, rule, LoLDUMethod.name, names, joined, scaling=rule.scaling)
 
 
@@ -146,13 +138,11 @@ def tensor_names(layer: Layer) -> dict[str, str]:
 
 
 @register_pass
-class InsertLoLDU(RewritePass):
+class InsertLoLDU(LayerRewritePass):
     """Inserts a LoLDU branch on every layer selected by the given LoLDU rules."""
 
     name = "insert_loldu"
-
-    def __init__(self, rules: Sequence[LoLDU]) -> None:
-        super().__init__([LoLDURewrite(r) for r in rules])
+    rewrite_class = LoLDURewrite
 
 
 class LoLDUMethod(AdapterMethod):

@@ -24,17 +24,16 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from graphpeft.graph import (GraphBuilder, Layer, Provenance, Role, adapter_id, get_tensor, op_args,
-                             scoped_tensor_name)
+from graphpeft.graph import Layer, Role, get_tensor, op_args, scoped_tensor_name
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
-from graphpeft.plan import Rule
+from graphpeft.plan import Rule, check_bool, check_choice, check_number, check_positive_int, check_probability
 from graphpeft.registry import register_method, register_pass, register_rule
-from graphpeft.rewrite import MatchResult, RewritePass
-from graphpeft.errors import PlanError
+from graphpeft.rewrite import MatchResult
 from graphpeft.task_arithmetic import COMBINATIONS, combine as combine_tensors
 
-from .layer_rewrite import LayerRewrite, layer_generator, layer_output, record_adapter
+from .layer_rewrite import (LayerRewrite, LayerRewritePass, adapter_dropout, branch_builder, check_rank_and_tying,
+                            join_output, layer_generator, layer_input, record_adapter)
 
 aten = torch.ops.aten
 
@@ -68,33 +67,21 @@ class LoRA(Rule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise PlanError(f"{self.key}: r must be a positive integer, got {self.r!r}")
-        for opt in ("alpha", "dropout"):
-            if not isinstance(getattr(self, opt), (int, float)) or isinstance(getattr(self, opt), bool):
-                raise PlanError(f"{self.key}: {opt} must be a number, got {getattr(self, opt)!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise PlanError(f"{self.key}: dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.use_rslora, bool):
-            raise PlanError(f"{self.key}: use_rslora must be true or false, got {self.use_rslora!r}")
-        if self.init not in INITS:
-            raise PlanError(f"{self.key}: init must be one of {list(INITS)}, got {self.init!r}")
+        check_positive_int(self, "r")
+        check_number(self, "alpha", "dropout")
+        check_probability(self, "dropout")
+        check_bool(self, "use_rslora")
+        check_choice(self, "init", INITS)
 
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def check(self, layer: Layer) -> Optional[str]:
-        limit = min(layer.in_features, layer.out_features)
-        if self.r > limit:
-            return (f"rank r={self.r} is larger than the layer ({layer.in_features} -> "
-                    f"{layer.out_features}); use r <= {limit}")
-        if layer.shared_with:
-            return (f"its weight {layer.weight} is shared with {layer.shared_with} (tied weights): "
-                    "merging would change both; exclude this layer")
-        if layer.kind == "conv" and op_args(layer.node).get("groups", 1) != 1:
-            return "grouped convolutions are not supported by LoRA"
-        return None
+        reason = check_rank_and_tying(self.r, layer)
+        if reason is None and layer.kind == "conv" and op_args(layer.node).get("groups", 1) != 1:
+            reason = "grouped convolutions are not supported by LoRA"
+        return reason
 
 
 class LoRARewrite(LayerRewrite):
@@ -110,12 +97,10 @@ class LoRARewrite(LayerRewrite):
         rule = self.rule
         weight = get_tensor(gm, layer.weight)
         a, b = _init_factors(layer, weight, rule, ctx.seed)
-        # several named adapters may adapt one layer: the id and tensor names carry the name
-        aid = adapter_id(layer.path, ctx.adapter_name)
-        prov = Provenance(InsertLoRA.name, rule.name, layer.path, adapter=aid)
+        # several named adapters may adapt one layer: the id and tensor names carry the name, and
+        # out is y or the last adapter joined onto it
+        aid, out, g = branch_builder(gm, layer, ctx, InsertLoRA.name, rule)
         y = layer.node
-        out = layer_output(layer)  # y, or the last adapter joined onto it (named adapters stack)
-        g = GraphBuilder(gm, out, prov)
         names = {k: scoped_tensor_name(v, ctx.adapter_name) for k, v in _tensor_names(layer).items()}
         a_node = g.param(names["A"], a, Role.ADAPTER)
         b_node = g.param(names["B"], b, Role.ADAPTER)
@@ -124,10 +109,7 @@ class LoRARewrite(LayerRewrite):
             low = g.call(aten.embedding.default, a_t, y.args[1], op_args(y)["padding_idx"])
             up = g.call(aten.linear.default, low, b_node)
         else:
-            x = y.args[1] if layer.fan_in_fan_out else y.args[0]  # addmm(bias, x, W)
-            if rule.dropout > 0:
-                x = g.call(aten.dropout.default, x, float(rule.dropout), True)
-                x.meta["graphpeft"]["part"] = "dropout"
+            x = adapter_dropout(g, layer_input(layer), rule.dropout)
             if layer.kind == "conv":
                 conv = y.target
                 c = op_args(y)
@@ -137,9 +119,7 @@ class LoRARewrite(LayerRewrite):
                 low = g.call(aten.linear.default, x, a_node)
                 up = g.call(aten.linear.default, low, b_node)
         scaled = g.call(aten.mul.Tensor, up, rule.scaling)
-        joined = g.call(aten.add.Tensor, out, scaled)
-        joined.meta["graphpeft"]["part"] = "join"
-        out.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
+        joined = join_output(g, out, scaled)
         record_adapter(gm, aid, layer, ctx, rule, LoRAMethod.name, {"A": names["A"], "B": names["B"]}, joined,
                        scaling=rule.scaling)
 
@@ -173,13 +153,11 @@ def _init_factors(layer: Layer, weight: torch.Tensor, rule: LoRA, seed: int) -> 
 
 
 @register_pass
-class InsertLoRA(RewritePass):
+class InsertLoRA(LayerRewritePass):
     """Inserts a LoRA branch on every layer selected by the given LoRA rules."""
 
     name = "insert_lora"
-
-    def __init__(self, rules: Sequence[LoRA]) -> None:
-        super().__init__([LoRARewrite(r) for r in rules])
+    rewrite_class = LoRARewrite
 
 
 class LoRAMethod(AdapterMethod):

@@ -13,21 +13,20 @@ the layer path), B zero. Linear layers only (GPT-2's Conv1D included).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import ClassVar, Sequence
 
 import torch
 import torch.fx as fx
 
-from graphpeft.errors import PlanError
-from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapter_id, get_tensor, scoped_tensor_name
+from graphpeft.graph import Layer, Role, get_tensor, scoped_tensor_name
 from graphpeft.infra import PassContext
-from graphpeft.plan import Rule
+from graphpeft.plan import Rule, check_choice
 from graphpeft.registry import register_method, register_pass, register_rule
-from graphpeft.rewrite import MatchResult, RewritePass
+from graphpeft.rewrite import MatchResult
 
-from .insert_lora import LoRA, LoRAMethod
-from .layer_rewrite import LayerRewrite, layer_generator, layer_input, layer_output, record_adapter
+from .insert_lora import LoRA, LoRAMethod, _init_factors  # LoRA's factors: A Kaiming-uniform, B zero
+from .layer_rewrite import (LayerRewrite, LayerRewritePass, adapter_dropout, branch_builder, join_output, layer_input,
+                            record_adapter)
 
 aten = torch.ops.aten
 
@@ -55,8 +54,7 @@ class LoRAFA(LoRA):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.init not in INITS:  # A is frozen Kaiming-uniform: "gaussian" has no meaning here
-            raise PlanError(f"lora_fa: init must be one of {list(INITS)}, got {self.init!r}")
+        check_choice(self, "init", INITS)  # A is frozen Kaiming-uniform: "gaussian" has no meaning here
 
 
 class LoRAFARewrite(LayerRewrite):
@@ -67,42 +65,25 @@ class LoRAFARewrite(LayerRewrite):
     def rewrite(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> None:
         layer: Layer = match.bindings["layer"]
         rule = self.rule
-        weight = get_tensor(gm, layer.weight)
-        gen = layer_generator(ctx.seed, layer)
-        a = torch.empty(rule.r, layer.in_features)
-        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
-        b = torch.zeros(layer.out_features, rule.r)
-        if rule.init == "random":
-            torch.nn.init.kaiming_uniform_(b, a=math.sqrt(5), generator=gen)
+        a, b = _init_factors(layer, get_tensor(gm, layer.weight), rule, ctx.seed)
         names = {k: scoped_tensor_name(f"{layer.path}.lora_{k}.weight", ctx.adapter_name) for k in ("A", "B")}
-        aid = adapter_id(layer.path, ctx.adapter_name)
-        prov = Provenance(InsertLoRAFA.name, rule.name, layer.path, adapter=aid)
-        y = layer_output(layer)  # the layer op, or the last adapter joined onto it (named adapters stack)
-        g = GraphBuilder(gm, y, prov)
-        a_node = g.param(names["A"], a.to(weight), Role.ADAPTER_CONST)  # the "frozen A"
-        b_node = g.param(names["B"], b.to(weight), Role.ADAPTER)
-        x = layer_input(layer)
-        if rule.dropout > 0:
-            x = g.call(aten.dropout.default, x, float(rule.dropout), True)
-            x.meta["graphpeft"]["part"] = "dropout"
+        aid, y, g = branch_builder(gm, layer, ctx, InsertLoRAFA.name, rule)
+        a_node = g.param(names["A"], a, Role.ADAPTER_CONST)  # the "frozen A"
+        b_node = g.param(names["B"], b, Role.ADAPTER)
+        x = adapter_dropout(g, layer_input(layer), rule.dropout)
         low = g.call(aten.linear.default, x, a_node)
         up = g.call(aten.linear.default, low, b_node)
-        scaled = g.call(aten.mul.Tensor, up, rule.scaling)
-        joined = g.call(aten.add.Tensor, y, scaled)
-        joined.meta["graphpeft"]["part"] = "join"
-        y.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
+        joined = join_output(g, y, g.call(aten.mul.Tensor, up, rule.scaling))
         # the record has LoRA's fields, so LoRA's delta_weight merges it
         record_adapter(gm, aid, layer, ctx, rule, LoRAFAMethod.name, names, joined, scaling=rule.scaling)
 
 
 @register_pass
-class InsertLoRAFA(RewritePass):
+class InsertLoRAFA(LayerRewritePass):
     """Inserts a LoRA-FA branch on every layer selected by the given LoRA-FA rules."""
 
     name = "insert_lora_fa"
-
-    def __init__(self, rules: Sequence[LoRAFA]) -> None:
-        super().__init__([LoRAFARewrite(r) for r in rules])
+    rewrite_class = LoRAFARewrite
 
 
 class LoRAFAMethod(LoRAMethod):

@@ -53,15 +53,15 @@ import torch
 import torch.fx as fx
 
 from graphpeft.errors import PlanError
-from graphpeft.graph import (GraphBuilder, Layer, Provenance, Role, adapter_id, find_layers, get_tensor,
-                             scoped_tensor_name)
+from graphpeft.graph import Layer, Role, find_layers, get_tensor, scoped_tensor_name
 from graphpeft.infra import PassContext, PassResult
 from graphpeft.method import AdapterMethod
-from graphpeft.plan import Rule
+from graphpeft.plan import Rule, check_choice, check_number, check_positive_int, check_probability
 from graphpeft.registry import register_method, register_pass, register_rule
-from graphpeft.rewrite import MatchResult, RewritePass
+from graphpeft.rewrite import MatchResult
 
-from .layer_rewrite import LayerRewrite, layer_generator, layer_input, layer_output, record_adapter
+from .layer_rewrite import (LayerRewrite, LayerRewritePass, adapter_dropout, branch_builder, check_rank_and_tying,
+                            join_output, layer_generator, layer_input, record_adapter)
 from .probe_gradients import probe_weight_gradients
 
 aten = torch.ops.aten
@@ -103,19 +103,14 @@ class LoRAXS(Rule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise PlanError(f"{self.key}: r must be a positive integer, got {self.r!r}")
-        for opt in ("alpha", "dropout", "sb_lr"):
-            if not isinstance(getattr(self, opt), (int, float)) or isinstance(getattr(self, opt), bool):
-                raise PlanError(f"{self.key}: {opt} must be a number, got {getattr(self, opt)!r}")
+        check_positive_int(self, "r")
+        check_number(self, "alpha", "dropout", "sb_lr")
         if float(self.alpha) == 0.0:
             raise PlanError(f"{self.key}: alpha must not be 0 (the branch would be switched off)")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise PlanError(f"{self.key}: dropout must be in [0, 1), got {self.dropout!r}")
+        check_probability(self, "dropout")
         if float(self.sb_lr) <= 0.0:
             raise PlanError(f"{self.key}: sb_lr must be positive, got {self.sb_lr!r}")
-        if self.init not in INITS:
-            raise PlanError(f"{self.key}: init must be one of {list(INITS)}, got {self.init!r}")
+        check_choice(self, "init", INITS)
 
     @property
     def scaling(self) -> float:
@@ -123,19 +118,6 @@ class LoRAXS(Rule):
 
     def check(self, layer: Layer) -> Optional[str]:
         return check_rank_and_tying(self.r, layer)
-
-
-def check_rank_and_tying(r: Optional[int], layer: Layer) -> Optional[str]:
-    """The checks every weight-decomposing method shares: the rank fits the layer and the weight
-    is not tied to another layer's (merging would change both)."""
-    limit = min(layer.in_features, layer.out_features)
-    if r is not None and r > limit:
-        return (f"rank r={r} is larger than the layer ({layer.in_features} -> {layer.out_features}); "
-                f"use r <= {limit}")
-    if layer.shared_with:
-        return (f"its weight {layer.weight} is shared with {layer.shared_with} (tied weights): "
-                "merging would change both; exclude this layer")
-    return None
 
 
 # -- decompositions (float64, deterministic) -------------------------------------------------------
@@ -197,24 +179,15 @@ class LoRAXSRewrite(LayerRewrite):
         weight = get_tensor(gm, layer.weight)
         a, b, core = lora_xs_factors(weight, layer, rule, ctx.seed, self.gradients.get(layer.weight))
         names = {k: scoped_tensor_name(v, ctx.adapter_name) for k, v in tensor_names(layer).items()}
-        aid = adapter_id(layer.path, ctx.adapter_name)
-        prov = Provenance(InsertLoRAXS.name, rule.name, layer.path, adapter=aid)
-        y = layer_output(layer)  # the layer op, or the last adapter joined onto it (named adapters stack)
-        g = GraphBuilder(gm, y, prov)
+        aid, y, g = branch_builder(gm, layer, ctx, InsertLoRAXS.name, rule)
         a_node = g.param(names["A"], a.to(weight.dtype).contiguous(), Role.ADAPTER_CONST)
         r_node = g.param(names["R"], core.to(weight.dtype).contiguous(), Role.ADAPTER)
         b_node = g.param(names["B"], b.to(weight.dtype).contiguous(), Role.ADAPTER_CONST)
-        x = layer_input(layer)
-        if rule.dropout > 0:
-            x = g.call(aten.dropout.default, x, float(rule.dropout), True)
-            x.meta["graphpeft"]["part"] = "dropout"
+        x = adapter_dropout(g, layer_input(layer), rule.dropout)
         low = g.call(aten.linear.default, x, a_node)  # (.., r): A x
         mixed = g.call(aten.linear.default, low, r_node)  # R A x
         up = g.call(aten.linear.default, mixed, b_node)  # B R A x
-        scaled = g.call(aten.mul.Tensor, up, rule.scaling)
-        joined = g.call(aten.add.Tensor, y, scaled)
-        joined.meta["graphpeft"]["part"] = "join"
-        y.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
+        joined = join_output(g, y, g.call(aten.mul.Tensor, up, rule.scaling))
         record_adapter(gm, aid, layer, ctx, rule, LoRAXSMethod.name, names, joined, scaling=rule.scaling)
 
 
@@ -225,15 +198,13 @@ def tensor_names(layer: Layer) -> dict[str, str]:
 
 
 @register_pass
-class InsertLoRAXS(RewritePass):
+class InsertLoRAXS(LayerRewritePass):
     """Inserts a LoRA-XS branch on every layer selected by the given rules; for ``init="sb"``
     rules it first probes the weights' gradients (one forward and backward, before any branch
     of this pass exists)."""
 
     name = "insert_lora_xs"
-
-    def __init__(self, rules: Sequence[LoRAXS]) -> None:
-        super().__init__([LoRAXSRewrite(r) for r in rules])
+    rewrite_class = LoRAXSRewrite
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         sb = [rw for rw in self.rules if isinstance(rw, LoRAXSRewrite) and rw.rule.init == "sb"]

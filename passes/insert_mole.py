@@ -54,14 +54,15 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from graphpeft.errors import PlanError
-from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapter_id, adapters, get_tensor, scoped_tensor_name
+from graphpeft.graph import Layer, Role, adapters, get_tensor, scoped_tensor_name
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
-from graphpeft.plan import Rule
+from graphpeft.plan import Rule, check_choice, check_number, check_positive_int, check_probability
 from graphpeft.registry import register_method, register_pass, register_rule
-from graphpeft.rewrite import MatchResult, RewritePass
+from graphpeft.rewrite import MatchResult
 
-from .layer_rewrite import LayerRewrite, layer_generator, layer_input, layer_output, record_adapter
+from .layer_rewrite import (LayerRewrite, LayerRewritePass, adapter_dropout, branch_builder, join_output,
+                            layer_generator, layer_input, rank_reason, record_adapter, tied_weights_reason)
 
 aten = torch.ops.aten
 
@@ -108,24 +109,16 @@ class MoLE(Rule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for opt in ("num_experts", "top_k", "r"):
-            v = getattr(self, opt)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise PlanError(f"mole: {opt} must be a positive integer, got {v!r}")
+        check_positive_int(self, "num_experts", "top_k", "r")
         if self.top_k > self.num_experts:
             raise PlanError(f"mole: top_k={self.top_k} is larger than num_experts={self.num_experts}; "
                             f"route to at most num_experts experts")
-        for opt in ("alpha", "dropout", "router_init_range", "router_aux_loss_coef"):
-            v = getattr(self, opt)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                raise PlanError(f"mole: {opt} must be a number, got {v!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise PlanError(f"mole: dropout must be in [0, 1), got {self.dropout!r}")
+        check_number(self, "alpha", "dropout", "router_init_range", "router_aux_loss_coef", finite=True)
+        check_probability(self, "dropout")
         if self.router_init_range < 0 or self.router_aux_loss_coef < 0:
             raise PlanError("mole: router_init_range and router_aux_loss_coef must be >= 0, got "
                             f"{self.router_init_range!r} and {self.router_aux_loss_coef!r}")
-        if self.init not in INITS:
-            raise PlanError(f"mole: init must be one of {list(INITS)}, got {self.init!r}")
+        check_choice(self, "init", INITS)
 
     @property
     def scaling(self) -> float:
@@ -133,14 +126,8 @@ class MoLE(Rule):
         return self.alpha / self.r
 
     def check(self, layer: Layer) -> Optional[str]:
-        limit = min(layer.in_features, layer.out_features)
-        if self.r > limit:
-            return (f"rank r={self.r} is larger than the layer ({layer.in_features} -> "
-                    f"{layer.out_features}); use r <= {limit}")
-        if layer.shared_with:
-            return (f"its weight {layer.weight} is shared with {layer.shared_with} (tied weights); "
-                    "exclude this layer")
-        return None
+        # MoLE is never merged, so the tied-weights reason names no merge consequence
+        return rank_reason(self.r, layer) or tied_weights_reason(layer, consequence=None)
 
 
 def tensor_names(layer: Layer) -> dict[str, str]:
@@ -179,10 +166,7 @@ class MoLERewrite(LayerRewrite):
         e, k, r = rule.num_experts, rule.top_k, rule.r
         values = init_tensors(layer, rule, ctx.seed)
         names = {key: scoped_tensor_name(v, ctx.adapter_name) for key, v in tensor_names(layer).items()}
-        aid = adapter_id(layer.path, ctx.adapter_name)
-        prov = Provenance(InsertMoLE.name, rule.name, layer.path, adapter=aid)
-        out = layer_output(layer)  # the op, or the last adapter joined onto it (named adapters stack)
-        g = GraphBuilder(gm, out, prov)
+        aid, out, g = branch_builder(gm, layer, ctx, InsertMoLE.name, rule)
         router = g.param(names["router"], values["router"].to(weight), Role.ADAPTER)
         a = g.param(names["A"], values["A"].to(weight), Role.ADAPTER)
         b = g.param(names["B"], values["B"].to(weight), Role.ADAPTER)
@@ -199,9 +183,7 @@ class MoLERewrite(LayerRewrite):
         gates = g.call(aten.scatter.src, g.call(aten.zeros_like.default, probs), -1, top_i, top_w)
 
         # experts, dense: (..., E·r) low-rank activations, gated per expert, one up-projection
-        if rule.dropout > 0:
-            x = g.call(aten.dropout.default, x, float(rule.dropout), True)
-            x.meta["graphpeft"]["part"] = "dropout"
+        x = adapter_dropout(g, x, rule.dropout)
         a_cat = g.call(aten.view.default, a, [e * r, layer.in_features])
         low = g.call(aten.unflatten.int, g.call(aten.linear.default, x, a_cat), -1, [e, r])
         gated = g.call(aten.mul.Tensor, low, g.call(aten.unsqueeze.default, gates, -1))
@@ -209,21 +191,17 @@ class MoLERewrite(LayerRewrite):
         # B (out, E, r) -> (out, E·r): columns in the expert-major order of A_cat's rows
         b_cat = g.call(aten.view.default, b, [layer.out_features, e * r])
         up = g.call(aten.mul.Tensor, g.call(aten.linear.default, gated, b_cat), rule.scaling)
-        joined = g.call(aten.add.Tensor, out, up)
-        joined.meta["graphpeft"]["part"] = "join"
-        out.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
+        joined = join_output(g, out, up)
         record_adapter(gm, aid, layer, ctx, rule, MoLEMethod.name, names, joined, scaling=rule.scaling,
                        num_experts=e, top_k=k, router_logits=logits.name)
 
 
 @register_pass
-class InsertMoLE(RewritePass):
+class InsertMoLE(LayerRewritePass):
     """Inserts routed LoRA experts on every layer selected by the given MoLE rules."""
 
     name = "insert_mole"
-
-    def __init__(self, rules: Sequence[MoLE]) -> None:
-        super().__init__([MoLERewrite(r) for r in rules])
+    rewrite_class = MoLERewrite
 
 
 class MoLEMethod(AdapterMethod):

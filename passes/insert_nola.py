@@ -34,16 +34,15 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from graphpeft.errors import PlanError
-from graphpeft.graph import (GraphBuilder, Layer, Provenance, Role, adapter_id, get_tensor, register_tensor, roles,
-                             scoped_tensor_name)
+from graphpeft.graph import Layer, Role, get_tensor, register_tensor, roles, scoped_tensor_name
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
-from graphpeft.plan import Rule
+from graphpeft.plan import Rule, check_choice, check_int, check_number, check_positive_int, check_probability
 from graphpeft.registry import register_method, register_pass, register_rule
-from graphpeft.rewrite import MatchResult, RewritePass
+from graphpeft.rewrite import MatchResult
 
-from .layer_rewrite import LayerRewrite, layer_generator, layer_input, layer_output, record_adapter
+from .layer_rewrite import (LayerRewrite, LayerRewritePass, adapter_dropout, branch_builder, join_output,
+                            layer_generator, layer_input, rank_reason, record_adapter, tied_weights_reason)
 
 aten = torch.ops.aten
 
@@ -85,29 +84,19 @@ class NOLA(Rule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for opt in ("r", "num_basis_A", "num_basis_B"):
-            value = getattr(self, opt)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise PlanError(f"nola: {opt} must be a positive integer, got {value!r}")
-        for opt in ("alpha", "dropout"):
-            if not isinstance(getattr(self, opt), (int, float)) or isinstance(getattr(self, opt), bool):
-                raise PlanError(f"nola: {opt} must be a number, got {getattr(self, opt)!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise PlanError(f"nola: dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
-            raise PlanError(f"nola: projection_prng_key must be an integer, got {self.projection_prng_key!r}")
-        if self.init not in INITS:
-            raise PlanError(f"nola: init must be one of {list(INITS)}, got {self.init!r}")
+        check_positive_int(self, "r", "num_basis_A", "num_basis_B")
+        check_number(self, "alpha", "dropout")
+        check_probability(self, "dropout")
+        check_int(self, "projection_prng_key")
+        check_choice(self, "init", INITS)
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
 
     def check(self, layer: Layer) -> Optional[str]:
-        limit = min(layer.in_features, layer.out_features)
-        if self.r > limit:
-            return (f"rank r={self.r} is larger than the layer ({layer.in_features} -> "
-                    f"{layer.out_features}); use r <= {limit}")
+        if (reason := rank_reason(self.r, layer)) is not None:
+            return reason
         # more bases than entries span nothing new but cost (k, r, in) floats: refuse rather
         # than silently build huge constants on a small layer
         if self.num_basis_A > self.r * layer.in_features:
@@ -116,10 +105,7 @@ class NOLA(Rule):
         if self.num_basis_B > self.r * layer.out_features:
             return (f"num_basis_B={self.num_basis_B} exceeds the {self.r * layer.out_features} entries of B "
                     f"(out x r = {layer.out_features} x {self.r}); use num_basis_B <= {self.r * layer.out_features}")
-        if layer.shared_with:
-            return (f"its weight {layer.weight} is shared with {layer.shared_with} (tied weights): "
-                    "merging would change both; exclude this layer")
-        return None
+        return tied_weights_reason(layer)
 
 
 def basis_names(rule: NOLA, layer: Layer) -> dict[str, str]:
@@ -167,10 +153,7 @@ class NOLARewrite(LayerRewrite):
         else:
             alpha, beta = torch.zeros(k), torch.zeros(l)
         names = {key: scoped_tensor_name(v, ctx.adapter_name) for key, v in tensor_names(layer).items()}
-        aid = adapter_id(layer.path, ctx.adapter_name)
-        prov = Provenance(InsertNOLA.name, rule.name, layer.path, adapter=aid)
-        y = layer_output(layer)  # the layer op, or the last adapter joined onto it (named adapters stack)
-        g = GraphBuilder(gm, y, prov)
+        aid, y, g = branch_builder(gm, layer, ctx, InsertNOLA.name, rule)
         alpha_node = g.param(names["alpha"], alpha.to(weight), Role.ADAPTER)
         beta_node = g.param(names["beta"], beta.to(weight), Role.ADAPTER)
         a0 = g.param(names["A0"], frozen_a(rule, layer).to(weight), Role.ADAPTER_CONST)
@@ -181,15 +164,9 @@ class NOLARewrite(LayerRewrite):
         flat_b = g.call(aten.view.default, g.attr(bases["bases_B"]), [l, n_out * r])
         mix_b = g.call(aten.mm.default, g.call(aten.unsqueeze.default, beta_node, 0), flat_b)
         b = g.call(aten.view.default, mix_b, [n_out, r])
-        x = layer_input(layer)
-        if rule.dropout > 0:
-            x = g.call(aten.dropout.default, x, float(rule.dropout), True)
-            x.meta["graphpeft"]["part"] = "dropout"
+        x = adapter_dropout(g, layer_input(layer), rule.dropout)
         up = g.call(aten.linear.default, g.call(aten.linear.default, x, a), b)
-        scaled = g.call(aten.mul.Tensor, up, rule.scaling)
-        joined = g.call(aten.add.Tensor, y, scaled)
-        joined.meta["graphpeft"]["part"] = "join"
-        y.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
+        joined = join_output(g, y, g.call(aten.mul.Tensor, up, rule.scaling))
         record_adapter(gm, aid, layer, ctx, rule, NOLAMethod.name, {**names, **bases}, joined, scaling=rule.scaling)
 
 
@@ -199,14 +176,12 @@ def tensor_names(layer: Layer) -> dict[str, str]:
 
 
 @register_pass
-class InsertNOLA(RewritePass):
+class InsertNOLA(LayerRewritePass):
     """Inserts a NOLA branch on every layer selected by the given NOLA rules (registering each
     basis shape once; rules may differ in every option)."""
 
     name = "insert_nola"
-
-    def __init__(self, rules: Sequence[NOLA]) -> None:
-        super().__init__([NOLARewrite(r) for r in rules])
+    rewrite_class = NOLARewrite
 
 
 class NOLAMethod(AdapterMethod):

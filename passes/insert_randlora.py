@@ -33,16 +33,16 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from graphpeft.errors import PassError, PlanError
-from graphpeft.graph import (GraphBuilder, Layer, Provenance, Role, adapter_id, find_layers, get_tensor,
-                             register_tensor, remove_tensor, roles, scoped_tensor_name)
-from graphpeft.infra import PassContext, PassResult
-from graphpeft.method import AdapterMethod
-from graphpeft.plan import Rule
-from graphpeft.registry import register_method, register_pass, register_rule
-from graphpeft.rewrite import MatchResult, RewritePass
+from graphpeft.graph import Layer, Role, get_tensor, scoped_tensor_name
+from graphpeft.infra import PassContext
 
-from .layer_rewrite import LayerRewrite, layer_generator, layer_input, layer_output, record_adapter
+from graphpeft.plan import (Rule, check_bool, check_choice, check_int, check_number, check_positive_int,
+                            check_probability)
+from graphpeft.registry import register_method, register_pass, register_rule
+from graphpeft.rewrite import MatchResult
+
+from .layer_rewrite import (LayerRewrite, SharedTensorsMethod, SharedTensorsPass, adapter_dropout, branch_builder,
+                            join_output, layer_generator, layer_input, record_adapter, tied_weights_reason)
 
 aten = torch.ops.aten
 
@@ -88,30 +88,19 @@ class RandLoRA(Rule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise PlanError(f"randlora: r must be a positive integer, got {self.r!r}")
-        for opt in ("alpha", "dropout"):
-            if not isinstance(getattr(self, opt), (int, float)) or isinstance(getattr(self, opt), bool):
-                raise PlanError(f"randlora: {opt} must be a number, got {getattr(self, opt)!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise PlanError(f"randlora: dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
-            raise PlanError(f"randlora: projection_prng_key must be an integer, got {self.projection_prng_key!r}")
-        for opt in ("sparse", "very_sparse"):
-            if not isinstance(getattr(self, opt), bool):
-                raise PlanError(f"randlora: {opt} must be true or false, got {getattr(self, opt)!r}")
-        if self.init not in INITS:
-            raise PlanError(f"randlora: init must be one of {list(INITS)}, got {self.init!r}")
+        check_positive_int(self, "r")
+        check_number(self, "alpha", "dropout")
+        check_probability(self, "dropout")
+        check_int(self, "projection_prng_key")
+        check_bool(self, "sparse", "very_sparse")
+        check_choice(self, "init", INITS)
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
 
     def check(self, layer: Layer) -> Optional[str]:
-        if layer.shared_with:
-            return (f"its weight {layer.weight} is shared with {layer.shared_with} (tied weights): "
-                    "merging would change both; exclude this layer")
-        return None
+        return tied_weights_reason(layer)
 
 
 def num_bases(min_dim: int, r: int) -> int:
@@ -165,10 +154,7 @@ class RandLoRARewrite(LayerRewrite):
         n = num_bases(d, r)
         lam, gam = _init_scalings(layer, rule, ctx.seed, n, d)
         names = {k: scoped_tensor_name(v, ctx.adapter_name) for k, v in tensor_names(layer).items()}
-        aid = adapter_id(layer.path, ctx.adapter_name)
-        prov = Provenance(InsertRandLoRA.name, rule.name, layer.path, adapter=aid)
-        y = layer_output(layer)  # the layer op, or the last adapter joined onto it (named adapters stack)
-        g = GraphBuilder(gm, y, prov)
+        aid, y, g = branch_builder(gm, layer, ctx, InsertRandLoRA.name, rule)
         lam_node = g.param(names["lambda"], lam.to(weight), Role.ADAPTER)
         gam_node = g.param(names["gamma"], gam.to(weight), Role.ADAPTER)
         a = g.attr(shared_a)
@@ -186,20 +172,14 @@ class RandLoRARewrite(LayerRewrite):
         u_a = g.call(aten.view.default, scaled, [r * n, d])
         # a basis slice of B is not contiguous: reshape, not view
         u_b = g.call(aten.reshape.default, b, [big_d, n * r])
-        x = layer_input(layer)
-        if rule.dropout > 0:
-            x = g.call(aten.dropout.default, x, float(rule.dropout), True)
-            x.meta["graphpeft"]["part"] = "dropout"
+        x = adapter_dropout(g, layer_input(layer), rule.dropout)
         if layer.in_features <= layer.out_features:  # U_A reads the input (PEFT: min_dim == in_features)
             low = g.call(aten.linear.default, x, u_a)
             up = g.call(aten.linear.default, low, u_b)
         else:
             low = g.call(aten.linear.default, x, g.call(aten.t.default, u_b))
             up = g.call(aten.linear.default, low, g.call(aten.t.default, u_a))
-        scaled_up = g.call(aten.mul.Tensor, up, rule.scaling)
-        joined = g.call(aten.add.Tensor, y, scaled_up)
-        joined.meta["graphpeft"]["part"] = "join"
-        y.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
+        joined = join_output(g, y, g.call(aten.mul.Tensor, up, rule.scaling))
         record_adapter(gm, aid, layer, ctx, rule, RandLoRAMethod.name, {**names, "A": shared_a, "B": shared_b},
                        joined, scaling=rule.scaling, num_bases=n)
 
@@ -218,78 +198,43 @@ def tensor_names(layer: Layer) -> dict[str, str]:
 
 
 @register_pass
-class InsertRandLoRA(RewritePass):
+class InsertRandLoRA(SharedTensorsPass):
     """Creates the shared bases, then inserts a RandLoRA branch on every selected layer.
 
-    All RandLoRA rules of a plan share one ``randlora_A`` / ``randlora_B``, so they must agree
-    on ``r``, ``projection_prng_key``, ``sparse`` and ``very_sparse`` (one PEFT config holds one
-    of each).
+    All RandLoRA rules of a plan share one ``randlora_A`` / ``randlora_B`` (per adapter name,
+    PEFT's ``base_model.randlora_A.<adapter name>``, sized as PEFT's ``_find_dim``), so they must
+    agree on ``r``, ``projection_prng_key``, ``sparse`` and ``very_sparse`` (one PEFT config holds
+    one of each).
     """
 
     name = "insert_randlora"
+    rewrite_class = RandLoRARewrite
+    shared_names = (SHARED_A, SHARED_B)
+    shared_options = ("r", "projection_prng_key", "sparse", "very_sparse")
+    label = "RandLoRA"
+    shared_noun = "bases"
 
-    def __init__(self, rules: Sequence[RandLoRA]) -> None:
-        rules = list(rules)
-        if len({_basis_options(r) for r in rules}) > 1:
-            raise PlanError("randlora: every RandLoRA rule of a plan shares one randlora_A/randlora_B, so they need "
-                            "the same r, projection_prng_key, sparse and very_sparse; got "
-                            f"{[(r.name, *_basis_options(r)) for r in rules]}")
-        super().__init__([RandLoRARewrite(r) for r in rules])
-
-    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        if not self.rules:
-            return PassResult(gm, False)
-        # each adapter name has its own bases (PEFT: base_model.randlora_A.<adapter name>)
-        shared_a, shared_b = (scoped_tensor_name(n, ctx.adapter_name) for n in (SHARED_A, SHARED_B))
-        if shared_a in roles(gm) or shared_b in roles(gm):
-            raise PassError(self.name, f"adapter {ctx.adapter_name!r} already has RandLoRA bases; one RandLoRA pass "
-                            "per adapter name")
-        # PEFT sizes the bases by the largest (out, in) over the targeted layers (_find_dim)
-        chosen = [l for l in find_layers(gm)
-                  if any(r.rule.select(l) is None and r.rule.check(l) is None for r in self.rules)]
-        if not chosen:
-            return super().call(gm, ctx)  # nothing to adapt: the rewrites report why
-        rule: RandLoRA = self.rules[0].rule
-        max_in = max(l.in_features for l in chosen)
-        max_out = max(l.out_features for l in chosen)
-        a, b = shared_bases(rule.r, max_out, max_in, rule.projection_prng_key, rule.sparse, rule.very_sparse)
-        like = get_tensor(gm, chosen[0].weight)
-        register_tensor(gm, shared_a, a.to(like), Role.ADAPTER_CONST)
-        register_tensor(gm, shared_b, b.to(like), Role.ADAPTER_CONST)
-        result = super().call(gm, ctx)
-        if not result.modified:  # every layer declined at check: leave no orphan tensors
-            remove_tensor(gm, shared_a)
-            remove_tensor(gm, shared_b)
-        return result
+    def make_shared(self, rule: RandLoRA, max_in: int,  # type: ignore[override]
+                    max_out: int) -> tuple[torch.Tensor, ...]:
+        return shared_bases(rule.r, max_out, max_in, rule.projection_prng_key, rule.sparse, rule.very_sparse)
 
 
-def _basis_options(rule: RandLoRA) -> tuple[int, int, bool, bool]:
-    return rule.r, rule.projection_prng_key, rule.sparse, rule.very_sparse
-
-
-class RandLoRAMethod(AdapterMethod):
+class RandLoRAMethod(SharedTensorsMethod):
     """RandLoRA for the core: additive merge ``ΔW = scaling · U_B U_A`` (``U_Aᵀ U_Bᵀ`` when
     ``in > out``), PEFT interop under ``peft_type`` ``RANDLORA``."""
 
     name = "randlora"
     rule = RandLoRA
+    shared_names = InsertRandLoRA.shared_names
     peft_type = "RANDLORA"
     peft_options = {"r": "r", "alpha": "randlora_alpha", "dropout": "randlora_dropout",
                     "projection_prng_key": "projection_prng_key", "sparse": "sparse", "very_sparse": "very_sparse"}
-
-    def peft_key(self, tensor_name: str) -> str:
-        # PEFT keeps the shared bases on the tuner, not on a layer
-        return f"base_model.{tensor_name}" if tensor_name in (SHARED_A, SHARED_B) else super().peft_key(tensor_name)
 
     def peft_aliases(self, records: Sequence[dict[str, Any]]) -> dict[str, str]:
         """PEFT's file repeats the shared bases under every adapted layer (each layer holds a
         reference to the tuner's buffers): ``<layer>.randlora_A`` -> ``base_model.randlora_A``."""
         return {f"base_model.model.{rec['layer']}.{shared}": f"base_model.{shared}"
-                for rec in records for shared in (SHARED_A, SHARED_B)}
-
-    def peft_export_config(self, config: dict[str, Any], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        config["save_projection"] = True  # the file holds the bases: nothing relies on PRNG equality
-        return config
+                for rec in records for shared in self.shared_names}
 
     def make_pass(self, rules: Sequence[Rule]) -> InsertRandLoRA:
         return InsertRandLoRA([r for r in rules if isinstance(r, RandLoRA)])

@@ -50,11 +50,11 @@ from graphpeft.errors import PlanError
 from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapter_id, find_layers, get_tensor, scoped_tensor_name
 from graphpeft.infra import PassContext, PassResult
 from graphpeft.method import AdapterMethod
-from graphpeft.plan import Rule
+from graphpeft.plan import Rule, check_choice, check_int, check_positive_int
 from graphpeft.registry import register_method, register_pass, register_rule
 from graphpeft.rewrite import MatchResult, RewritePass
 
-from .layer_rewrite import LayerRewrite, layer_generator, layer_weight, record_adapter
+from .layer_rewrite import LayerRewrite, layer_generator, layer_weight, record_adapter, tied_weights_reason
 from .probe_gradients import probe_weight_gradients
 
 aten = torch.ops.aten
@@ -94,17 +94,13 @@ class SHiRA(Rule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise PlanError(f"shira: r must be a positive integer, got {self.r!r}")
-        if self.mask_type not in MASKS:
-            raise PlanError(f"shira: mask_type must be one of {list(MASKS)}, got {self.mask_type!r}")
-        if self.random_seed is not None and (not isinstance(self.random_seed, int) or isinstance(self.random_seed, bool)):
-            raise PlanError(f"shira: random_seed must be an integer or null, got {self.random_seed!r}")
+        check_positive_int(self, "r")
+        check_choice(self, "mask_type", MASKS)
+        check_int(self, "random_seed", optional=True)
         if self.random_seed is not None and self.mask_type != "random":
             raise PlanError(f"shira: random_seed seeds the random mask, but mask_type={self.mask_type!r} is chosen "
                             "from the weight (and the probe batch), not drawn: leave random_seed unset")
-        if self.init not in INITS:
-            raise PlanError(f"shira: init must be one of {list(INITS)}, got {self.init!r}")
+        check_choice(self, "init", INITS)
 
     def num_entries(self, layer: Layer) -> int:
         return self.r * (layer.in_features + layer.out_features)
@@ -115,10 +111,7 @@ class SHiRA(Rule):
                     f"{layer.in_features * layer.out_features} weights; use a smaller r")
         if layer.fan_in_fan_out:
             return "SHiRA adapts weights stored (out, in) only (GPT-2's Conv1D stores (in, out)), as in PEFT"
-        if layer.shared_with:
-            return (f"its weight {layer.weight} is shared with {layer.shared_with} (tied weights): "
-                    "merging would change both; exclude this layer")
-        return None
+        return tied_weights_reason(layer)
 
 
 def random_mask_indices(out_features: int, in_features: int, count: int, generator: torch.Generator) -> torch.Tensor:

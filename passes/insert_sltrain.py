@@ -46,19 +46,16 @@ from graphpeft.errors import PlanError
 from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapter_id, get_tensor, scoped_tensor_name
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
-from graphpeft.plan import Rule
+from graphpeft.plan import Rule, check_choice, check_int, check_number, check_positive_int, is_number
 from graphpeft.registry import register_method, register_pass, register_rule
-from graphpeft.rewrite import MatchResult, RewritePass
+from graphpeft.rewrite import MatchResult
 
-from .layer_rewrite import LayerRewrite, layer_generator, layer_weight, record_adapter
+from .layer_rewrite import (LayerRewrite, LayerRewritePass, layer_generator, layer_weight, rank_reason, record_adapter,
+                            tied_weights_reason)
 
 aten = torch.ops.aten
 
 INITS = ("default", "uniform", "random")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @register_rule
@@ -92,17 +89,13 @@ class SLTrain(Rule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise PlanError(f"sltrain: r must be a positive integer, got {self.r!r}")
-        if not _is_number(self.alpha):
-            raise PlanError(f"sltrain: alpha must be a number, got {self.alpha!r}")
-        if not _is_number(self.density) or not 0.0 < float(self.density) < 1.0:
+        check_positive_int(self, "r")
+        check_number(self, "alpha")
+        if not is_number(self.density) or not 0.0 < float(self.density) < 1.0:
             raise PlanError(f"sltrain: density must be a number in (0, 1) (the share of entries in the sparse "
                             f"support; the paper uses 0.03), got {self.density!r}")
-        if self.random_seed is not None and (not isinstance(self.random_seed, int) or isinstance(self.random_seed, bool)):
-            raise PlanError(f"sltrain: random_seed must be an integer or null, got {self.random_seed!r}")
-        if self.init not in INITS:
-            raise PlanError(f"sltrain: init must be one of {list(INITS)}, got {self.init!r}")
+        check_int(self, "random_seed", optional=True)
+        check_choice(self, "init", INITS)
 
     @property
     def scaling(self) -> float:
@@ -114,17 +107,12 @@ class SLTrain(Rule):
         return int(float(self.density) * layer.out_features * layer.in_features)
 
     def check(self, layer: Layer) -> Optional[str]:
-        limit = min(layer.in_features, layer.out_features)
-        if self.r > limit:
-            return (f"rank r={self.r} is larger than the layer ({layer.in_features} -> "
-                    f"{layer.out_features}); use r <= {limit}")
+        if (reason := rank_reason(self.r, layer)) is not None:
+            return reason
         if self.num_entries(layer) < 1:
             return (f"density={self.density} gives no sparse entry on this {layer.out_features} x "
                     f"{layer.in_features} weight; use a larger density")
-        if layer.shared_with:
-            return (f"its weight {layer.weight} is shared with {layer.shared_with} (tied weights): "
-                    "merging would change both; exclude this layer")
-        return None
+        return tied_weights_reason(layer)
 
 
 def sparse_support(numel: int, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -196,13 +184,11 @@ def tensor_names(layer: Layer) -> dict[str, str]:
 
 
 @register_pass
-class InsertSLTrain(RewritePass):
+class InsertSLTrain(LayerRewritePass):
     """Inserts an SLTrain update on every layer selected by the given SLTrain rules."""
 
     name = "insert_sltrain"
-
-    def __init__(self, rules: Sequence[SLTrain]) -> None:
-        super().__init__([SLTrainRewrite(r) for r in rules])
+    rewrite_class = SLTrainRewrite
 
 
 class SLTrainMethod(AdapterMethod):

@@ -40,16 +40,17 @@ import torch
 import torch.fx as fx
 
 from graphpeft.errors import PlanError
-from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapter_id, adapters, get_tensor, scoped_tensor_name
+from graphpeft.graph import Layer, Role, adapters, get_tensor, scoped_tensor_name
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
-from graphpeft.plan import Rule
+from graphpeft.plan import Rule, check_choice, is_number
 from graphpeft.registry import register_method, register_pass, register_rule
-from graphpeft.rewrite import MatchResult, RewritePass
+from graphpeft.rewrite import MatchResult
 from graphpeft.training import apply_after_update
 
 from .insert_lora import LoRA, _init_factors  # same factors and initialisation as LoRA
-from .layer_rewrite import LayerRewrite, layer_generator, layer_input, layer_output, record_adapter
+from .layer_rewrite import (LayerRewrite, LayerRewritePass, adapter_dropout, branch_builder, join_output,
+                            layer_generator, layer_input, record_adapter)
 
 if TYPE_CHECKING:
     from graphpeft.compiled import CompiledModel
@@ -90,10 +91,9 @@ class SoRA(LoRA):
     def __post_init__(self) -> None:
         super().__post_init__()
         lam = self.sparse_lambda
-        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam) or lam < 0:
+        if not is_number(lam) or not math.isfinite(lam) or lam < 0:
             raise PlanError(f"sora: sparse_lambda must be a finite number >= 0, got {lam!r}")
-        if self.gate_init not in GATE_INITS:
-            raise PlanError(f"sora: gate_init must be one of {list(GATE_INITS)}, got {self.gate_init!r}")
+        check_choice(self, "gate_init", GATE_INITS)
 
 
 class SoRARewrite(LayerRewrite):
@@ -113,24 +113,15 @@ class SoRARewrite(LayerRewrite):
             gen = layer_generator(ctx.seed + 1, layer)
             gate = torch.randn(rule.r, generator=gen)
         names = {k: scoped_tensor_name(v, ctx.adapter_name) for k, v in tensor_names(layer).items()}
-        aid = adapter_id(layer.path, ctx.adapter_name)
-        prov = Provenance(InsertSoRA.name, rule.name, layer.path, adapter=aid)
-        y = layer_output(layer)  # the layer op, or the last adapter joined onto it (named adapters stack)
-        g = GraphBuilder(gm, y, prov)
+        aid, y, g = branch_builder(gm, layer, ctx, InsertSoRA.name, rule)
         a_node = g.param(names["A"], a, Role.ADAPTER)
         b_node = g.param(names["B"], b, Role.ADAPTER)
         gate_node = g.param(names["gate"], gate.to(weight), Role.ADAPTER)
-        x = layer_input(layer)
-        if rule.dropout > 0:
-            x = g.call(aten.dropout.default, x, float(rule.dropout), True)
-            x.meta["graphpeft"]["part"] = "dropout"
+        x = adapter_dropout(g, layer_input(layer), rule.dropout)
         low = g.call(aten.linear.default, x, a_node)
         gated = g.call(aten.mul.Tensor, low, gate_node)
         up = g.call(aten.linear.default, gated, b_node)
-        scaled = g.call(aten.mul.Tensor, up, rule.scaling)
-        joined = g.call(aten.add.Tensor, y, scaled)
-        joined.meta["graphpeft"]["part"] = "join"
-        y.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
+        joined = join_output(g, y, g.call(aten.mul.Tensor, up, rule.scaling))
         record_adapter(gm, aid, layer, ctx, rule, SoRAMethod.name, names, joined, scaling=rule.scaling,
                        sparse_lambda=float(rule.sparse_lambda))
 
@@ -147,13 +138,11 @@ def soft_threshold(g: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
 
 @register_pass
-class InsertSoRA(RewritePass):
+class InsertSoRA(LayerRewritePass):
     """Inserts a SoRA branch on every layer selected by the given SoRA rules."""
 
     name = "insert_sora"
-
-    def __init__(self, rules: Sequence[SoRA]) -> None:
-        super().__init__([SoRARewrite(r) for r in rules])
+    rewrite_class = SoRARewrite
 
 
 class SoRAMethod(AdapterMethod):

@@ -27,16 +27,16 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from graphpeft.errors import PlanError
-from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapter_id, get_tensor, scoped_tensor_name
+from graphpeft.graph import Layer, Role, get_tensor, scoped_tensor_name
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
-from graphpeft.plan import Rule
+from graphpeft.plan import Rule, check_choice, check_positive_int
 from graphpeft.registry import register_method, register_pass, register_rule
-from graphpeft.rewrite import MatchResult, RewritePass
+from graphpeft.rewrite import MatchResult
 
-from .insert_lora_xs import check_rank_and_tying, top_singular, weight_rows
-from .layer_rewrite import LayerRewrite, layer_generator, layer_input, layer_output, record_adapter
+from .insert_lora_xs import top_singular, weight_rows
+from .layer_rewrite import (LayerRewrite, LayerRewritePass, branch_builder, check_rank_and_tying, join_output,
+                            layer_generator, layer_input, record_adapter)
 
 aten = torch.ops.aten
 
@@ -66,10 +66,8 @@ class SVFit(Rule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r is not None and (not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0):
-            raise PlanError(f"{self.key}: r must be a positive integer or null (all singular values), got {self.r!r}")
-        if self.init not in INITS:
-            raise PlanError(f"{self.key}: init must be one of {list(INITS)}, got {self.init!r}")
+        check_positive_int(self, "r", none_means="all singular values")
+        check_choice(self, "init", INITS)
 
     def rank(self, layer: Layer) -> int:
         """The number of singular values that train on ``layer``."""
@@ -96,10 +94,7 @@ class SVFitRewrite(LayerRewrite):
         if rule.init == "random":
             sigma = sigma + torch.randn(r, generator=layer_generator(ctx.seed, layer)).to(dtype)
         names = {k: scoped_tensor_name(v, ctx.adapter_name) for k, v in tensor_names(layer).items()}
-        aid = adapter_id(layer.path, ctx.adapter_name)
-        prov = Provenance(InsertSVFit.name, rule.name, layer.path, adapter=aid)
-        y = layer_output(layer)  # the layer op, or the last adapter joined onto it (named adapters stack)
-        g = GraphBuilder(gm, y, prov)
+        aid, y, g = branch_builder(gm, layer, ctx, InsertSVFit.name, rule)
         v_node = g.param(names["V"], vh.to(dtype).contiguous(), Role.ADAPTER_CONST)
         s_node = g.param(names["sigma"], sigma, Role.ADAPTER)
         s0_node = g.param(names["sigma0"], sigma0, Role.ADAPTER_CONST)
@@ -107,9 +102,7 @@ class SVFitRewrite(LayerRewrite):
         shift = g.call(aten.sub.Tensor, s_node, s0_node)
         low = g.call(aten.linear.default, layer_input(layer), v_node)  # V_rᵀ x
         up = g.call(aten.linear.default, g.call(aten.mul.Tensor, low, shift), u_node)
-        joined = g.call(aten.add.Tensor, y, up)
-        joined.meta["graphpeft"]["part"] = "join"
-        y.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
+        joined = join_output(g, y, up)
         record_adapter(gm, aid, layer, ctx, rule, SVFitMethod.name, names, joined, rank=r)
 
 
@@ -119,13 +112,11 @@ def tensor_names(layer: Layer) -> dict[str, str]:
 
 
 @register_pass
-class InsertSVFit(RewritePass):
+class InsertSVFit(LayerRewritePass):
     """Inserts an SVFit branch on every layer selected by the given SVFit rules."""
 
     name = "insert_svfit"
-
-    def __init__(self, rules: Sequence[SVFit]) -> None:
-        super().__init__([SVFitRewrite(r) for r in rules])
+    rewrite_class = SVFitRewrite
 
 
 class SVFitMethod(AdapterMethod):

@@ -26,16 +26,15 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from graphpeft.errors import PassError, PlanError
-from graphpeft.graph import (GraphBuilder, Layer, Provenance, Role, adapter_id, find_layers, get_tensor,
-                             register_tensor, remove_tensor, roles, scoped_tensor_name)
-from graphpeft.infra import PassContext, PassResult
-from graphpeft.method import AdapterMethod
-from graphpeft.plan import Rule
-from graphpeft.registry import register_method, register_pass, register_rule
-from graphpeft.rewrite import MatchResult, RewritePass
+from graphpeft.graph import Layer, Role, get_tensor, scoped_tensor_name
+from graphpeft.infra import PassContext
 
-from .layer_rewrite import LayerRewrite, layer_generator, layer_input, layer_output, record_adapter
+from graphpeft.plan import Rule, check_choice, check_int, check_number, check_positive_int, check_probability
+from graphpeft.registry import register_method, register_pass, register_rule
+from graphpeft.rewrite import MatchResult
+
+from .layer_rewrite import (LayerRewrite, SharedTensorsMethod, SharedTensorsPass, adapter_dropout, branch_builder,
+                            join_output, layer_generator, layer_input, record_adapter, tied_weights_reason)
 
 aten = torch.ops.aten
 
@@ -74,23 +73,14 @@ class VeRA(Rule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise PlanError(f"vera: r must be a positive integer, got {self.r!r}")
-        for opt in ('dropout', 'd_initial'):
-            if not isinstance(getattr(self, opt), (int, float)) or isinstance(getattr(self, opt), bool):
-                raise PlanError(f"vera: {opt} must be a number, got {getattr(self, opt)!r}")
-        if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
-            raise PlanError(f"vera: projection_prng_key must be an integer, got {self.projection_prng_key!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise PlanError(f"vera: dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
-            raise PlanError(f"vera: init must be one of {list(INITS)}, got {self.init!r}")
+        check_positive_int(self, "r")
+        check_number(self, "dropout", "d_initial")
+        check_int(self, "projection_prng_key")
+        check_probability(self, "dropout")
+        check_choice(self, "init", INITS)
 
     def check(self, layer: Layer) -> Optional[str]:
-        if layer.shared_with:
-            return (f"its weight {layer.weight} is shared with {layer.shared_with} (tied weights): "
-                    "merging would change both; exclude this layer")
-        return None
+        return tied_weights_reason(layer)
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -127,10 +117,7 @@ class VeRARewrite(LayerRewrite):
             lam_b = torch.zeros(layer.out_features)
             lam_d = torch.full((r,), float(rule.d_initial))
         names = {k: scoped_tensor_name(v, ctx.adapter_name) for k, v in tensor_names(layer).items()}
-        aid = adapter_id(layer.path, ctx.adapter_name)
-        prov = Provenance(InsertVeRA.name, rule.name, layer.path, adapter=aid)
-        y = layer_output(layer)  # the layer op, or the last adapter joined onto it (named adapters stack)
-        g = GraphBuilder(gm, y, prov)
+        aid, y, g = branch_builder(gm, layer, ctx, InsertVeRA.name, rule)
         b_vec = g.param(names["lambda_b"], lam_b.to(weight), Role.ADAPTER)
         d_vec = g.param(names["lambda_d"], lam_d.to(weight), Role.ADAPTER)
         a_mat = g.attr(shared_a)
@@ -140,15 +127,10 @@ class VeRARewrite(LayerRewrite):
             a_mat = g.call(aten.slice.Tensor, a_mat, 1, 0, layer.in_features)
         if layer.out_features != max_out:
             b_mat = g.call(aten.slice.Tensor, b_mat, 0, 0, layer.out_features)
-        x = layer_input(layer)
-        if rule.dropout > 0:
-            x = g.call(aten.dropout.default, x, float(rule.dropout), True)
-            x.meta["graphpeft"]["part"] = "dropout"
+        x = adapter_dropout(g, layer_input(layer), rule.dropout)
         low = g.call(aten.mul.Tensor, g.call(aten.linear.default, x, a_mat), d_vec)
         up = g.call(aten.mul.Tensor, g.call(aten.linear.default, low, b_mat), b_vec)
-        joined = g.call(aten.add.Tensor, y, up)
-        joined.meta["graphpeft"]["part"] = "join"
-        y.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
+        joined = join_output(g, y, up)
         record_adapter(gm, aid, layer, ctx, rule, VeRAMethod.name, {**names, "A": shared_a, "B": shared_b}, joined)
 
 
@@ -158,65 +140,35 @@ def tensor_names(layer: Layer) -> dict[str, str]:
 
 
 @register_pass
-class InsertVeRA(RewritePass):
+class InsertVeRA(SharedTensorsPass):
     """Creates the shared projections, then inserts a VeRA branch on every selected layer.
 
-    All VeRA rules of a plan share one ``vera_A``/``vera_B``, so they must agree on ``r`` and
+    All VeRA rules of a plan share one ``vera_A``/``vera_B`` (per adapter name, PEFT's
+    ``base_model.vera_A.<adapter name>``), so they must agree on ``r`` and
     ``projection_prng_key`` (PEFT has the same constraint across adapters).
     """
 
     name = "insert_vera"
+    rewrite_class = VeRARewrite
+    shared_names = (SHARED_A, SHARED_B)
+    shared_options = ("r", "projection_prng_key")
+    label = "VeRA"
+    shared_noun = "projections"
 
-    def __init__(self, rules: Sequence[VeRA]) -> None:
-        rules = list(rules)
-        if len({(r.r, r.projection_prng_key) for r in rules}) > 1:
-            raise PlanError("vera: every VeRA rule of a plan shares one vera_A/vera_B, so they need the same "
-                            f"r and projection_prng_key; got {[(r.name, r.r, r.projection_prng_key) for r in rules]}")
-        super().__init__([VeRARewrite(r) for r in rules])
-
-    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        if not self.rules:
-            return PassResult(gm, False)
-        # each adapter name has its own projections (PEFT: base_model.vera_A.<adapter name>)
-        shared_a, shared_b = (scoped_tensor_name(n, ctx.adapter_name) for n in (SHARED_A, SHARED_B))
-        if shared_a in roles(gm) or shared_b in roles(gm):
-            raise PassError(self.name, f"adapter {ctx.adapter_name!r} already has VeRA projections; one VeRA pass "
-                            "per adapter name")
-        # PEFT sizes the projections by the largest (out, in) over the targeted layers
-        chosen = [l for l in find_layers(gm)
-                  if any(r.rule.select(l) is None and r.rule.check(l) is None for r in self.rules)]
-        if not chosen:
-            return super().call(gm, ctx)  # nothing to adapt: the rewrites report why
-        rule: VeRA = self.rules[0].rule
-        max_in = max(l.in_features for l in chosen)
-        max_out = max(l.out_features for l in chosen)
-        a, b = shared_projections(rule.r, max_in, max_out, rule.projection_prng_key)
-        like = get_tensor(gm, chosen[0].weight)
-        register_tensor(gm, shared_a, a.to(like), Role.ADAPTER_CONST)
-        register_tensor(gm, shared_b, b.to(like), Role.ADAPTER_CONST)
-        result = super().call(gm, ctx)
-        if not result.modified:  # every layer declined at check: leave no orphan tensors
-            remove_tensor(gm, shared_a)
-            remove_tensor(gm, shared_b)
-        return result
+    def make_shared(self, rule: VeRA, max_in: int, max_out: int) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return shared_projections(rule.r, max_in, max_out, rule.projection_prng_key)
 
 
-class VeRAMethod(AdapterMethod):
-    """VeRA for the core: additive merge ``ΔW = (λ_b ⊙ B[:out]) (λ_d ⊙ A[:, :in])``."""
+class VeRAMethod(SharedTensorsMethod):
+    """VeRA for the core: additive merge ``ΔW = (λ_b ⊙ B[:out]) (λ_d ⊙ A[:, :in])``; PEFT
+    interop keeps ``vera_A``/``vera_B`` at ``base_model.vera_A``/``vera_B``."""
 
     name = "vera"
     rule = VeRA
+    shared_names = InsertVeRA.shared_names
     peft_type = "VERA"
     peft_options = {"r": "r", "projection_prng_key": "projection_prng_key", "dropout": "vera_dropout",
                     "d_initial": "d_initial"}
-
-    def peft_key(self, tensor_name: str) -> str:
-        # PEFT keeps the shared projections on the tuner, not on a layer
-        return f"base_model.{tensor_name}" if tensor_name in (SHARED_A, SHARED_B) else super().peft_key(tensor_name)
-
-    def peft_export_config(self, config: dict[str, Any], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        config["save_projection"] = True  # the file holds vera_A / vera_B: nothing relies on PRNG equality
-        return config
 
     def make_pass(self, rules: Sequence[Rule]) -> InsertVeRA:
         return InsertVeRA([r for r in rules if isinstance(r, VeRA)])

@@ -1,26 +1,36 @@
 """Pieces every adapter-insertion pass shares, so a method module holds only its own math.
 
 :class:`LayerRewrite` is the match -> check half of a rewrite rule that adapts one layer op
-selected by a plan rule (a subclass writes ``rewrite``); the helpers read a layer op's input,
-weight and bias nodes whatever its form (``linear(x, W, b)``, GPT-2's ``addmm(b, x, W)``,
-``conv2d(x, W, b, ...)``) and give each layer its own random generator.
+selected by a plan rule (a subclass writes ``rewrite``), and :class:`LayerRewritePass` runs one
+per rule (:class:`SharedTensorsPass` when every adapted layer reads the same frozen tensors, as
+VeRA's projections). The helpers read a layer op's input, weight and bias nodes whatever its form
+(``linear(x, W, b)``, GPT-2's ``addmm(b, x, W)``, ``conv2d(x, W, b, ...)``), give each layer its
+own random generator, build the dropout and the join every branch has, and give the reasons
+shared by the rules' ``check`` (rank larger than the layer, tied weights).
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import Any, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
 import torch.fx as fx
 
-from graphpeft.graph import DEFAULT_ADAPTER, META_KEY, Layer, adapter_name_of, adapters, find_layers, get_tensor
-from graphpeft.infra import PassContext
+from graphpeft.errors import PassError, PlanError
+from graphpeft.graph import (DEFAULT_ADAPTER, META_KEY, GraphBuilder, Layer, Provenance, Role, adapter_id,
+                             adapter_name_of, adapters, find_layers, get_tensor, register_tensor, remove_tensor, roles,
+                             scoped_tensor_name)
+from graphpeft.infra import PassContext, PassResult
+from graphpeft.method import AdapterMethod
 from graphpeft.plan import Rule
-from graphpeft.rewrite import MatchResult, RewriteRule
+from graphpeft.rewrite import MatchResult, RewritePass, RewriteRule
 
-__all__ = ["LayerRewrite", "layer_bias", "layer_generator", "layer_input", "layer_output", "layer_weight",
-           "record_adapter"]
+__all__ = ["LayerRewrite", "LayerRewritePass", "SharedTensorsMethod", "SharedTensorsPass", "adapter_dropout",
+           "branch_builder", "check_rank_and_tying", "join_output", "layer_bias", "layer_generator", "layer_input",
+           "layer_output", "layer_weight", "rank_reason", "record_adapter", "tied_weights_reason"]
+
+aten = torch.ops.aten
 
 
 class LayerRewrite(RewriteRule):
@@ -52,6 +62,120 @@ class LayerRewrite(RewriteRule):
         if not get_tensor(gm, layer.weight).is_floating_point():
             return "the weight is not floating point (quantized weights are not supported yet)"
         return self.rule.check(layer)
+
+
+class LayerRewritePass(RewritePass):
+    """Runs one :attr:`rewrite_class` rewrite per plan rule: the insertion pass of a method whose
+    layers are independent of each other (a subclass names its ``name`` and ``rewrite_class``)."""
+
+    rewrite_class: ClassVar[type[LayerRewrite]]
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        super().__init__([self.rewrite_class(r) for r in rules])
+
+
+class SharedTensorsPass(LayerRewritePass):
+    """A :class:`LayerRewritePass` whose rewrites all read frozen tensors shared by every layer
+    the pass adapts (VeRA's projections, RandLoRA's bases), as PEFT keeps them on the tuner.
+
+    Before any rewrite runs, :meth:`call` registers them as :attr:`Role.ADAPTER_CONST` under
+    ``scoped_tensor_name(name, ctx.adapter_name)`` (each adapter name has its own), sized by the
+    largest ``in`` and ``out`` among the layers the rules will adapt (as PEFT sizes them), and
+    removes them again when no layer took the adapter. Rewrites read them with
+    ``GraphBuilder.attr``. A subclass sets the class attributes and writes :meth:`make_shared`.
+    """
+
+    #: graph names of the shared tensors, in the order :meth:`make_shared` returns them
+    shared_names: ClassVar[tuple[str, ...]] = ()
+    #: rule options that shape the shared tensors: every rule of one pass needs the same values
+    shared_options: ClassVar[tuple[str, ...]] = ()
+    #: how errors name the method and its shared tensors (``"VeRA"``, ``"projections"``)
+    label: ClassVar[str] = ""
+    shared_noun: ClassVar[str] = ""
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        rules = list(rules)
+        if len({self._shaping(r) for r in rules}) > 1:
+            opts = self.shared_options
+            same = opts[0] if len(opts) == 1 else f"{', '.join(opts[:-1])} and {opts[-1]}"
+            raise PlanError(f"{rules[0].key}: every {self.label} rule of a plan shares one "
+                            f"{'/'.join(self.shared_names)}, so they need the same {same}; "
+                            f"got {[(r.name, *self._shaping(r)) for r in rules]}")
+        super().__init__(rules)
+
+    def _shaping(self, rule: Rule) -> tuple[Any, ...]:
+        return tuple(getattr(rule, opt) for opt in self.shared_options)
+
+    def make_shared(self, rule: Rule, max_in: int, max_out: int) -> Sequence[torch.Tensor]:
+        """The shared tensors (float32 on the CPU; cast to the weights' dtype and device here),
+        for layers of at most ``max_in`` inputs and ``max_out`` outputs."""
+        raise NotImplementedError
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if not self.rules:
+            return PassResult(gm, False)
+        names = [scoped_tensor_name(n, ctx.adapter_name) for n in self.shared_names]
+        if any(n in roles(gm) for n in names):
+            raise PassError(self.name, f"adapter {ctx.adapter_name!r} already has {self.label} {self.shared_noun}; "
+                            f"one {self.label} pass per adapter name")
+        chosen = [l for l in find_layers(gm)
+                  if any(r.rule.select(l) is None and r.rule.check(l) is None for r in self.rules)]
+        if not chosen:
+            return super().call(gm, ctx)  # nothing to adapt: the rewrites report why
+        shared = self.make_shared(self.rules[0].rule, max(l.in_features for l in chosen),
+                                  max(l.out_features for l in chosen))
+        like = get_tensor(gm, chosen[0].weight)
+        for name, tensor in zip(names, shared):
+            register_tensor(gm, name, tensor.to(like), Role.ADAPTER_CONST)
+        result = super().call(gm, ctx)
+        if not result.modified:  # every layer declined at check: leave no orphan tensors
+            for name in names:
+                remove_tensor(gm, name)
+        return result
+
+
+class SharedTensorsMethod(AdapterMethod):
+    """PEFT interop of a method inserted by a :class:`SharedTensorsPass`: PEFT keeps the shared
+    tensors on the tuner (``base_model.<name>``), not on a layer, and an exported file holds
+    them (``save_projection``), so loading it relies on no PRNG equality."""
+
+    #: the pass's :attr:`SharedTensorsPass.shared_names`
+    shared_names: ClassVar[tuple[str, ...]] = ()
+
+    def peft_key(self, tensor_name: str) -> str:
+        return f"base_model.{tensor_name}" if tensor_name in self.shared_names else super().peft_key(tensor_name)
+
+    def peft_export_config(self, config: dict[str, Any], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        config["save_projection"] = True
+        return config
+
+
+# -- reasons a rule's check gives -----------------------------------------------------------------
+
+
+def rank_reason(r: Optional[int], layer: Layer) -> Optional[str]:
+    """Why a rank-``r`` adapter does not fit ``layer`` (``r`` above ``min(in, out)``), or None
+    (also for ``r=None``, "as large as the layer")."""
+    limit = min(layer.in_features, layer.out_features)
+    if r is not None and r > limit:
+        return (f"rank r={r} is larger than the layer ({layer.in_features} -> {layer.out_features}); "
+                f"use r <= {limit}")
+    return None
+
+
+def tied_weights_reason(layer: Layer, consequence: Optional[str] = "merging would change both") -> Optional[str]:
+    """Why ``layer`` cannot take the adapter when its weight is tied to other layers' (GPT-2's
+    ``lm_head`` and ``wte``), or None when it is not tied. ``consequence`` says what would go
+    wrong (None: say nothing, for adapters that are never merged)."""
+    if not layer.shared_with:
+        return None
+    because = f": {consequence}" if consequence is not None else ""
+    return f"its weight {layer.weight} is shared with {layer.shared_with} (tied weights){because}; exclude this layer"
+
+
+def check_rank_and_tying(r: Optional[int], layer: Layer) -> Optional[str]:
+    """The checks most low-rank methods share: :func:`rank_reason`, then :func:`tied_weights_reason`."""
+    return rank_reason(r, layer) or tied_weights_reason(layer)
 
 
 def layer_input(layer: Layer) -> fx.Node:
@@ -95,6 +219,39 @@ def layer_generator(seed: int, layer: Layer) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(layer.path.encode()))
 
 
+def branch_builder(gm: fx.GraphModule, layer: Layer, ctx: PassContext, pass_name: str,
+                   rule: Rule) -> tuple[str, fx.Node, GraphBuilder]:
+    """Where a rewrite builds an adapter branch on ``layer``'s output: ``(aid, out, g)``, the
+    adapter id (the layer path, plus the name of a named adapter), the node the branch joins
+    onto (:func:`layer_output`, so named adapters stack) and a builder placed after it that
+    stamps the adapter's provenance (pass, rule, layer) on every node it creates."""
+    aid = adapter_id(layer.path, ctx.adapter_name)
+    out = layer_output(layer)
+    return aid, out, GraphBuilder(gm, out, Provenance(pass_name, rule.name, layer.path, adapter=aid))
+
+
+def adapter_dropout(g: GraphBuilder, x: fx.Node, p: float) -> fx.Node:
+    """``x`` through training-mode dropout with probability ``p`` (``x`` itself when ``p`` is 0).
+    The node is tagged ``part="dropout"``: ``CompiledModel.train()``/``eval()`` find it by that
+    tag to switch it."""
+    if p > 0:
+        x = g.call(aten.dropout.default, x, float(p), True)
+        x.meta[META_KEY]["part"] = "dropout"
+    return x
+
+
+def join_output(g: GraphBuilder, out: fx.Node, branch: fx.Node) -> fx.Node:
+    """``out + branch``, tagged as the adapter's join, and hands ``out``'s users to it.
+
+    ``out`` is the layer's output so far (:func:`layer_output`); nodes ``g`` created keep
+    reading ``out`` itself (a branch that reads the layer's output, as Hydra's sequential one).
+    Merge removes the join and points its users back at ``out``."""
+    joined = g.call(aten.add.Tensor, out, branch)
+    joined.meta[META_KEY]["part"] = "join"
+    out.replace_all_uses_with(joined, delete_user_cb=lambda user: user not in g.created)
+    return joined
+
+
 def record_adapter(gm: fx.GraphModule, aid: str, layer: Layer, ctx: PassContext, rule: Rule, method: str,
                    tensors: Mapping[str, str], join: fx.Node, **extra: Any) -> dict[str, Any]:
     """Register the record of one inserted adapter (``gm.meta``'s adapter table) and return it.
@@ -121,3 +278,4 @@ def record_adapter(gm: fx.GraphModule, aid: str, layer: Layer, ctx: PassContext,
     }
     adapters(gm)[aid] = record
     return record
+
