@@ -1,5 +1,6 @@
 """DoRA: structure, match count, parity with peft (outputs, gradients, merged weights), exact
-merge, ONNX export merged and unmerged, training."""
+merge, ONNX export merged and unmerged, and a verified training step run by torch and, exported,
+by onnxruntime."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import torch
 import graphpeft as gp
 from graphpeft.errors import PlanError
 
-from method_helpers import (assert_loss_falls, check_merge, check_onnx, check_provenance, compile_model, created_ops,
-                            peft_model, randomize, run, train_compiled)
+from method_helpers import (assert_loss_falls, check_merge, check_onnx_merged_and_unmerged, check_structure,
+                            check_training_export, compile_randomized, compiled_fixture, created_ops, llama_paths,
+                            peft_model, run)
 from models import tiny_llama
 
 RULE = dict(targets=["q_proj", "v_proj"], r=4, alpha=8)
@@ -25,29 +27,17 @@ def _peft_config(**kw):
     return LoraConfig(r=4, lora_alpha=8, use_dora=True, **kw)
 
 
-@pytest.fixture(scope="module")
-def llama():
-    cm = compile_model("llama", [gp.DoRA(**RULE, init="random")])
-    cm.initial_state = cm.adapter_state_dict()
-    randomize(cm)  # magnitudes off ‖W + s·BA‖ too, so the m/n scale is exercised
-    return cm
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    # GPT-2's Conv1D: weight stored (in, out), a bias, addmm in the graph
-    cm = compile_model("gpt2", [gp.DoRA(targets=["c_attn"], r=4, alpha=8, init="random")])
-    randomize(cm)
-    return cm
+# randomized: magnitudes off ‖W + s·BA‖ too, so the m/n scale is exercised
+llama = compiled_fixture("llama", [gp.DoRA(**RULE, init="random")])
+# GPT-2's Conv1D: weight stored (in, out), a bias, addmm in the graph
+gpt2 = compiled_fixture("gpt2", [gp.DoRA(targets=["c_attn"], r=4, alpha=8, init="random")])
 
 
 def test_structure_roles_and_match_count(llama):
-    paths = [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
-    assert sorted(llama.adapters()) == paths
-    assert sum(line.startswith("  + ") for line in llama.explain().splitlines()) == 4
+    paths = llama_paths("self_attn.q_proj", "self_attn.v_proj")
+    check_structure(llama, paths, "insert_dora", "dora[q_proj,v_proj]")
     for path in paths:
         assert created_ops(llama, path) == DORA_OPS
-    check_provenance(llama, "insert_dora", "dora[q_proj,v_proj]")
     roles = llama.roles()
     sd = llama.adapter_state_dict()
     q, v = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
@@ -122,8 +112,7 @@ def test_peft_parity_gpt2_conv1d(gpt2, parity):
 
 def test_dropout_recomputes_the_base_term_as_peft(parity):
     # with dropout PEFT recomputes x_d Wᵀ on the dropped-out input; same RNG -> same masks
-    cm = compile_model("llama", [gp.DoRA(targets=["q_proj"], r=4, alpha=8, dropout=0.25, init="random")])
-    randomize(cm)
+    cm = compile_randomized("llama", [gp.DoRA(targets=["q_proj"], r=4, alpha=8, dropout=0.25, init="random")])
     ops = created_ops(cm, "model.layers.0.self_attn.q_proj")
     assert ops[ops.index("dropout"):ops.index("dropout") + 4] == ["dropout", "linear", "linear", "linear"]
     pm = peft_model("llama", _peft_config(target_modules=["q_proj"], lora_dropout=0.25), cm)
@@ -154,15 +143,12 @@ def test_merge_is_exact_and_matches_peft(arch, request):
 
 
 def test_onnx_merged_and_unmerged(llama, tmp_path, parity):
-    parity.record("dora llama onnxruntime unmerged", check_onnx(llama, str(tmp_path / "dora.onnx"), merged=False))
-    parity.record("dora llama onnxruntime merged", check_onnx(llama, str(tmp_path / "dora_m.onnx"), merged=True))
+    check_onnx_merged_and_unmerged(llama, tmp_path, parity, "dora llama")
 
 
-def test_training_step_loss_falls(gpt2):
-    saved = gpt2.adapter_state_dict()
-    try:
-        losses, step = train_compiled(gpt2, lr=3e-2)
-        assert set(step.signature.params) == set(gpt2.trainable_parameters())  # A, B and m train
-        assert_loss_falls(losses)
-    finally:
-        gpt2.load_adapter_state_dict(saved)
+def test_training_step_in_torch_and_onnxruntime(gpt2, tmp_path, parity):
+    # the step trains A, B and m (trainable_parameters); AdamW, 3 steps compared
+    result = check_training_export(gpt2, gp.optim.AdamW(lr=3e-2), tmp_path, steps=12, compared=3)
+    assert_loss_falls(result.torch_losses)
+    loss_diff, param_diff = result.record(parity, "dora gpt2")
+    assert loss_diff < 1e-4 and param_diff < 1e-4

@@ -14,8 +14,9 @@ import graphpeft as gp
 from graphpeft.errors import PlanError
 from graphpeft.graph import get_tensor
 
-from method_helpers import (IDS, MODELS, assert_loss_falls, check_merge, check_onnx, check_provenance, compile_model,
-                            created_ops, randomize, run)
+from method_helpers import (MODELS, QVD, assert_loss_falls, check_merge, check_onnx_merged_and_unmerged,
+                            check_structure, check_training_export, compile_model, compiled_fixture, created_ops,
+                            llama_paths, randomize, run)
 
 LLAMA = dict(targets=["q_proj", "v_proj", "down_proj"], par_r=2, seq_r=4, scale=0.5)
 GPT2 = dict(targets=["c_attn", "mlp.c_proj"], par_r=2, seq_r=4)
@@ -38,28 +39,16 @@ BUILD = {"llama": MODELS["llama"][0], "gpt2": gpt2_with_bias}
 
 
 def compile_arch(arch: str, rules: list) -> gp.CompiledModel:
-    return gp.compile(BUILD[arch](), gp.Plan(rules), (IDS,), dict(MODELS[arch][1]))
+    return compile_model(arch, rules, make=BUILD[arch])
 
 
-@pytest.fixture(scope="module")
-def llama():
-    cm = compile_model("llama", [gp.Hydra(**LLAMA)])
-    randomize(cm)
-    return cm
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    cm = compile_arch("gpt2", [gp.Hydra(**GPT2)])
-    randomize(cm)
-    return cm
+llama = compiled_fixture("llama", [gp.Hydra(**LLAMA)])
+gpt2 = compiled_fixture("gpt2", [gp.Hydra(**GPT2)], make=gpt2_with_bias)
 
 
 def test_structure_roles_and_match_count(llama):
-    paths = [f"model.layers.{i}.{p}" for i in (0, 1) for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
-    assert sorted(llama.adapters()) == sorted(paths)
-    assert sum(line.startswith("  + ") for line in llama.explain().splitlines()) == 6
-    check_provenance(llama, "insert_hydra", "hydra[q_proj,v_proj,down_proj]")
+    paths = llama_paths(*QVD)
+    check_structure(llama, paths, "insert_hydra", "hydra[q_proj,v_proj,down_proj]")
     for p in paths:
         assert created_ops(llama, p) == ["linear", "linear", "linear", "linear", "add", "mul", "add"]
     # the sequential branch reads the layer op's output; the parallel one the layer's input
@@ -153,34 +142,16 @@ def test_merge_with_a_second_adapter_on_the_same_layers():
 
 
 def test_onnx_merged_and_unmerged(gpt2, tmp_path, parity):
-    parity.record("hydra gpt2 onnxruntime unmerged", check_onnx(gpt2, str(tmp_path / "hydra.onnx"), merged=False))
-    parity.record("hydra gpt2 onnxruntime merged", check_onnx(gpt2, str(tmp_path / "hydra_m.onnx"), merged=True))
+    check_onnx_merged_and_unmerged(gpt2, tmp_path, parity, "hydra gpt2")
 
 
 def test_training_step_onnxruntime_matches_torch_and_loss_falls(gpt2, tmp_path, parity):
-    from graphpeft.backends.onnx import OnnxTrainer
-
-    initial = gpt2.adapter_state_dict()
-    try:
-        # SGD: AdamW's first steps divide each gradient by its own magnitude, and here some
-        # gradients of the sequential branch are ~1e-9, near eps = 1e-8, where float rounding
-        # (eager, compiled and onnxruntime all differ at 1e-16) moves the update by up to 1e-4 at
-        # lr 1e-2; SGD compares the graphs themselves
-        step = gpt2.compile_training("causal_lm", gp.optim.SGD(lr=0.5, momentum=0.9),
-                                     example_batch=(IDS,))  # the verifier runs after every pass
-        assert set(step.signature.params) == set(gpt2.trainable_parameters())
-        path = tmp_path / "hydra_train.onnx"
-        step.export_onnx(path)
-        torch_losses = [float(step(IDS)) for _ in range(STEPS)]
-        trained = gpt2.adapter_state_dict()
-        trainer = OnnxTrainer(path)
-        ort_losses = [trainer.step(IDS) for _ in range(STEPS)]
-        ort = trainer.adapter_state_dict()
-        diff = parity.record("hydra train sgd params compiled-onnxruntime",
-                             max(float((ort[k] - trained[k]).abs().max()) for k in trained))
-        assert diff < 1e-5, diff
-        assert max(abs(a - b) for a, b in zip(ort_losses, torch_losses)) < 1e-5
-        losses = torch_losses + [float(step(IDS)) for _ in range(7)]
-        assert_loss_falls(losses, by=0.05)
-    finally:
-        gpt2.load_adapter_state_dict(initial)
+    # SGD: AdamW's first steps divide each gradient by its own magnitude, and here some
+    # gradients of the sequential branch are ~1e-9, near eps = 1e-8, where float rounding
+    # (eager, compiled and onnxruntime all differ at 1e-16) moves the update by up to 1e-4 at
+    # lr 1e-2; SGD compares the graphs themselves. Onnxruntime runs the first STEPS of 12.
+    result = check_training_export(gpt2, gp.optim.SGD(lr=0.5, momentum=0.9), tmp_path, steps=12, compared=STEPS)
+    diff = parity.record("hydra train sgd params compiled-onnxruntime", result.param_diff)
+    assert diff < 1e-5, diff
+    assert result.loss_diff < 1e-5
+    assert_loss_falls(result.torch_losses, by=0.05)

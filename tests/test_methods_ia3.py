@@ -1,5 +1,6 @@
 """IA3: structure (output vs input scaling), match count, parity with peft on Llama, GPT-2
-(Conv1D, biases) and a CNN (conv2d), exact merge incl. biases, ONNX export, training."""
+(Conv1D, biases) and a CNN (conv2d), exact merge incl. biases, ONNX export, and a verified
+training step run by torch and, exported, by onnxruntime."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import graphpeft as gp
 from graphpeft.errors import PlanError
 from graphpeft.graph import find_layers, iter_created
 
-from method_helpers import (assert_loss_falls, check_merge, check_onnx, check_provenance, compile_model,
-                            created_ops, peft_model, randomize, run, train_compiled)
+from method_helpers import (assert_loss_falls, check_merge, check_onnx_merged_and_unmerged, check_structure,
+                            check_training_export, compiled_fixture, created_ops, llama_paths, peft_model, randomize,
+                            run)
 from models import image_batch, tiny_cnn, tiny_llama
 
 # PEFT's defaults for Llama: keys, values and the feed-forward down-projection (input-scaled)
@@ -27,25 +29,14 @@ def _peft_config(rule: dict):
                      init_ia3_weights=True)
 
 
-@pytest.fixture(scope="module")
-def llama():
-    cm = compile_model("llama", [gp.IA3(**LLAMA)])
-    randomize(cm)
-    return cm
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    cm = compile_model("gpt2", [gp.IA3(**GPT2)])
-    randomize(cm)
-    return cm
+llama = compiled_fixture("llama", [gp.IA3(**LLAMA)])
+gpt2 = compiled_fixture("gpt2", [gp.IA3(**GPT2)])
 
 
 def test_structure_roles_and_match_count(llama):
     adapters = llama.adapters()
-    assert len(adapters) == 6
-    assert sum(line.startswith("  + ") for line in llama.explain().splitlines()) == 6
-    check_provenance(llama, "insert_ia3", "ia3[k_proj,v_proj,down_proj]")
+    check_structure(llama, llama_paths("self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj"), "insert_ia3",
+                    "ia3[k_proj,v_proj,down_proj]")
     layers = {l.path: l for l in find_layers(llama.graph_module)}
     sd = llama.adapter_state_dict()
     for path, rec in adapters.items():
@@ -124,16 +115,13 @@ def test_conv2d_parity_and_merge(parity):
 
 
 def test_onnx_merged_and_unmerged(gpt2, tmp_path, parity):
-    parity.record("ia3 gpt2 onnxruntime unmerged", check_onnx(gpt2, str(tmp_path / "ia3.onnx"), merged=False))
-    parity.record("ia3 gpt2 onnxruntime merged", check_onnx(gpt2, str(tmp_path / "ia3_m.onnx"), merged=True))
+    check_onnx_merged_and_unmerged(gpt2, tmp_path, parity, "ia3 gpt2")
 
 
-def test_training_step_loss_falls(llama):
-    saved = llama.adapter_state_dict()
-    try:
-        # 192 scaling entries on a random tiny model: the loss moves slowly, but steadily
-        losses, step = train_compiled(llama, lr=0.1)
-        assert set(step.signature.params) == set(llama.trainable_parameters())
-        assert_loss_falls(losses, by=0.05)
-    finally:
-        llama.load_adapter_state_dict(saved)
+def test_training_step_in_torch_and_onnxruntime(llama, tmp_path, parity):
+    # 192 scaling entries on a random tiny model: the loss moves slowly, but steadily; AdamW, 3
+    # steps compared
+    result = check_training_export(llama, gp.optim.AdamW(lr=0.1), tmp_path, steps=12, compared=3)
+    assert_loss_falls(result.torch_losses, by=0.05)
+    loss_diff, param_diff = result.record(parity, "ia3 llama")
+    assert loss_diff < 1e-4 and param_diff < 1e-4

@@ -1,6 +1,7 @@
 """LoRA-FA: structure and roles (A frozen), match count, parity with a plain PyTorch reference
 of the formula and with peft's LoRA (LoRA-FA is LoRA with A frozen), A gets no gradient, exact
-merge, ONNX export, training."""
+merge, ONNX export, and a verified training step (B only) run by torch and, exported, by
+onnxruntime."""
 
 from __future__ import annotations
 
@@ -10,12 +11,11 @@ import pytest
 import torch
 
 import graphpeft as gp
-from graphpeft.errors import PlanError, VerificationError
+from graphpeft.errors import PlanError
 from graphpeft.graph import find_layers, get_tensor
 
-from method_helpers import (assert_loss_falls, check_merge, check_onnx, check_provenance, compile_model,
-                            created_ops, lm_loss, peft_model, randomize, run, train_compiled)
-from method_helpers import IDS
+from method_helpers import (QVD, assert_loss_falls, check_merge, check_onnx_merged_and_unmerged, check_structure,
+                            check_training_export, compiled_fixture, created_ops, llama_paths, lm_loss, peft_model, run)
 from models import tiny_gpt2, tiny_llama
 
 LLAMA = dict(targets=["q_proj", "v_proj", "down_proj"], r=4, alpha=8)
@@ -48,24 +48,12 @@ def _constants(cm) -> dict:
             for rec in cm.adapters().values()}
 
 
-@pytest.fixture(scope="module")
-def llama():
-    cm = compile_model("llama", [gp.LoRAFA(**LLAMA, init="random")])
-    randomize(cm)
-    return cm
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    cm = compile_model("gpt2", [gp.LoRAFA(**GPT2, init="random")])
-    randomize(cm)
-    return cm
+llama = compiled_fixture("llama", [gp.LoRAFA(**LLAMA, init="random")])
+gpt2 = compiled_fixture("gpt2", [gp.LoRAFA(**GPT2, init="random")])
 
 
 def test_structure_roles_and_match_count(llama):
-    assert len(llama.adapters()) == 6
-    assert sum(line.startswith("  + ") for line in llama.explain().splitlines()) == 6
-    check_provenance(llama, "insert_lora_fa", "lora_fa[q_proj,v_proj,down_proj]")
+    check_structure(llama, llama_paths(*QVD), "insert_lora_fa", "lora_fa[q_proj,v_proj,down_proj]")
     roles = llama.roles()
     for path, rec in llama.adapters().items():
         assert created_ops(llama, path) == ["linear", "linear", "mul", "add"]
@@ -135,26 +123,17 @@ def test_merge_is_exact_and_matches_peft(arch, request):
 
 
 def test_onnx_merged_and_unmerged(gpt2, tmp_path, parity):
-    parity.record("lora_fa gpt2 onnxruntime unmerged", check_onnx(gpt2, str(tmp_path / "fa.onnx"), merged=False))
-    parity.record("lora_fa gpt2 onnxruntime merged", check_onnx(gpt2, str(tmp_path / "fa_m.onnx"), merged=True))
+    check_onnx_merged_and_unmerged(gpt2, tmp_path, parity, "lora_fa gpt2")
 
 
-def test_training_step_loss_falls(llama):
-    saved = llama.adapter_state_dict()
+def test_training_step_in_torch_and_onnxruntime(llama, tmp_path, parity):
     a_before = {p: get_tensor(llama.graph_module, r["tensors"]["A"]).clone() for p, r in llama.adapters().items()}
-    try:
-        losses, step = train_compiled(llama, lr=3e-2, verify=False)
-        assert set(step.signature.params) == {r["tensors"]["B"] for r in llama.adapters().values()}
-        assert_loss_falls(losses)
-        for p, rec in llama.adapters().items():
-            assert torch.equal(get_tensor(llama.graph_module, rec["tensors"]["A"]), a_before[p])
-    finally:
-        llama.load_adapter_state_dict(saved)
-
-
-# The training compiler turns adapter-const tensors into get_attr nodes without provenance, and
-# its verifier then rejects the graph ("uses adapter tensor ... but has no provenance"); the
-# step itself is right (the test above, with verify=False). Remove the mark once training.py
-# stamps those nodes.
-def test_training_graph_verifies(llama):
-    llama.compile_training("causal_lm", gp.optim.AdamW(lr=1e-2), example_batch=(IDS,))
+    # the step trains B only, and its graph verifies (A, adapter-const, is read through stamped
+    # get_attr nodes); AdamW, 3 steps compared
+    result = check_training_export(llama, gp.optim.AdamW(lr=3e-2), tmp_path, steps=12, compared=3)
+    assert set(result.step.signature.params) == {r["tensors"]["B"] for r in llama.adapters().values()}
+    assert_loss_falls(result.torch_losses)
+    for p, rec in llama.adapters().items():
+        assert torch.equal(get_tensor(llama.graph_module, rec["tensors"]["A"]), a_before[p])
+    loss_diff, param_diff = result.record(parity, "lora_fa llama")
+    assert loss_diff < 1e-4 and param_diff < 1e-4

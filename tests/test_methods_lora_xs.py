@@ -13,8 +13,9 @@ import graphpeft as gp
 from graphpeft.errors import PlanError
 from graphpeft.graph import find_layers, get_tensor
 
-from method_helpers import (IDS, assert_loss_falls, check_merge, check_onnx, check_provenance, compile_model,
-                            created_ops, lm_loss, randomize, run)
+from method_helpers import (IDS, QVD, assert_loss_falls, check_merge, check_onnx_merged_and_unmerged, check_structure,
+                            check_training_export, compile_model, compiled_fixture, created_ops, llama_paths, lm_loss,
+                            merged_weight_error, run, weight_out_in)
 from models import tiny_gpt2, tiny_llama
 
 LLAMA = dict(targets=["q_proj", "v_proj", "down_proj"], r=4, alpha=8)
@@ -30,11 +31,6 @@ def _svd(w: torch.Tensor, r: int):
         if u[u[:, i].abs().argmax(), i] < 0:
             u[:, i], vh[i] = -u[:, i], -vh[i]
     return u, s, vh
-
-
-def _rows(module: torch.nn.Module) -> torch.Tensor:
-    # GPT-2's Conv1D stores (in, out)
-    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
 
 
 class ReferenceLoRAXS(torch.nn.Module):
@@ -55,7 +51,7 @@ def _xs_reference(make, cm) -> torch.nn.Module:
     model = make()
     for path, rec in cm.adapters().items():
         base = model.get_submodule(path)
-        u, s, vh = _svd(_rows(base).detach(), rec["config"].get("r", 16))
+        u, s, vh = _svd(weight_out_in(base).detach(), rec["config"].get("r", 16))
         core = get_tensor(cm.graph_module, rec["tensors"]["R"]).detach()
         model.set_submodule(path, ReferenceLoRAXS(base, (s[:, None] * vh).float(), u.float(), core, rec["scaling"]))
     return model.eval()
@@ -70,57 +66,16 @@ def _sb_update(make, targets: list[str], lr: float) -> dict[str, torch.Tensor]:
     names = [n for n, _ in model.named_modules() if any(n.endswith("." + t) for t in targets)]
     weights = [model.get_submodule(n).weight for n in names]
     grads = torch.autograd.grad(loss, weights)
-    return {n: -lr * torch.sign(_rows_of(model.get_submodule(n), g)).double() for n, g in zip(names, grads)}
+    return {n: -lr * torch.sign(weight_out_in(model.get_submodule(n), g)).double() for n, g in zip(names, grads)}
 
 
-def _rows_of(module: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
-    return t.T if type(module).__name__ == "Conv1D" else t
-
-
-def train_torch_and_onnx(cm, lr: float, tmp_path, steps: int = 8, compared: int = 3):
-    """A verified training step (AdamW) trained ``steps`` times by torch, and the same step
-    exported and trained ``compared`` times from the same start by onnxruntime; cm is restored
-    afterwards. Returns (torch losses, onnxruntime losses, max relative difference of the
-    parameters after ``compared`` steps of each, step). Only the first steps are compared:
-    AdamW's early steps are ``lr·sign(g)``-like, so a gradient entry near zero whose sign differs
-    in the last float32 bit moves its parameter by up to ``2·lr`` and the runs drift apart."""
-    from graphpeft.backends.onnx import OnnxTrainer
-
-    saved = cm.adapter_state_dict()
-    try:
-        step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=lr), example_batch=(IDS,))  # verify=True
-        step.export_onnx(tmp_path / "train.onnx")
-        torch_losses = []
-        for i in range(steps):
-            torch_losses.append(float(step(IDS)))
-            if i + 1 == compared:
-                trained = cm.adapter_state_dict()
-        trainer = OnnxTrainer(tmp_path / "train.onnx")
-        ort_losses = [float(trainer.step(IDS)) for _ in range(compared)]
-        ort = trainer.adapter_state_dict()
-        diff = max(float((ort[k] - trained[k]).abs().max() / trained[k].abs().max().clamp_min(1.0)) for k in trained)
-        return torch_losses, ort_losses, diff, step
-    finally:
-        cm.load_adapter_state_dict(saved)
-
-
-@pytest.fixture(scope="module")
-def llama():
-    cm = compile_model("llama", [gp.LoRAXS(**LLAMA, init="random")])
-    randomize(cm)
-    return cm
-
-
-@pytest.fixture(scope="module")
-def gpt2_sb():
-    return compile_model("gpt2", [gp.LoRAXS(**GPT2)])  # LoRA-SB: fresh, as the probe made it
+llama = compiled_fixture("llama", [gp.LoRAXS(**LLAMA, init="random")])
+gpt2_sb = compiled_fixture("gpt2", [gp.LoRAXS(**GPT2)], randomizer=None)  # LoRA-SB: fresh, as the probe made it
 
 
 def test_structure_roles_and_match_count(llama):
-    paths = [f"model.layers.{i}.{p}" for i in (0, 1) for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
-    assert sorted(llama.adapters()) == sorted(paths)
-    assert sum(line.startswith("  + ") for line in llama.explain().splitlines()) == 6
-    check_provenance(llama, "insert_lora_xs", "lora_xs[q_proj,v_proj,down_proj]")
+    paths = llama_paths(*QVD)
+    check_structure(llama, paths, "insert_lora_xs", "lora_xs[q_proj,v_proj,down_proj]")
     roles = llama.roles()
     for path, rec in llama.adapters().items():
         assert created_ops(llama, path) == ["linear", "linear", "linear", "mul", "add"]
@@ -236,19 +191,12 @@ def test_merge_is_exact(arch, request, parity):
     cm = request.getfixturevalue(arch)
     name = arch.split("_")[0]
     merged = check_merge(cm, name)
-    worst = 0.0
-    for rec in cm.adapters().values():
-        t = {k: get_tensor(cm.graph_module, v).detach().double() for k, v in rec["tensors"].items()}
-        delta = rec["scaling"] * t["B"] @ t["R"] @ t["A"]
-        w = get_tensor(cm.graph_module, rec["weight"]).detach().double()
-        expected = w + (delta.T if rec["fan_in_fan_out"] else delta)
-        worst = max(worst, float((get_tensor(merged.graph_module, rec["weight"]).double() - expected).abs().max()))
+    worst = merged_weight_error(cm, merged, lambda t, rec: rec["scaling"] * t["B"] @ t["R"] @ t["A"])
     assert parity.record(f"lora_xs {arch} merged weight vs W + s·BRA", worst) < 1e-6
 
 
 def test_onnx_merged_and_unmerged(llama, tmp_path, parity):
-    parity.record("lora_xs llama onnxruntime unmerged", check_onnx(llama, str(tmp_path / "xs.onnx"), merged=False))
-    parity.record("lora_xs llama onnxruntime merged", check_onnx(llama, str(tmp_path / "xs_m.onnx"), merged=True))
+    check_onnx_merged_and_unmerged(llama, tmp_path, parity, "lora_xs llama")
 
 
 def test_training_step_in_torch_and_onnxruntime(llama, tmp_path, parity):
@@ -257,11 +205,8 @@ def test_training_step_in_torch_and_onnxruntime(llama, tmp_path, parity):
     assert {n for n, p in params.items() if p.grad is not None} == set(llama.trainable_parameters())
     for p in params.values():
         p.grad = None
-    torch_losses, ort_losses, diff, step = train_torch_and_onnx(llama, lr=0.3, tmp_path=tmp_path)
-    assert set(step.signature.params) == set(llama.trainable_parameters())  # the r x r cores only
-    assert_loss_falls(torch_losses, by=0.05)  # 16 parameters a layer on a random model: slow but steady
-    parity.record("lora_xs llama train loss first", torch_losses[0])
-    parity.record("lora_xs llama train loss last", torch_losses[-1])
-    loss_diff = max(abs(a - b) for a, b in zip(ort_losses, torch_losses))
-    assert parity.record("lora_xs llama train onnxruntime vs torch (loss)", loss_diff) < 1e-4
-    assert parity.record("lora_xs llama train onnxruntime vs torch (params, rel)", diff) < 1e-4
+    # the step trains the r x r cores only (trainable_parameters); AdamW, 3 steps compared
+    result = check_training_export(llama, gp.optim.AdamW(lr=0.3), tmp_path, steps=8, compared=3)
+    assert_loss_falls(result.torch_losses, by=0.05)  # 16 parameters a layer on a random model: slow but steady
+    loss_diff, param_diff = result.record(parity, "lora_xs llama")
+    assert loss_diff < 1e-4 and param_diff < 1e-4

@@ -21,7 +21,8 @@ from graphpeft.infra import PassContext, PassManager, clone_graph_module
 from graphpeft.passes.insert_mole import (forward_with_router_logits, init_tensors, load_balancing_loss,
                                           router_aux_loss)
 
-from method_helpers import IDS, assert_loss_falls, check_onnx, check_provenance, compile_model, created_ops, randomize, run
+from method_helpers import (IDS, assert_loss_falls, check_onnx, check_structure, check_training_export,
+                            compiled_fixture, created_ops, llama_paths, randomize, run)
 from models import tiny_gpt2, tiny_llama
 
 E, K, R = 4, 2, 2
@@ -43,19 +44,10 @@ def randomize_moderately(cm: gp.CompiledModel) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
 
 
-@pytest.fixture(scope="module")
-def llama():
-    cm = compile_model("llama", [gp.MoLE(**LLAMA)])
-    randomize_moderately(cm)
-    return cm
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    # a LoRA beside the routed experts: merge folds the one and keeps the other
-    cm = compile_model("gpt2", [gp.LoRA(targets=["c_attn"], r=2, init="random"), gp.MoLE(**GPT2_MOLE)])
-    randomize_moderately(cm)
-    return cm
+llama = compiled_fixture("llama", [gp.MoLE(**LLAMA)], randomizer=randomize_moderately)
+# a LoRA beside the routed experts: merge folds the one and keeps the other
+gpt2 = compiled_fixture("gpt2", [gp.LoRA(targets=["c_attn"], r=2, init="random"), gp.MoLE(**GPT2_MOLE)],
+                        randomizer=randomize_moderately)
 
 
 # --- the reference: a plain PyTorch MoE of LoRA experts around the HF layer -------------------------
@@ -115,10 +107,8 @@ def reference_model(make, cm: gp.CompiledModel) -> tuple[torch.nn.Module, dict[s
 
 
 def test_structure_roles_and_match_count(llama):
-    paths = [f"model.layers.{i}.mlp.{p}" for i in (0, 1) for p in ("gate_proj", "up_proj", "down_proj")]
-    assert sorted(llama.adapters()) == sorted(paths)
-    assert sum(line.startswith("  + ") for line in llama.explain().splitlines()) == 6
-    check_provenance(llama, "insert_mole", "mole[gate_proj,up_proj,down_proj]")
+    paths = llama_paths("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    check_structure(llama, paths, "insert_mole", "mole[gate_proj,up_proj,down_proj]")
     for p in paths:
         ops = [o if o != "<built-in function getitem>" else "getitem" for o in created_ops(llama, p)]
         assert ops == BRANCH
@@ -258,10 +248,8 @@ def test_adapter_file_roundtrip(llama, tmp_path):
 
 
 def test_training_step_loss_falls_router_trains_and_onnxruntime_agrees(gpt2, tmp_path, parity):
-    from graphpeft.backends.onnx import OnnxTrainer
-
-    saved = gpt2.adapter_state_dict()
     # start as published (router std 0.02, A Kaiming, B zero; LoRA B zero): a fresh adapter
+    saved = gpt2.adapter_state_dict()
     layers = {l.path: l for l in find_layers(gpt2.graph_module)}
     start = dict(saved)
     for path, rec in gpt2.adapters().items():
@@ -270,35 +258,18 @@ def test_training_step_loss_falls_router_trains_and_onnxruntime_agrees(gpt2, tmp
             start.update({rec["tensors"][k]: v for k, v in fresh.items()})
         else:
             start[rec["tensors"]["B"]] = torch.zeros_like(saved[rec["tensors"]["B"]])
-    gpt2.load_adapter_state_dict(start)
-    try:
-        step = gpt2.compile_training("causal_lm", gp.optim.SGD(lr=0.1, momentum=0.9), example_batch=(IDS,))  # verified
-        assert set(step.signature.params) == set(gpt2.trainable_parameters())
-        step.export_onnx(tmp_path / "train.onnx")
-        trainer = OnnxTrainer(tmp_path / "train.onnx")
-        losses, loss_diff, param_diff = [], 0.0, 0.0
-        for i in range(8):
-            if i < 3:
-                # onnxruntime runs the same step from the same state. (Free-running trajectories
-                # drift apart over many steps: a token near a top-k boundary routes differently.)
-                trainer.load_state_dict(step.state_dict())
-                ort_loss = trainer.step(IDS)
-            losses.append(float(step(IDS)))
-            if i < 3:
-                ours, ort = gpt2.adapter_state_dict(), trainer.adapter_state_dict()
-                loss_diff = max(loss_diff, abs(losses[-1] - ort_loss))
-                param_diff = max(param_diff, max(float((ort[k] - ours[k]).abs().max()) for k in ours))
-        parity.record("mole gpt2 train step onnxruntime loss", loss_diff)
-        parity.record("mole gpt2 train step onnxruntime params", param_diff)
-        assert loss_diff < 1e-5 and param_diff < 1e-5
-        assert_loss_falls(losses, by=0.1)
-        trained = gpt2.adapter_state_dict()
-        for p, rec in gpt2.adapters().items():
-            if rec["method"] == "mole":
-                router = rec["tensors"]["router"]
-                assert (trained[router] - start[router]).abs().max() > 1e-5, p  # the router got gradients
-    finally:
-        gpt2.load_adapter_state_dict(saved)
+    # lockstep: onnxruntime runs each of the first 3 steps from torch's state. (Free-running
+    # trajectories drift apart over many steps: a token near a top-k boundary routes differently.)
+    result = check_training_export(gpt2, gp.optim.SGD(lr=0.1, momentum=0.9), tmp_path, steps=8, compared=3,
+                                   start=start, lockstep=True)
+    loss_diff = parity.record("mole gpt2 train step onnxruntime loss", result.loss_diff)
+    param_diff = parity.record("mole gpt2 train step onnxruntime params", result.param_diff)
+    assert loss_diff < 1e-5 and param_diff < 1e-5
+    assert_loss_falls(result.torch_losses, by=0.1)
+    for p, rec in gpt2.adapters().items():
+        if rec["method"] == "mole":
+            router = rec["tensors"]["router"]
+            assert (result.final[router] - start[router]).abs().max() > 1e-5, p  # the router got gradients
 
 
 def test_fusing_a_routed_adapter_is_refused(llama):

@@ -15,31 +15,18 @@ from graphpeft.errors import PlanError
 from graphpeft.graph import get_tensor, iter_created
 from graphpeft.passes.insert_nola import random_bases
 
-from method_helpers import (IDS, MODELS, assert_loss_falls, check_merge, check_onnx, check_provenance, compile_model,
-                            created_ops, randomize, run)
+from method_helpers import (MODELS, QVD, assert_loss_falls, check_merge, check_onnx_merged_and_unmerged,
+                            check_structure, check_training_export, compile_model, compiled_fixture, created_ops,
+                            llama_paths, run)
 from models import tiny_llama
 
 # Llama: q_proj 32->32, v_proj 32->16, down_proj 64->32; k = 24 and l = 12 bases of rank 4
 LLAMA = dict(targets=["q_proj", "v_proj", "down_proj"], r=4, num_basis_A=24, num_basis_B=12, alpha=8)
 GPT2 = dict(targets=["c_attn", "mlp.c_proj"], r=4, num_basis_A=24, num_basis_B=12, alpha=8)
 
-#: each fixture's adapter tensors as compiled (default init), before randomize
-INITIAL: dict[str, dict[str, torch.Tensor]] = {}
-
-
-@pytest.fixture(scope="module")
-def llama():
-    cm = compile_model("llama", [gp.NOLA(**LLAMA)])
-    INITIAL["llama"] = cm.adapter_state_dict()
-    randomize(cm)
-    return cm
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    cm = compile_model("gpt2", [gp.NOLA(**GPT2)])
-    randomize(cm)
-    return cm
+# cm.initial_state: the adapter tensors as compiled (default init), before randomize
+llama = compiled_fixture("llama", [gp.NOLA(**LLAMA)])
+gpt2 = compiled_fixture("gpt2", [gp.NOLA(**GPT2)])
 
 
 def reference(arch: str, cm: gp.CompiledModel) -> torch.nn.Module:
@@ -62,10 +49,8 @@ def reference(arch: str, cm: gp.CompiledModel) -> torch.nn.Module:
 
 
 def test_structure_roles_and_match_count(llama):
-    paths = [f"model.layers.{i}.{p}" for i in (0, 1) for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
-    assert sorted(llama.adapters()) == sorted(paths)
-    assert sum(line.startswith("  + ") for line in llama.explain().splitlines()) == 6
-    check_provenance(llama, "insert_nola", "nola[q_proj,v_proj,down_proj]")
+    paths = llama_paths(*QVD)
+    check_structure(llama, paths, "insert_nola", "nola[q_proj,v_proj,down_proj]")
     mix = ["view", "unsqueeze", "mm", "view"]
     assert created_ops(llama, paths[1]) == mix + ["add"] + mix + ["linear", "linear", "mul", "add"]
     roles = llama.roles()
@@ -88,11 +73,11 @@ def test_defaults_constants_and_identity_init(llama):
     fresh = gp.NOLA(targets=["q_proj"])  # the official LLaMA-2 scripts: r 16, 512 bases each, alpha 4
     assert (fresh.r, fresh.num_basis_A, fresh.num_basis_B, fresh.alpha, fresh.dropout, fresh.init) == \
         (16, 512, 512, 4.0, 0.0, "default")
-    assert not any(v.any() for v in INITIAL["llama"].values())  # α = β = 0: the identity ...
+    assert not any(v.any() for v in llama.initial_state.values())  # α = β = 0: the identity ...
     consts = llama.adapter_state_dict(include_constants=True)
     saved = llama.adapter_state_dict()
     try:
-        llama.load_adapter_state_dict(INITIAL["llama"])
+        llama.load_adapter_state_dict(llama.initial_state)
         with torch.no_grad():
             assert (run(llama, "llama") - run(tiny_llama(), "llama")).abs().max().item() < 1e-6
         # ... which still trains: β's gradient runs through A₀ x
@@ -170,27 +155,12 @@ def test_adapter_file_holds_coefficients_only(llama, tmp_path):
 
 
 def test_onnx_merged_and_unmerged(llama, tmp_path, parity):
-    parity.record("nola llama onnxruntime unmerged", check_onnx(llama, str(tmp_path / "nola.onnx"), merged=False))
-    parity.record("nola llama onnxruntime merged", check_onnx(llama, str(tmp_path / "nola_m.onnx"), merged=True))
+    check_onnx_merged_and_unmerged(llama, tmp_path, parity, "nola llama")
 
 
 def test_training_step_loss_falls_verifies_and_runs_in_onnxruntime(gpt2, tmp_path, parity):
-    from graphpeft.backends.onnx import OnnxTrainer
-
-    saved = gpt2.adapter_state_dict()
-    try:
-        # the verifier runs after every training pass (verify defaults to on)
-        step = gpt2.compile_training("causal_lm", gp.optim.AdamW(lr=0.05), example_batch=(IDS,))
-        assert set(step.signature.params) == set(gpt2.trainable_parameters())  # α and β only
-        step.export_onnx(tmp_path / "nola_train.onnx")  # holds the initial tensors
-        torch_losses = [float(step(IDS)) for _ in range(12)]
-        assert_loss_falls(torch_losses, by=0.05)
-        trained = gpt2.adapter_state_dict()
-        trainer = OnnxTrainer(tmp_path / "nola_train.onnx")
-        ort_losses = [trainer.step(IDS) for _ in range(12)]
-        ort = trainer.adapter_state_dict()
-        diff = parity.record("nola gpt2 12 adamw steps onnxruntime vs torch",
-                             max((ort[k] - trained[k]).abs().max().item() for k in trained))
-        assert diff < 1e-5 and max(abs(a - b) for a, b in zip(ort_losses, torch_losses)) < 1e-5
-    finally:
-        gpt2.load_adapter_state_dict(saved)
+    # the step trains α and β only (trainable_parameters); onnxruntime runs all 12 AdamW steps
+    result = check_training_export(gpt2, gp.optim.AdamW(lr=0.05), tmp_path, steps=12, compared=12)
+    assert_loss_falls(result.torch_losses, by=0.05)
+    diff = parity.record("nola gpt2 12 adamw steps onnxruntime vs torch", result.param_diff)
+    assert diff < 1e-5 and result.loss_diff < 1e-5

@@ -5,7 +5,6 @@ training (the step, its verified graph and its ONNX export), and PEFT folders bo
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -17,9 +16,10 @@ from graphpeft.graph import get_tensor, iter_created, op_count
 from graphpeft.infra import PassContext, PassManager, clone_graph_module
 from graphpeft.passes.insert_randlora import InsertRandLoRA, shared_bases
 
-from method_helpers import (IDS, assert_loss_falls, check_merge, check_onnx, check_provenance, compile_model,
-                            created_ops, peft_model, randomize, run)
+from method_helpers import (IDS, QVD, assert_loss_falls, check_merge, check_onnx_merged_and_unmerged, check_structure,
+                            check_training_export, compiled_fixture, created_ops, llama_paths, peft_model, run)
 from models import tiny_gpt2, tiny_llama
+from test_interop_peft import peft_saved
 
 # Llama: q_proj 32->32 (in <= out), v_proj 32->16 and down_proj 64->32 (in > out); the bases are
 # sized for (max out 32, max in 64): A (4, 1, 32), B (64, 8, 4). alpha 0.4: scaling 0.1.
@@ -43,30 +43,14 @@ def _diff(a, b, arch: str = "llama") -> float:
         return (run(a, arch) - run(b, arch)).abs().max().item()
 
 
-#: each fixture's adapter tensors as compiled (default init), before randomize
-INITIAL: dict[str, dict[str, torch.Tensor]] = {}
-
-
-@pytest.fixture(scope="module")
-def llama():
-    cm = compile_model("llama", [gp.RandLoRA(**LLAMA)])
-    INITIAL["llama"] = cm.adapter_state_dict()
-    randomize(cm)
-    return cm
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    cm = compile_model("gpt2", [gp.RandLoRA(**GPT2)])
-    randomize(cm)
-    return cm
+# cm.initial_state: the adapter tensors as compiled (default init), before randomize
+llama = compiled_fixture("llama", [gp.RandLoRA(**LLAMA)])
+gpt2 = compiled_fixture("gpt2", [gp.RandLoRA(**GPT2)])
 
 
 def test_structure_roles_and_match_count(llama):
-    paths = [f"model.layers.{i}.{p}" for i in (0, 1) for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
-    assert sorted(llama.adapters()) == sorted(paths)
-    assert sum(line.startswith("  + ") for line in llama.explain().splitlines()) == 6
-    check_provenance(llama, "insert_randlora", "randlora[q_proj,v_proj,down_proj]")
+    paths = llama_paths(*QVD)
+    check_structure(llama, paths, "insert_randlora", "randlora[q_proj,v_proj,down_proj]")
     ops = {p.rsplit(".", 1)[-1]: created_ops(llama, p) for p in paths[:3]}
     scale = ["unsqueeze", "mul", "unsqueeze", "mul", "view"]
     # q (in 32 <= out 32): B sliced to 32 rows; the input meets the scaled small bases first
@@ -115,7 +99,7 @@ def test_defaults_and_identity_init(llama):
     pm = get_peft_model(tiny_llama(), _peft_config(LLAMA))
     init = {k.removeprefix("base_model.model.").replace(".default", ""): v.detach()
             for k, v in pm.named_parameters() if "randlora_" in k}
-    ours = INITIAL["llama"]
+    ours = llama.initial_state
     assert set(init) == set(ours) and all(torch.equal(ours[k], init[k]) for k in init)
     gamma = ours["model.layers.0.self_attn.v_proj.randlora_gamma"]
     assert torch.equal(gamma, torch.full((4, 16), 1 / 16))
@@ -180,30 +164,15 @@ def test_merging_one_layer_keeps_the_shared_bases(llama):
 
 
 def test_onnx_merged_and_unmerged(llama, tmp_path, parity):
-    parity.record("randlora llama onnxruntime unmerged", check_onnx(llama, str(tmp_path / "rl.onnx"), merged=False))
-    parity.record("randlora llama onnxruntime merged", check_onnx(llama, str(tmp_path / "rl_m.onnx"), merged=True))
+    check_onnx_merged_and_unmerged(llama, tmp_path, parity, "randlora llama")
 
 
 def test_training_step_loss_falls_verifies_and_runs_in_onnxruntime(gpt2, tmp_path, parity):
-    from graphpeft.backends.onnx import OnnxTrainer
-
-    saved = gpt2.adapter_state_dict()
-    try:
-        # the verifier runs after every training pass (verify defaults to on)
-        step = gpt2.compile_training("causal_lm", gp.optim.AdamW(lr=0.05), example_batch=(IDS,))
-        assert set(step.signature.params) == set(gpt2.trainable_parameters())  # λ and γ only
-        step.export_onnx(tmp_path / "rl_train.onnx")  # holds the initial tensors
-        torch_losses = [float(step(IDS)) for _ in range(12)]
-        assert_loss_falls(torch_losses, by=0.05)
-        trained = gpt2.adapter_state_dict()
-        trainer = OnnxTrainer(tmp_path / "rl_train.onnx")
-        ort_losses = [trainer.step(IDS) for _ in range(12)]
-        ort = trainer.adapter_state_dict()
-        diff = parity.record("randlora gpt2 12 adamw steps onnxruntime vs torch",
-                             max((ort[k] - trained[k]).abs().max().item() for k in trained))
-        assert diff < 1e-5 and max(abs(a - b) for a, b in zip(ort_losses, torch_losses)) < 1e-5
-    finally:
-        gpt2.load_adapter_state_dict(saved)
+    # the step trains λ and γ only (trainable_parameters); onnxruntime runs all 12 AdamW steps
+    result = check_training_export(gpt2, gp.optim.AdamW(lr=0.05), tmp_path, steps=12, compared=12)
+    assert_loss_falls(result.torch_losses, by=0.05)
+    diff = parity.record("randlora gpt2 12 adamw steps onnxruntime vs torch", result.param_diff)
+    assert diff < 1e-5 and result.loss_diff < 1e-5
 
 
 # --- PEFT folders -----------------------------------------------------------------------------------
@@ -226,22 +195,10 @@ def test_export_loads_into_peft(llama, tmp_path, parity):
 
 
 def _peft_saved(folder, save_projection: bool):
-    from peft import get_peft_model
-
     # sparse bases and a non-default key: both must come through the config
     config = _peft_config(dict(targets=["q_proj", "down_proj"], r=8, alpha=2.0), projection_prng_key=11, sparse=True,
                           save_projection=save_projection)
-    pm = get_peft_model(tiny_llama(), config)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(0.2 * torch.randn(p.shape, generator=gen))
-    pm.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm.save_pretrained(folder)
-    return pm
+    return peft_saved(config, folder)  # random adapter tensors, saved by peft
 
 
 def test_peft_folders_import(llama, tmp_path, parity):

@@ -1,7 +1,8 @@
 """SHiRA: structure, match count, the random mask equal to peft's for the same seed, parity with
-peft, exact scatter-add merge touching only the masked entries, ONNX export, training; the
-paper's magnitude, gradient and SNIP masks (the top entries of |W|, |∂L/∂W| and |W ⊙ ∂L/∂W| on
-the probe batch, checked against eager PyTorch) and their round trip through adapter files."""
+peft, exact scatter-add merge touching only the masked entries, ONNX export, a verified training
+step run by torch and, exported, by onnxruntime; the paper's magnitude, gradient and SNIP masks
+(the top entries of |W|, |∂L/∂W| and |W ⊙ ∂L/∂W| on the probe batch, checked against eager
+PyTorch) and their round trip through adapter files."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from graphpeft.errors import PlanError
 from graphpeft.graph import find_layers, get_tensor
 from graphpeft.infra import PassContext, PassManager, clone_graph_module
 
-from method_helpers import (IDS, assert_loss_falls, check_merge, check_onnx, check_provenance, compile_model,
-                            created_ops, peft_model, randomize, run, train_compiled)
+from method_helpers import (IDS, assert_loss_falls, check_merge, check_onnx_merged_and_unmerged, check_structure,
+                            check_training_export, check_weight_join, compiled_fixture, created_ops, llama_paths,
+                            peft_model, randomize, run)
 from models import tiny_llama, token_batch
 
 RULE = dict(targets=["q_proj", "v_proj"], r=2, random_seed=3)
@@ -33,25 +35,16 @@ def _indices(cm) -> dict:
             for r in cm.adapters().values()}
 
 
-@pytest.fixture(scope="module")
-def llama():
-    cm = compile_model("llama", [gp.SHiRA(**RULE)])
-    randomize(cm)
-    return cm
+llama = compiled_fixture("llama", [gp.SHiRA(**RULE)])
 
 
 def test_structure_roles_and_match_count(llama):
-    paths = [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
-    assert sorted(llama.adapters()) == paths
-    assert sum(line.startswith("  + ") for line in llama.explain().splitlines()) == 4
-    check_provenance(llama, "insert_shira", "shira[q_proj,v_proj]")
-    nodes = {n.name: n for n in llama.graph_module.graph.nodes}
+    paths = llama_paths("self_attn.q_proj", "self_attn.v_proj")
+    check_structure(llama, paths, "insert_shira", "shira[q_proj,v_proj]")
     roles = llama.roles()
     for path in paths:
         assert created_ops(llama, path) == ["select", "select", "index_put"]
-        # the layer op now reads the scattered weight (the adapter's join) instead of W
-        (op,) = nodes[llama.adapters()[path]["join"]].users
-        assert op.target == torch.ops.aten.linear.default and op.args[1].name == llama.adapters()[path]["join"]
+        check_weight_join(llama, path)  # the layer op now reads the scattered weight instead of W
         idx = get_tensor(llama.graph_module, f"{path}.shira_indices")
         assert idx.dtype == torch.int64 and roles[f"{path}.shira_indices"] == gp.Role.ADAPTER_CONST
         assert roles[f"{path}.shira_weight"] == gp.Role.ADAPTER
@@ -96,23 +89,16 @@ def test_merge_is_an_exact_scatter_add_and_matches_peft(llama):
 
 
 def test_onnx_merged_and_unmerged(llama, tmp_path, parity):
-    parity.record("shira llama onnxruntime unmerged", check_onnx(llama, str(tmp_path / "shira.onnx"), merged=False))
-    parity.record("shira llama onnxruntime merged", check_onnx(llama, str(tmp_path / "shira_m.onnx"), merged=True))
+    check_onnx_merged_and_unmerged(llama, tmp_path, parity, "shira llama")
 
 
-def test_training_step_loss_falls(llama):
-    saved = llama.adapter_state_dict()
-    try:
-        losses, step = train_compiled(llama, lr=3e-2, verify=False)
-        assert set(step.signature.params) == set(llama.trainable_parameters())  # the values only
-        assert_loss_falls(losses)
-    finally:
-        llama.load_adapter_state_dict(saved)
-
-
-# the training graph reads the masks through adapter-const get_attr nodes; the verifier accepts it
-def test_training_graph_verifies(llama):
-    llama.compile_training("causal_lm", gp.optim.AdamW(lr=1e-2), example_batch=(IDS,))
+def test_training_step_in_torch_and_onnxruntime(llama, tmp_path, parity):
+    # the step trains the values only (trainable_parameters), and its graph verifies (the masks
+    # are read through adapter-const get_attr nodes); AdamW, 3 steps compared
+    result = check_training_export(llama, gp.optim.AdamW(lr=3e-2), tmp_path, steps=12, compared=3)
+    assert_loss_falls(result.torch_losses)
+    loss_diff, param_diff = result.record(parity, "shira llama")
+    assert loss_diff < 1e-4 and param_diff < 1e-4
 
 
 # --- the paper's data-dependent masks -----------------------------------------------------------

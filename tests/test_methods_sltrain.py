@@ -17,8 +17,9 @@ from graphpeft.graph import find_layers, get_tensor
 from graphpeft.passes.insert_sltrain import init_tensors
 from graphpeft.registry import get_method
 
-from method_helpers import (IDS, MODELS, assert_loss_falls, check_merge, check_onnx, check_provenance, compile_model,
-                            created_ops, main_output, randomize, run)
+from method_helpers import (IDS, MODELS, assert_loss_falls, check_merge, check_onnx_merged_and_unmerged,
+                            check_structure, check_training_export, check_weight_join, compile_model,
+                            compile_randomized, compiled_fixture, created_ops, llama_paths, main_output, run)
 from models import tiny_llama
 
 # q 32 -> 32: int(0.05 · 1024) = 51 sparse entries; v 32 -> 16: int(0.05 · 512) = 25
@@ -26,11 +27,7 @@ LLAMA = dict(targets=["q_proj", "v_proj"], r=2, alpha=4, density=0.05)
 GPT2 = dict(targets=["c_attn"], r=2, alpha=4, density=0.05)
 
 
-@pytest.fixture(scope="module")
-def llama():
-    cm = compile_model("llama", [gp.SLTrain(**LLAMA)])
-    randomize(cm)
-    return cm
+llama = compiled_fixture("llama", [gp.SLTrain(**LLAMA)])
 
 
 def _tensors(cm, rec) -> dict[str, torch.Tensor]:
@@ -67,19 +64,14 @@ def run_reference(arch: str, cm: gp.CompiledModel) -> torch.Tensor:
 
 
 def test_structure_roles_and_match_count(llama):
-    paths = [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
-    assert sorted(llama.adapters()) == paths
-    assert sum(line.startswith("  + ") for line in llama.explain().splitlines()) == 4
-    check_provenance(llama, "insert_sltrain", "sltrain[q_proj,v_proj]")
-    nodes = {n.name: n for n in llama.graph_module.graph.nodes}
+    paths = llama_paths("self_attn.q_proj", "self_attn.v_proj")
+    check_structure(llama, paths, "insert_sltrain", "sltrain[q_proj,v_proj]")
     roles = llama.roles()
     for path in paths:
         rec = llama.adapters()[path]
         # ΔW is built beside the weight (scaling on A), then W + ΔW replaces W in the layer op
         assert created_ops(llama, path) == ["mul", "mm", "view", "index_put", "view", "add"]
-        (op,) = nodes[rec["join"]].users
-        assert op.target == torch.ops.aten.linear.default and op.args[1].name == rec["join"]
-        assert nodes[rec["join"]].args[0].target == rec["weight"]  # merge re-points the op at W
+        assert check_weight_join(llama, path).args[0].target == rec["weight"]  # merge re-points the op at W
         t = rec["tensors"]
         assert [roles[t[k]] for k in ("A", "B", "values", "indices")] == [gp.Role.ADAPTER] * 3 + [gp.Role.ADAPTER_CONST]
         idx = get_tensor(llama.graph_module, t["indices"])
@@ -140,8 +132,7 @@ def test_matches_the_formula_and_merges_exactly(arch, llama, parity):
     if arch == "llama":
         cm = llama
     else:  # GPT-2's Conv1D: ΔW and its support live in the stored (in, out) layout
-        cm = compile_model("gpt2", [gp.SLTrain(**GPT2)])
-        randomize(cm)
+        cm = compile_randomized("gpt2", [gp.SLTrain(**GPT2)])
         assert all(rec["fan_in_fan_out"] for rec in cm.adapters().values())
     with torch.no_grad():
         ours = run(cm, arch)
@@ -190,36 +181,20 @@ def test_adapter_file_round_trip_holds_the_support(llama, tmp_path):
 
 
 def test_onnx_merged_and_unmerged(llama, tmp_path, parity):
-    parity.record("sltrain llama onnxruntime unmerged", check_onnx(llama, str(tmp_path / "sl.onnx"), merged=False))
-    parity.record("sltrain llama onnxruntime merged", check_onnx(llama, str(tmp_path / "sl_m.onnx"), merged=True))
+    check_onnx_merged_and_unmerged(llama, tmp_path, parity, "sltrain llama")
 
 
 def test_training_step_in_torch_and_onnxruntime(llama, tmp_path, parity):
-    from graphpeft.backends.onnx import OnnxTrainer
-
     saved = llama.adapter_state_dict()
     indices = {r["tensors"]["indices"]: get_tensor(llama.graph_module, r["tensors"]["indices"]).clone()
                for r in llama.adapters().values()}
-    try:
-        step = llama.compile_training("causal_lm", gp.optim.AdamW(lr=5e-2), example_batch=(IDS,))  # verified
-        assert set(step.signature.params) == set(llama.trainable_parameters())  # A, B and the values
-        step.export_onnx(tmp_path / "train.onnx")
-        losses = [float(step(IDS)) for _ in range(8)]
-        trained = llama.adapter_state_dict()
-        assert_loss_falls(losses)
-        parity.record("sltrain llama train loss first", losses[0])
-        parity.record("sltrain llama train loss last", losses[-1])
-        # the sparse values, B and A all trained (nearly every entry moved); the support did not
-        for k in saved:
-            assert (trained[k] != saved[k]).float().mean() > 0.9, k
-        for name, idx in indices.items():
-            assert torch.equal(get_tensor(llama.graph_module, name), idx)
-        trainer = OnnxTrainer(tmp_path / "train.onnx")
-        ort_losses = [float(trainer.step(IDS)) for _ in range(8)]
-        ort = trainer.adapter_state_dict()
-        loss_diff = max(abs(a - b) for a, b in zip(ort_losses, losses))
-        param_diff = max(float((ort[k] - trained[k]).abs().max()) for k in trained)
-        assert parity.record("sltrain llama train onnxruntime vs torch (loss)", loss_diff) < 1e-4
-        assert parity.record("sltrain llama train onnxruntime vs torch (params)", param_diff) < 1e-4
-    finally:
-        llama.load_adapter_state_dict(saved)
+    # the step trains A, B and the values (trainable_parameters); onnxruntime runs all 8 AdamW steps
+    result = check_training_export(llama, gp.optim.AdamW(lr=5e-2), tmp_path, steps=8, compared=8)
+    assert_loss_falls(result.torch_losses)
+    # the sparse values, B and A all trained (nearly every entry moved); the support did not
+    for k in saved:
+        assert (result.trained[k] != saved[k]).float().mean() > 0.9, k
+    for name, idx in indices.items():
+        assert torch.equal(get_tensor(llama.graph_module, name), idx)
+    loss_diff, param_diff = result.record(parity, "sltrain llama", relative=False)
+    assert loss_diff < 1e-4 and param_diff < 1e-4

@@ -14,8 +14,9 @@ import graphpeft as gp
 from graphpeft.errors import PlanError
 from graphpeft.graph import get_tensor
 
-from method_helpers import (IDS, MODELS, assert_loss_falls, check_merge, check_onnx, check_provenance, compile_model,
-                            created_ops, lm_loss, randomize, run)
+from method_helpers import (IDS, MODELS, QVD, assert_loss_falls, check_merge, check_onnx_merged_and_unmerged,
+                            check_structure, check_training_export, compile_model, compile_randomized, compiled_fixture,
+                            created_ops, llama_paths, lm_loss, run)
 from graphpeft.passes.insert_sora import (SoRAMethod, soft_threshold, sora_live_ranks, sora_proximal_step,
                                           sora_pruned_factors)
 
@@ -24,18 +25,12 @@ GPT2 = dict(targets=["c_attn", "mlp.c_proj"], r=4)
 STEPS = 5
 
 
-@pytest.fixture(scope="module")
-def llama():
-    cm = compile_model("llama", [gp.SoRA(**LLAMA)])
-    randomize(cm)
-    return cm
+llama = compiled_fixture("llama", [gp.SoRA(**LLAMA)])
 
 
 def test_structure_roles_and_match_count(llama):
-    paths = [f"model.layers.{i}.{p}" for i in (0, 1) for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
-    assert sorted(llama.adapters()) == sorted(paths)
-    assert sum(line.startswith("  + ") for line in llama.explain().splitlines()) == 6
-    check_provenance(llama, "insert_sora", "sora[q_proj,v_proj,down_proj]")
+    paths = llama_paths(*QVD)
+    check_structure(llama, paths, "insert_sora", "sora[q_proj,v_proj,down_proj]")
     for p in paths:
         assert created_ops(llama, p) == ["linear", "mul", "linear", "mul", "add"]
     sd = llama.adapter_state_dict()
@@ -119,8 +114,7 @@ def test_merge_is_exact_and_drops_zeroed_ranks(llama, parity):
 
 
 def test_onnx_merged_and_unmerged(llama, tmp_path, parity):
-    parity.record("sora llama onnxruntime unmerged", check_onnx(llama, str(tmp_path / "sora.onnx"), merged=False))
-    parity.record("sora llama onnxruntime merged", check_onnx(llama, str(tmp_path / "sora_m.onnx"), merged=True))
+    check_onnx_merged_and_unmerged(llama, tmp_path, parity, "sora llama")
 
 
 def test_soft_threshold():
@@ -139,8 +133,7 @@ LAMBDA, LR = 8.0, 0.005
 
 @pytest.fixture(scope="module")
 def gpt2():
-    cm = compile_model("gpt2", [gp.SoRA(**GPT2, sparse_lambda=LAMBDA)])
-    randomize(cm)
+    cm = compile_randomized("gpt2", [gp.SoRA(**GPT2, sparse_lambda=LAMBDA)])
     return cm, cm.adapter_state_dict()
 
 
@@ -229,24 +222,15 @@ def test_large_lambda_zeroes_every_gate_and_merge_keeps_the_base(llama):
 
 
 def test_onnxruntime_training_step_matches_torch(gpt2, adamw_step, tmp_path, parity):
-    from graphpeft.backends.onnx import OnnxTrainer
-
     cm, initial = gpt2
     cm.load_adapter_state_dict(initial)
-    step = adamw_step
-    _restart(step)
-    path = tmp_path / "sora_train.onnx"
-    step.export_onnx(path)  # the file stores the current (initial) tensors and state
-    torch_losses = [float(step(IDS)) for _ in range(STEPS)]
-    trained = cm.adapter_state_dict()
-    cm.load_adapter_state_dict(initial)
-    trainer = OnnxTrainer(path)
-    ort_losses = [trainer.step(IDS) for _ in range(STEPS)]
-    ort = trainer.adapter_state_dict()
-    diff = parity.record("sora train adamw params compiled-onnxruntime", _max_diff(ort, trained))
+    _restart(adamw_step)  # the export stores the current (initial) tensors and state
+    result = check_training_export(cm, None, tmp_path, steps=STEPS, compared=STEPS, step=adamw_step)
+    diff = parity.record("sora train adamw params compiled-onnxruntime", result.param_diff)
     assert diff < 1e-5, diff
-    assert max(abs(a - b) for a, b in zip(ort_losses, torch_losses)) < 1e-5
-    assert torch.equal(_gates(ort) == 0, _gates(trained) == 0) and bool((_gates(ort) == 0).any())
+    assert result.loss_diff < 1e-5
+    ort, trained = _gates(result.ort_trained), _gates(result.trained)
+    assert torch.equal(ort == 0, trained == 0) and bool((ort == 0).any())
 
 
 def test_training_loss_falls_then_merge_is_exact(gpt2, adamw_step):

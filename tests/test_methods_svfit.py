@@ -13,17 +13,13 @@ import graphpeft as gp
 from graphpeft.errors import PlanError
 from graphpeft.graph import find_layers, get_tensor
 
-from method_helpers import (IDS, assert_loss_falls, check_merge, check_onnx, check_provenance, compile_model,
-                            created_ops, randomize, run)
+from method_helpers import (QVD, assert_loss_falls, check_merge, check_onnx_merged_and_unmerged, check_structure,
+                            check_training_export, compile_model, compiled_fixture, created_ops, llama_paths,
+                            merged_weight_error, run, weight_out_in)
 from models import tiny_gpt2, tiny_llama
 
 LLAMA = dict(targets=["q_proj", "v_proj", "down_proj"], r=8)
 GPT2 = dict(targets="all-linear")  # r=None: every singular value of every layer
-
-
-def _rows(module: torch.nn.Module) -> torch.Tensor:
-    # GPT-2's Conv1D stores (in, out)
-    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
 
 
 class ReferenceSVFit(torch.nn.Module):
@@ -33,7 +29,7 @@ class ReferenceSVFit(torch.nn.Module):
 
     def __init__(self, base: torch.nn.Module, r: int, sigma: torch.Tensor) -> None:
         super().__init__()
-        w = _rows(base).detach().double()
+        w = weight_out_in(base).detach().double()
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         u, s, vh = u[:, :r], s[:r], vh[:r]
         self.weight = ((w - (u * s) @ vh) + (u * sigma.double()) @ vh).float()
@@ -51,52 +47,13 @@ def _reference(make, cm) -> torch.nn.Module:
     return model.eval()
 
 
-def train_torch_and_onnx(cm, lr: float, tmp_path, steps: int = 8, compared: int = 3):
-    """A verified training step (AdamW) trained ``steps`` times by torch, and the same step
-    exported and trained ``compared`` times from the same start by onnxruntime; cm is restored
-    afterwards. Returns (torch losses, onnxruntime losses, max relative difference of the
-    parameters after ``compared`` steps of each, step). Only the first steps are compared:
-    AdamW's early steps are ``lr·sign(g)``-like, so a gradient entry near zero whose sign differs
-    in the last float32 bit moves its parameter by up to ``2·lr`` and the runs drift apart."""
-    from graphpeft.backends.onnx import OnnxTrainer
-
-    saved = cm.adapter_state_dict()
-    try:
-        step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=lr), example_batch=(IDS,))  # verify=True
-        step.export_onnx(tmp_path / "train.onnx")
-        torch_losses = []
-        for i in range(steps):
-            torch_losses.append(float(step(IDS)))
-            if i + 1 == compared:
-                trained = cm.adapter_state_dict()
-        trainer = OnnxTrainer(tmp_path / "train.onnx")
-        ort_losses = [float(trainer.step(IDS)) for _ in range(compared)]
-        ort = trainer.adapter_state_dict()
-        diff = max(float((ort[k] - trained[k]).abs().max() / trained[k].abs().max().clamp_min(1.0)) for k in trained)
-        return torch_losses, ort_losses, diff, step
-    finally:
-        cm.load_adapter_state_dict(saved)
-
-
-@pytest.fixture(scope="module")
-def llama():
-    cm = compile_model("llama", [gp.SVFit(**LLAMA, init="random")])
-    randomize(cm)
-    return cm
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    cm = compile_model("gpt2", [gp.SVFit(**GPT2, init="random")])
-    randomize(cm)
-    return cm
+llama = compiled_fixture("llama", [gp.SVFit(**LLAMA, init="random")])
+gpt2 = compiled_fixture("gpt2", [gp.SVFit(**GPT2, init="random")])
 
 
 def test_structure_roles_and_match_count(llama, gpt2):
-    paths = [f"model.layers.{i}.{p}" for i in (0, 1) for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
-    assert sorted(llama.adapters()) == sorted(paths)
-    assert sum(line.startswith("  + ") for line in llama.explain().splitlines()) == 6
-    check_provenance(llama, "insert_svfit", "svfit[q_proj,v_proj,down_proj]")
+    paths = llama_paths(*QVD)
+    check_structure(llama, paths, "insert_svfit", "svfit[q_proj,v_proj,down_proj]")
     roles = llama.roles()
     for path, rec in llama.adapters().items():
         assert created_ops(llama, path) == ["sub", "linear", "mul", "linear", "add"]
@@ -167,27 +124,17 @@ def test_matches_the_formula(arch, make, request, parity):
 def test_merge_is_exact(arch, request, parity):
     cm = request.getfixturevalue(arch)
     merged = check_merge(cm, arch, atol=1e-4)
-    worst = 0.0
-    for rec in cm.adapters().values():
-        t = {k: get_tensor(cm.graph_module, v).detach().double() for k, v in rec["tensors"].items()}
-        delta = (t["U"] * (t["sigma"] - t["sigma0"])) @ t["V"]
-        w = get_tensor(cm.graph_module, rec["weight"]).detach().double()
-        expected = w + (delta.T if rec["fan_in_fan_out"] else delta)
-        worst = max(worst, float((get_tensor(merged.graph_module, rec["weight"]).double() - expected).abs().max()))
+    worst = merged_weight_error(cm, merged, lambda t, rec: (t["U"] * (t["sigma"] - t["sigma0"])) @ t["V"])
     assert parity.record(f"svfit {arch} merged weight vs W + ΔW", worst) < 1e-5
 
 
 def test_onnx_merged_and_unmerged(llama, tmp_path, parity):
-    parity.record("svfit llama onnxruntime unmerged", check_onnx(llama, str(tmp_path / "svfit.onnx"), merged=False))
-    parity.record("svfit llama onnxruntime merged", check_onnx(llama, str(tmp_path / "svfit_m.onnx"), merged=True))
+    check_onnx_merged_and_unmerged(llama, tmp_path, parity, "svfit llama")
 
 
 def test_training_step_in_torch_and_onnxruntime(gpt2, tmp_path, parity):
-    torch_losses, ort_losses, diff, step = train_torch_and_onnx(gpt2, lr=0.1, tmp_path=tmp_path)
-    assert set(step.signature.params) == set(gpt2.trainable_parameters())  # the singular values only
-    assert_loss_falls(torch_losses)
-    parity.record("svfit gpt2 train loss first", torch_losses[0])
-    parity.record("svfit gpt2 train loss last", torch_losses[-1])
-    loss_diff = max(abs(a - b) for a, b in zip(ort_losses, torch_losses))
-    assert parity.record("svfit gpt2 train onnxruntime vs torch (loss)", loss_diff) < 1e-4
-    assert parity.record("svfit gpt2 train onnxruntime vs torch (params, rel)", diff) < 1e-4
+    # the step trains the singular values only (trainable_parameters); AdamW, 3 steps compared
+    result = check_training_export(gpt2, gp.optim.AdamW(lr=0.1), tmp_path, steps=8, compared=3)
+    assert_loss_falls(result.torch_losses)
+    loss_diff, param_diff = result.record(parity, "svfit gpt2")
+    assert loss_diff < 1e-4 and param_diff < 1e-4

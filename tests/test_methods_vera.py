@@ -1,6 +1,7 @@
 """VeRA: shared seeded projections (identical to peft's), structure, match count, parity with
 peft on Llama and GPT-2, exact merge (all layers, and one layer while others share the
-projections), ONNX export, training."""
+projections), ONNX export, and a verified training step run by torch and, exported, by
+onnxruntime."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import pytest
 import torch
 
 import graphpeft as gp
-from graphpeft.errors import PlanError, VerificationError
+from graphpeft.errors import PlanError
 from graphpeft.graph import get_tensor, iter_created, op_count
 from graphpeft.infra import PassContext, PassManager, clone_graph_module
 
-from method_helpers import (assert_loss_falls, check_merge, check_onnx, check_provenance, compile_model,
-                            created_ops, peft_model, randomize, run, train_compiled)
-from method_helpers import IDS
+from method_helpers import (QVD, assert_loss_falls, check_merge, check_onnx_merged_and_unmerged, check_structure,
+                            check_training_export, compile_model, compiled_fixture, created_ops, llama_paths,
+                            peft_model, randomize, run)
 from models import tiny_llama
 
 # v_proj (32 -> 16) and down_proj (64 -> 32) use slices of the (4, 64) / (32, 4) projections
@@ -33,25 +34,13 @@ def _shared(cm) -> dict:
     return {f"base_model.{k}": get_tensor(cm.graph_module, k) for k in ("vera_A", "vera_B")}
 
 
-@pytest.fixture(scope="module")
-def llama():
-    cm = compile_model("llama", [gp.VeRA(**LLAMA)])
-    randomize(cm)
-    return cm
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    cm = compile_model("gpt2", [gp.VeRA(**GPT2)])
-    randomize(cm)
-    return cm
+llama = compiled_fixture("llama", [gp.VeRA(**LLAMA)])
+gpt2 = compiled_fixture("gpt2", [gp.VeRA(**GPT2)])
 
 
 def test_structure_roles_and_match_count(llama):
-    paths = [f"model.layers.{i}.{p}" for i in (0, 1) for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
-    assert sorted(llama.adapters()) == sorted(paths)
-    assert sum(line.startswith("  + ") for line in llama.explain().splitlines()) == 6
-    check_provenance(llama, "insert_vera", "vera[q_proj,v_proj,down_proj]")
+    paths = llama_paths(*QVD)
+    check_structure(llama, paths, "insert_vera", "vera[q_proj,v_proj,down_proj]")
     ops = {p.rsplit(".", 1)[-1]: created_ops(llama, p) for p in paths[:3]}
     branch = ["linear", "mul", "linear", "mul", "add"]
     assert ops["q_proj"] == ["slice"] + branch  # in 32 < 64: A sliced, out 32 = max: B whole
@@ -158,23 +147,13 @@ def test_mixed_plan_saves_and_reloads_with_regenerated_constants(tmp_path):
 
 
 def test_onnx_merged_and_unmerged(llama, tmp_path, parity):
-    parity.record("vera llama onnxruntime unmerged", check_onnx(llama, str(tmp_path / "vera.onnx"), merged=False))
-    parity.record("vera llama onnxruntime merged", check_onnx(llama, str(tmp_path / "vera_m.onnx"), merged=True))
+    check_onnx_merged_and_unmerged(llama, tmp_path, parity, "vera llama")
 
 
-def test_training_step_loss_falls(gpt2):
-    saved = gpt2.adapter_state_dict()
-    try:
-        losses, step = train_compiled(gpt2, lr=0.1, verify=False)
-        assert set(step.signature.params) == set(gpt2.trainable_parameters())  # the vectors only
-        assert_loss_falls(losses, by=0.05)
-    finally:
-        gpt2.load_adapter_state_dict(saved)
-
-
-# The training compiler turns adapter-const tensors into get_attr nodes without provenance, and
-# its verifier then rejects the graph ("uses adapter tensor ... but has no provenance"); the
-# step itself is right (the test above, with verify=False). Remove the mark once training.py
-# stamps those nodes.
-def test_training_graph_verifies(gpt2):
-    gpt2.compile_training("causal_lm", gp.optim.AdamW(lr=1e-2), example_batch=(IDS,))
+def test_training_step_in_torch_and_onnxruntime(gpt2, tmp_path, parity):
+    # the step trains the vectors only (trainable_parameters), and its graph verifies: the shared
+    # projections (adapter-const) are read through stamped get_attr nodes; AdamW, 3 steps compared
+    result = check_training_export(gpt2, gp.optim.AdamW(lr=0.1), tmp_path, steps=12, compared=3)
+    assert_loss_falls(result.torch_losses, by=0.05)
+    loss_diff, param_diff = result.record(parity, "vera gpt2")
+    assert loss_diff < 1e-4 and param_diff < 1e-4
