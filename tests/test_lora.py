@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import graphpeft as gp
-from graphpeft.graph import Role, find_layers, op_count
+from graphpeft.graph import Role, op_count
 from graphpeft.passes import InsertLoRA
 
 from conftest import ARCHS, created_nodes, max_diff

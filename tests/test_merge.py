@@ -8,7 +8,6 @@ Side effects: the source compiled model and the user's ``nn.Module`` are unchang
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
