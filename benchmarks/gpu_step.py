@@ -49,6 +49,20 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
                                              ids[:, 1:].reshape(-1))
 
 
+def eager_step(model: torch.nn.Module, params: list[torch.Tensor], ids: torch.Tensor) -> Callable[[], Any]:
+    """A plain PyTorch training step (AdamW) of ``model`` on ``ids``."""
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> Any:
+        loss = lm_loss(model(ids, use_cache=False).logits, ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
 def contenders(args: argparse.Namespace, ids: torch.Tensor) -> dict[str, Callable[[], Any]]:
     import graphpeft as gp
     from peft import LoraConfig, get_peft_model
@@ -58,16 +72,7 @@ def contenders(args: argparse.Namespace, ids: torch.Tensor) -> dict[str, Callabl
 
     pm = get_peft_model(build(args.hidden, args.layers, args.vocab, dtype, args.device),
                         LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=TARGETS, lora_dropout=0.0))
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
-
-    def peft_eager() -> Any:
-        loss = lm_loss(pm(ids, use_cache=False).logits, ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    out["peft_lora_eager"] = peft_eager
+    out["peft_lora_eager"] = eager_step(pm, [p for p in pm.parameters() if p.requires_grad], ids)
 
     plan = gp.Plan([gp.LoRA(targets=TARGETS, r=args.r, alpha=2 * args.r)])
     with warnings.catch_warnings():
@@ -75,16 +80,7 @@ def contenders(args: argparse.Namespace, ids: torch.Tensor) -> dict[str, Callabl
         cm = gp.compile(build(args.hidden, args.layers, args.vocab, dtype, args.device), plan, (ids,),
                         {"use_cache": False})
     cm.train()
-    gopt = torch.optim.AdamW(list(cm.trainable_parameters().values()), lr=1e-4)
-
-    def gp_eager() -> Any:
-        loss = lm_loss(cm(ids, use_cache=False).logits, ids)
-        loss.backward()
-        gopt.step()
-        gopt.zero_grad(set_to_none=True)
-        return loss
-
-    out["gp_lora_eager"] = gp_eager
+    out["gp_lora_eager"] = eager_step(cm, list(cm.trainable_parameters().values()), ids)
     step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-4))
     out["gp_step"] = lambda: step(ids)
     if args.torch_compile:
