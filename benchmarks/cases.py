@@ -114,8 +114,8 @@ CASES = {"llama": llama_case, "bert": bert_case, "cnn": cnn_case}
 
 # --- training contenders ----------------------------------------------------------------------
 
-def _eager_step(model: nn.Module, case: Case, params: list[torch.nn.Parameter]) -> Callable[[], float]:
-    opt = torch.optim.AdamW(params, lr=1e-4)
+def _eager_step(model: nn.Module, case: Case, params: list[torch.nn.Parameter], **adamw: Any) -> Callable[[], float]:
+    opt = torch.optim.AdamW(params, lr=1e-4, **adamw)
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
@@ -343,16 +343,7 @@ def eager_channel25_masked(case: Case) -> Callable[[], float]:
         w.requires_grad_(True)
         w.register_hook(lambda g, mask=mask: g * mask)
         params.append(w)
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)  # decay would move the masked rows
-
-    def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        loss = case.loss_of(model(*case.batch, **case.kwargs))
-        loss.backward()
-        opt.step()
-        return float(loss)
-
-    return step
+    return _eager_step(model, case, params, weight_decay=0.0)  # decay would move the masked rows
 
 
 SPARSE_TRAIN = {

@@ -75,6 +75,15 @@ def _finish(builder: GraphBuilder, node: fx.Node) -> None:
                 created.meta[META_KEY][k] = prov[k]
 
 
+def _replace(gm: fx.GraphModule, node: fx.Node, rule: str, build: Callable[[GraphBuilder], Any]) -> None:
+    """Replace ``node`` by what ``build`` makes (nodes inserted before it, stamped for ``rule``)."""
+    builder = _builder(gm, node, rule)
+    new = build(builder)
+    _finish(builder, node)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
 def _val(x: Any) -> Any:
     return x.meta.get("val") if isinstance(x, fx.Node) else x
 
@@ -211,12 +220,8 @@ def _replace_empty(gm: fx.GraphModule) -> int:
             continue
         if not isinstance(v, torch.Tensor):
             raise ExportError(f"{node.name}: no shape recorded; cannot legalize {node.target}")
-        builder = _builder(gm, node, "empty")
-        new = builder.call(aten.full.default, [int(s) for s in v.shape], 0, dtype=v.dtype, layout=torch.strided,
-                           device=v.device, pin_memory=False)
-        _finish(builder, node)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        _replace(gm, node, "empty", lambda b: b.call(aten.full.default, [int(s) for s in v.shape], 0, dtype=v.dtype,
+                                                      layout=torch.strided, device=v.device, pin_memory=False))
         count += 1
     return count
 
@@ -261,47 +266,39 @@ SAME_ARGS = {aten.__and__.Tensor: aten.bitwise_and.Tensor, aten.__or__.Tensor: a
 CASTS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device}
 
 
+def _equivalent(node: fx.Node) -> Optional[Callable[[GraphBuilder], Any]]:
+    """How to build ``node``'s translatable equivalent, or None (not one of ours)."""
+    if node.target in SAME_ARGS:
+        return lambda b: b.call(SAME_ARGS[node.target], *node.args, **node.kwargs)
+    if node.target in CASTS:
+        names = [a.name for a in node.target._schema.arguments]
+        dtype = dict(zip(names, node.args), **node.kwargs).get("dtype")
+        if dtype is None:  # a pure device move: nothing to compute in an exported graph
+            return lambda b: node.args[0]
+        return lambda b: b.call(aten._to_copy.default, node.args[0], dtype=dtype)
+    if node.target == aten.diff.default:
+        bound = dict(zip(("self", "n", "dim", "prepend", "append"), node.args), **node.kwargs)
+        x, n, dim = bound["self"], bound.get("n", 1), bound.get("dim", -1)
+        if n != 1 or _val(x).dtype == torch.bool:
+            return None  # the general form is left to the exporter's decomposition
+
+        def diff(b: GraphBuilder) -> fx.Node:
+            parts = [t for t in (bound.get("prepend"), x, bound.get("append")) if t is not None]
+            y = b.call(aten.cat.default, parts, dim) if len(parts) > 1 else x  # diff(cat([p, x, a]))
+            upper = b.call(aten.slice.Tensor, y, dim, 1, torch.iinfo(torch.int64).max)
+            return b.call(aten.sub.Tensor, upper, b.call(aten.slice.Tensor, y, dim, 0, -1))
+
+        return diff
+    return None
+
+
 def _replace_equivalents(gm: fx.GraphModule) -> int:
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function":
-            continue
-        if node.target in SAME_ARGS:
-            new_target, args, kwargs = SAME_ARGS[node.target], node.args, node.kwargs
-        elif node.target in CASTS:
-            names = [a.name for a in node.target._schema.arguments]
-            dtype = dict(zip(names, node.args), **node.kwargs).get("dtype")
-            if dtype is None:  # a pure device move: nothing to compute in an exported graph
-                node.replace_all_uses_with(node.args[0])
-                gm.graph.erase_node(node)
-                count += 1
-                continue
-            new_target, args, kwargs = aten._to_copy.default, (node.args[0],), {"dtype": dtype}
-        elif node.target == aten.diff.default:
-            bound = dict(zip(("self", "n", "dim", "prepend", "append"), node.args), **node.kwargs)
-            x, n, dim = bound["self"], bound.get("n", 1), bound.get("dim", -1)
-            if n != 1 or _val(x).dtype == torch.bool:
-                continue  # the general form is left to the exporter's decomposition
-            builder = _builder(gm, node, "equivalents")
-            parts = [t for t in (bound.get("prepend"), x, bound.get("append")) if t is not None]
-            if len(parts) > 1:  # diff(x, prepend=p, append=a) is diff(cat([p, x, a]))
-                x = builder.call(aten.cat.default, parts, dim)
-            upper = builder.call(aten.slice.Tensor, x, dim, 1, torch.iinfo(torch.int64).max)
-            lower = builder.call(aten.slice.Tensor, x, dim, 0, -1)
-            new = builder.call(aten.sub.Tensor, upper, lower)
-            _finish(builder, node)
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
+        build = _equivalent(node) if node.op == "call_function" else None
+        if build is not None:
+            _replace(gm, node, "equivalents", build)
             count += 1
-            continue
-        else:
-            continue
-        builder = _builder(gm, node, "equivalents")
-        new = builder.call(new_target, *args, **kwargs)
-        _finish(builder, node)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        count += 1
     return count
 
 
@@ -365,11 +362,7 @@ def _replace_squeeze_dims(gm: fx.GraphModule) -> int:
         v = _val(node)
         if not isinstance(v, torch.Tensor) or any(not isinstance(s, int) for s in v.shape):
             continue  # symbolic shape: leave it to the exporter's decomposition
-        builder = _builder(gm, node, "squeeze")
-        new = builder.call(aten.view.default, node.args[0], [int(s) for s in v.shape])
-        _finish(builder, node)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        _replace(gm, node, "squeeze", lambda b: b.call(aten.view.default, node.args[0], [int(s) for s in v.shape]))
         count += 1
     return count
 

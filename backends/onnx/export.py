@@ -188,7 +188,7 @@ def _translate_graph(gm: torch.fx.GraphModule, input_names: list[str], output_na
     if symbolic is None or symbolic != dynamic:
         return None  # the traced shapes are not the ones asked for: torch.onnx.export re-traces
     try:
-        legal, _ = legalized_copy(gm, verify=False, verifier=verify)
+        legal, _ = legalized_copy(gm, verifier=verify)
         with warnings.catch_warnings(), quiet_exporter():
             warnings.simplefilter("ignore")
             program = _translate_fast(exported_program(legal), input_names, output_names, opset_version)
