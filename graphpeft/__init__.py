@@ -20,7 +20,7 @@ from .registry import register_backend, register_method, register_pass, register
 from .rewrite import MatchResult, RewritePass, RewriteRule
 from .trace import trace
 from .verify import verify
-from . import losses, optim  # noqa: E402  (gp.optim.SGD / gp.optim.AdamW, named losses)
+from .training import losses, optim  # noqa: E402  (gp.optim.SGD / gp.optim.AdamW, named losses)
 from .training import TrainingStep, compile_training  # noqa: E402
 
 __version__ = "0.1.0"
@@ -47,8 +47,8 @@ __all__ += ["TrainingStep", "compile_training", "losses", "optim"]
 from .passes import Update  # noqa: E402
 
 __all__ += ["Update"]
-from .backward_report import BackwardReport, LayerBackward  # noqa: E402
-from .budget import SchemeCandidate, UpdateScheme, choose_update_scheme  # noqa: E402
+from .training.backward_report import BackwardReport, LayerBackward  # noqa: E402
+from .training.budget import SchemeCandidate, UpdateScheme, choose_update_scheme  # noqa: E402
 
 __all__ += ["BackwardReport", "LayerBackward", "SchemeCandidate", "UpdateScheme", "choose_update_scheme"]
 

@@ -67,7 +67,7 @@ def test_structure_roles_and_match_count(llama):
 
 
 def test_a_is_kaiming_from_the_seed_and_b_starts_at_zero(llama):
-    from graphpeft.passes.layer_rewrite import layer_generator
+    from graphpeft.passes.adapters.layer_rewrite import layer_generator
 
     layer = next(l for l in find_layers(llama.graph_module) if l.path == "model.layers.1.mlp.down_proj")
     expected = torch.empty(4, 64)

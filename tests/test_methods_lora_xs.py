@@ -93,7 +93,7 @@ def test_structure_roles_and_match_count(llama):
 
 
 def test_factors_are_the_weight_svd_deterministic_and_the_official_init(llama):
-    from graphpeft.passes.insert_lora_xs import lora_xs_factors
+    from graphpeft.passes.adapters.insert_lora_xs import lora_xs_factors
 
     zero = compile_model("llama", [gp.LoRAXS(**LLAMA, init="zero")])
     base = tiny_llama()

@@ -18,7 +18,7 @@ import graphpeft as gp
 from graphpeft.errors import AdapterError, PassError, PlanError
 from graphpeft.graph import find_layers, get_tensor, iter_created, op_count
 from graphpeft.infra import PassContext, PassManager, clone_graph_module
-from graphpeft.passes.insert_mole import (forward_with_router_logits, init_tensors, load_balancing_loss,
+from graphpeft.passes.adapters.insert_mole import (forward_with_router_logits, init_tensors, load_balancing_loss,
                                           router_aux_loss)
 
 from method_helpers import (IDS, assert_loss_falls, check_onnx, check_structure, check_training_export,

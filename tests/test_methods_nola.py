@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import graphpeft as gp
 from graphpeft.errors import PlanError
 from graphpeft.graph import get_tensor, iter_created
-from graphpeft.passes.insert_nola import random_bases
+from graphpeft.passes.adapters.insert_nola import random_bases
 
 from method_helpers import (MODELS, QVD, assert_loss_falls, check_merge, check_onnx_merged_and_unmerged,
                             check_structure, check_training_export, compile_model, compiled_fixture, created_ops,

@@ -14,7 +14,7 @@ import graphpeft as gp
 from graphpeft.errors import PlanError
 from graphpeft.graph import get_tensor, iter_created, op_count
 from graphpeft.infra import PassContext, PassManager, clone_graph_module
-from graphpeft.passes.insert_randlora import InsertRandLoRA, shared_bases
+from graphpeft.passes.adapters.insert_randlora import InsertRandLoRA, shared_bases
 
 from method_helpers import (IDS, QVD, assert_loss_falls, check_merge, check_onnx_merged_and_unmerged, check_structure,
                             check_training_export, compiled_fixture, created_ops, llama_paths, peft_model, run)

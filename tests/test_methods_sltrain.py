@@ -14,7 +14,7 @@ import graphpeft as gp
 from graphpeft.adapter_io import read_adapter
 from graphpeft.errors import PlanError
 from graphpeft.graph import find_layers, get_tensor
-from graphpeft.passes.insert_sltrain import init_tensors
+from graphpeft.passes.adapters.insert_sltrain import init_tensors
 from graphpeft.registry import get_method
 
 from method_helpers import (IDS, MODELS, assert_loss_falls, check_merge, check_onnx_merged_and_unmerged,

@@ -17,7 +17,7 @@ from graphpeft.graph import get_tensor
 from method_helpers import (IDS, MODELS, QVD, assert_loss_falls, check_merge, check_onnx_merged_and_unmerged,
                             check_structure, check_training_export, compile_model, compile_randomized, compiled_fixture,
                             created_ops, llama_paths, lm_loss, run)
-from graphpeft.passes.insert_sora import (SoRAMethod, soft_threshold, sora_live_ranks, sora_proximal_step,
+from graphpeft.passes.adapters.insert_sora import (SoRAMethod, soft_threshold, sora_live_ranks, sora_proximal_step,
                                           sora_pruned_factors)
 
 LLAMA = dict(targets=["q_proj", "v_proj", "down_proj"], r=4)

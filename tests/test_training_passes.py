@@ -15,8 +15,8 @@ from graphpeft.errors import VerificationError
 from graphpeft.graph import META_KEY, Provenance, get_tensor, roles
 from graphpeft.registry import PASSES
 from graphpeft.training import ORDER_KEY, PHASES, UPDATE_PHASES, phase_of, signature_of, verify_training
-from graphpeft.passes.plan_memory import liveness, nbytes
-from graphpeft.passes.plan_memory import _categories as memory_categories
+from graphpeft.passes.memory.plan_memory import liveness, nbytes
+from graphpeft.passes.memory.plan_memory import _categories as memory_categories
 from graphpeft.backends.onnx.train_export import legalized_copy
 
 from models import image_batch, tiny_bert, tiny_cnn, tiny_llama, token_batch

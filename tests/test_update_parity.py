@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import graphpeft as gp
 from graphpeft.graph import get_tensor, graph_meta
-from graphpeft.passes.reassemble_slices import reassembled_weight
+from graphpeft.passes.merge.reassemble_slices import reassembled_weight
 
 from conftest import ARCHS
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import graphpeft as gp
 from graphpeft.graph import Role, get_tensor, graph_meta, op_count
-from graphpeft.passes.slice_rows import row_norms
+from graphpeft.passes.update.slice_rows import row_norms
 
 from conftest import ARCHS, call_ops, created_nodes, max_diff
 

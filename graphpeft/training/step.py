@@ -8,7 +8,7 @@
 How the graph is made. The adapted graph is called functionally (an ``fx.Interpreter`` that
 reads every tensor from an explicit dict) with the trainable tensors as explicit inputs;
 ``torch.func.grad_and_value`` differentiates the loss toward them only, so autograd never builds
-a backward for frozen parts; a functional optimizer (:mod:`graphpeft.optim`) turns gradients
+a backward for frozen parts; a functional optimizer (:mod:`graphpeft.training.optim`) turns gradients
 and state into new tensors; ``make_fx`` with the core ATen decomposition table traces all of it
 into one graph. An adapter method may finish its tensors' update with a step of its own
 (:meth:`~graphpeft.method.AdapterMethod.after_update`, e.g. SoRA's proximal L1 step on its
@@ -44,16 +44,16 @@ import torch.fx as fx
 import torch.fx.traceback as fxt
 from torch.utils import _pytree as pytree
 
-from .errors import GraphPeftError, PlanError, TraceError, VerificationError
-from .graph import META_KEY, Provenance, Role, adapters, attach_tensor, get_tensor, graph_meta, roles
-from .infra import PassContext, PassHook, PassManager, Pipeline, TimingHook
+from ..errors import GraphPeftError, PlanError, TraceError, VerificationError
+from ..graph import META_KEY, Provenance, Role, adapters, attach_tensor, get_tensor, graph_meta, roles
+from ..infra import PassContext, PassHook, PassManager, Pipeline, TimingHook
 from .losses import Loss, LossSpec, make_loss
 from .optim import STEP_KEY, Optimizer, make_optimizer
-from .registry import PASSES, get_backend, get_method, load_plugins
+from ..registry import PASSES, get_backend, get_method, load_plugins
 
 if TYPE_CHECKING:
     from .backward_report import BackwardReport
-    from .compiled import CompiledModel
+    from ..compiled import CompiledModel
 
 log = logging.getLogger(__name__)
 
@@ -568,7 +568,7 @@ def verify_training(gm: fx.GraphModule) -> None:
     """The verifier for training graphs: graph lint and role invariants, plus the signature
     (inputs and outputs agree with it in number, shape and dtype), no trainable tensor stored
     in the graph, and provenance with a phase on every op."""
-    from .verify import verify
+    from ..verify import verify
 
     verify(gm, check_shapes=False)
     sig = signature_of(gm)
@@ -618,7 +618,7 @@ def save_training_state(path: Union[str, os.PathLike], state: Mapping[str, Any],
 
     from safetensors.torch import save
 
-    from .adapter_io import _atomic_write
+    from ..adapter_io import _atomic_write
 
     tensors = {f"param/{k}": v.detach().cpu().contiguous() for k, v in state["params"].items()}
     tensors.update({f"state/{k}": v.detach().cpu().contiguous() for k, v in state["optimizer"].items()})
@@ -882,7 +882,7 @@ def compile_training(cm: "CompiledModel", loss: LossSpec, optimizer: Union[Optim
 
     Args:
         cm: the compiled (adapted) model; its trainable tensors are trained in place.
-        loss: ``"cross_entropy"``, ``"causal_lm"``, ``"mse"``, a :class:`~graphpeft.losses.Loss` or
+        loss: ``"cross_entropy"``, ``"causal_lm"``, ``"mse"``, a :class:`~graphpeft.training.losses.Loss` or
             a callable ``(outputs, *targets) -> scalar``.
         optimizer: ``gp.optim.SGD(...)`` / ``gp.optim.AdamW(...)`` (or ``"sgd"`` / ``"adamw"``).
         **options: see :class:`TrainingOptions` (``accumulation_steps``, ``clip_grad_norm``,

@@ -36,7 +36,7 @@ from graphpeft.rewrite import MatchResult
 from .insert_lora import LoRA, _init_factors  # same factors and initialisation as LoRA
 from .layer_rewrite import (LayerRewrite, LayerRewritePass, adapter_dropout, branch_builder, join_output, layer_bias,
                             layer_input, layer_weight, record_adapter)
-from .merge_adapters import unmerged_weight
+from ..merge.merge_adapters import unmerged_weight
 
 aten = torch.ops.aten
 

@@ -62,7 +62,7 @@ from graphpeft.rewrite import MatchResult
 
 from .layer_rewrite import (LayerRewrite, LayerRewritePass, adapter_dropout, branch_builder, check_rank_and_tying,
                             join_output, layer_generator, layer_input, record_adapter)
-from .probe_gradients import probe_weight_gradients
+from ..update.probe_gradients import probe_weight_gradients
 
 aten = torch.ops.aten
 

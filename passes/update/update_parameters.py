@@ -9,7 +9,7 @@ Instead of adding adapters, a sparse-update scheme trains part of the model's ow
 * ``fraction=0.25`` — only a share of the output channels (rows) of each matched weight, chosen
   ``select="first"`` (rows ``0..k-1``), ``"magnitude"`` (largest row L2 norm) or
   ``"gradient"`` (largest gradient row norm on one probe batch). The weight is reparameterised
-  as a trainable slice plus a frozen rest (:mod:`graphpeft.passes.slice_rows`), so autograd
+  as a trainable slice plus a frozen rest (:mod:`graphpeft.passes.update.slice_rows`), so autograd
   computes the weight gradient of the slice only; the bias of a sliced layer trains in full
   (tiny-training's sparse update does the same: biases are cheap and their gradient needs no
   activation). ``merge()`` / ``export_onnx()`` reassemble the weight exactly;
@@ -287,7 +287,7 @@ class UpdateParameters(RewritePass):
 
 class UpdateMethod(AdapterMethod):
     """What ``compile`` runs for ``update`` rules: the gradient probe (``select="gradient"``),
-    :class:`UpdateParameters`, then :class:`~graphpeft.passes.slice_rows.SliceRows`."""
+    :class:`UpdateParameters`, then :class:`~graphpeft.passes.update.slice_rows.SliceRows`."""
 
     name = "update"
     rule = Update

@@ -11,7 +11,7 @@ and adapters) the pass reads the training graph and, per layer, finds:
   weight, adapter tensors;
 * the matrix products among them.
 
-The result, a :class:`graphpeft.backward_report.BackwardReport`, goes to
+The result, a :class:`graphpeft.training.backward_report.BackwardReport`, goes to
 ``gm.meta["graphpeft"]["backward"]``; ``TrainingStep.backward_report()`` runs the pass on demand.
 """
 
@@ -25,13 +25,13 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from graphpeft.backward_report import BackwardReport, LayerBackward
+from graphpeft.training.backward_report import BackwardReport, LayerBackward
 from graphpeft.graph import META_KEY, adapters, find_layers, find_norms, graph_meta
 from graphpeft.infra import PassBase, PassContext, PassResult
 from graphpeft.registry import register_pass
 from graphpeft.training import phase_of, signature_of
 
-from .slice_rows import SLICES_META
+from ..update.slice_rows import SLICES_META
 
 aten = torch.ops.aten
 

@@ -31,12 +31,12 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .compiled import CompiledModel
-from .errors import GraphPeftError, PlanError
-from .graph import find_layers, find_norms
-from .infra import clone_graph_module
-from .plan import Plan, Rule
-from .registry import RULES, load_plugins
+from ..compiled import CompiledModel
+from ..errors import GraphPeftError, PlanError
+from ..graph import find_layers, find_norms
+from ..infra import clone_graph_module
+from ..plan import Plan, Rule
+from ..registry import RULES, load_plugins
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,8 @@ def choose_update_scheme(
     Returns:
         An :class:`UpdateScheme`; ``print(scheme)`` shows every candidate and the reason.
     """
-    from .api import compile_traced
-    from .trace import trace
+    from ..api import compile_traced
+    from ..trace import trace
 
     Update = _update_rule()
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Integral) or budget_bytes <= 0:

@@ -36,7 +36,7 @@ from graphpeft.infra import PassContext
 from graphpeft.registry import register_pass
 from graphpeft.rewrite import MatchResult, RewritePass, RewriteRule
 
-from .layer_rewrite import layer_bias, layer_input, layer_weight
+from ..adapters.layer_rewrite import layer_bias, layer_input, layer_weight
 
 if TYPE_CHECKING:
     from .update_parameters import Update

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Iterable, Mapping
 
 import torch
 
-from .errors import PlanError
+from ..errors import PlanError
 
 Tensor = torch.Tensor
 

@@ -43,7 +43,7 @@ from graphpeft.rewrite import MatchResult
 
 from .layer_rewrite import (LayerRewrite, LayerRewritePass, adapter_dropout, branch_builder, join_output,
                             layer_generator, layer_input, record_adapter, tied_weights_reason)
-from .merge_adapters import unmerged_weight
+from ..merge.merge_adapters import unmerged_weight
 
 aten = torch.ops.aten
 

@@ -23,7 +23,7 @@ Masks (``mask_type``; the paper's section 3.1 and appendix B):
   ``|∂L/∂W|`` on one probe batch: ``compile(..., options={"probe_batch": ..., "probe_loss":
   ...})``, by default the example inputs and a next-token loss, through the same probe as
   ``gp.Update(select="gradient")``
-  (:func:`~graphpeft.passes.probe_gradients.probe_weight_gradients`);
+  (:func:`~graphpeft.passes.update.probe_gradients.probe_weight_gradients`);
 * ``"snip"`` (SHiRA-SNIP): the largest ``|W ⊙ ∂L/∂W|``, from the same probe.
 
 A mask is a function of the weight (and the batch): ties go to the lower flat index. The probe
@@ -55,7 +55,7 @@ from graphpeft.registry import register_method, register_pass, register_rule
 from graphpeft.rewrite import MatchResult, RewritePass
 
 from .layer_rewrite import LayerRewrite, layer_generator, layer_weight, record_adapter, tied_weights_reason
-from .probe_gradients import probe_weight_gradients
+from ..update.probe_gradients import probe_weight_gradients
 
 aten = torch.ops.aten
 

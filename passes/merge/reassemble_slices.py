@@ -18,7 +18,7 @@ from graphpeft.graph import META_KEY, Role, fake_eval, fake_mode_of, get_tensor,
 from graphpeft.infra import PassBase, PassContext, PassResult
 from graphpeft.registry import register_merge_step, register_pass
 
-from .slice_rows import SLICES_META, SliceRows
+from ..update.slice_rows import SLICES_META, SliceRows
 
 aten = torch.ops.aten
 

@@ -12,7 +12,7 @@ The probe batch and loss come from ``ctx.options`` (``compile(..., options=...)`
 
 * ``probe_batch``: the model's flat inputs followed by the targets, as a training step takes
   them (default: the example inputs ``compile`` traced with);
-* ``probe_loss``: a loss name, :class:`~graphpeft.losses.Loss` or callable (default: next-token
+* ``probe_loss``: a loss name, :class:`~graphpeft.training.losses.Loss` or callable (default: next-token
   cross-entropy when the model takes token ids and returns ``(batch, seq, vocab)`` logits, else
   the mean square of the primary output: a task-free saliency). Give the task's loss and batch
   to choose rows for that task.
@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 from graphpeft.errors import PlanError
 from graphpeft.graph import find_layers, get_tensor
 from graphpeft.infra import PassBase, PassContext, PassResult
-from graphpeft.losses import Loss, make_loss, primary_output
+from graphpeft.training.losses import Loss, make_loss, primary_output
 from graphpeft.registry import register_pass
 
 from .slice_rows import ROW_SCORES, row_norms

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .errors import PlanError
+from ..errors import PlanError
 
 IGNORE_INDEX = -100
 

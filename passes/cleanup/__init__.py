@@ -1,0 +1,1 @@
+"""Generic graph clean-up: dead code, common subexpressions, algebraic simplification."""

@@ -1,0 +1,1 @@
+"""Backend legalization: rewrite what an exporter cannot translate; adapter tensors as inputs."""

@@ -1,0 +1,1 @@
+"""Memory passes over training-step graphs: update reordering, the static memory planner."""

@@ -1,0 +1,1 @@
+"""Merge passes: fold adapters into base weights; put sliced weights back together."""

@@ -1,0 +1,1 @@
+"""Passes over training-step graphs: gradient-flow check and the backward report."""
