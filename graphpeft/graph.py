@@ -466,3 +466,117 @@ def iter_created(gm: fx.GraphModule, adapter: Optional[str] = None) -> Iterator[
         prov = node.meta.get(META_KEY)
         if prov and (adapter is None or prov.get("adapter") == adapter):
             yield node
+
+
+# --- the graph as a networkx DiGraph (for analyses: liveness, scheduling, min-cuts) ---------------
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes a (fake) tensor value, or a tuple/list of them, occupies (0 for anything else,
+    and for sizes that are not concrete integers)."""
+    if isinstance(value, torch.Tensor):
+        try:
+            return int(value.numel()) * value.element_size()
+        except Exception:  # noqa: BLE001 - unbacked symbolic sizes
+            return 0
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def alias_source(node: fx.Node) -> Optional[fx.Node]:
+    """The node whose storage ``node`` shares (a view, an in-place write, a ``getitem`` of a
+    tuple), or None when ``node`` allocates its own (or is not an op)."""
+    import operator
+
+    if node.op != "call_function":
+        return None
+    if node.target is operator.getitem:
+        base = node.args[0]
+        return base if isinstance(base, fx.Node) else None
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.returns or schema.returns[0].alias_info is None:
+        return None
+    want = schema.returns[0].alias_info
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.before_set & want.before_set:
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            if isinstance(value, fx.Node):
+                return value
+    first = node.args[0] if node.args else None
+    return first if isinstance(first, fx.Node) else None
+
+
+def _target_text(target: Any) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target.__name__}"
+    if callable(target):
+        return f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', str(target))}".lstrip(".")
+    return str(target)
+
+
+def _node_role(gm: fx.GraphModule, node: fx.Node, input_kinds: dict[fx.Node, str]) -> str:
+    if node.op == "get_attr":
+        role = roles(gm).get(str(node.target))
+        return role.value if role is not None else Role.BUFFER.value
+    if node.op == "placeholder":
+        return input_kinds.get(node, "input")
+    return ""
+
+
+def to_networkx(gm: fx.GraphModule) -> "Any":
+    """The graph of ``gm`` as a ``networkx.DiGraph``, for analyses a pass author would
+    otherwise write by hand (liveness, reachability, dominators, min-cuts, schedules).
+
+    Nodes are keyed by the fx node's name and carry:
+
+    * ``node`` — the ``torch.fx.Node`` itself (rewrite through it, not through the DiGraph);
+    * ``index`` — its position in the graph's current order;
+    * ``op`` / ``target`` — the fx opcode and the target as text (``"aten.mm.default"``);
+    * ``bytes`` — the bytes the node *allocates*: the size of ``meta["val"]`` for an op that
+      makes a new tensor, 0 for views, in-place writes and ``getitem`` (they share storage);
+    * ``alias_of`` — the name of the node whose storage a view/in-place op shares (or None),
+      resolved to the allocating root;
+    * ``role`` — for ``get_attr`` tensors their :class:`Role` value (``frozen``, ``adapter``,
+      ...); for inputs of a training graph their kind (``param``, ``state``, ``lr``,
+      ``batch``); ``""`` for ops;
+    * ``phase`` — the phase recorded in the node's provenance (``forward``, ``loss``,
+      ``backward``, ``accumulate``, ``clip``, ``optimizer``; ``input`` for tensors and inputs,
+      ``output`` for the output node; ``""`` when the graph has no phases).
+
+    Edges go from producer to consumer (one per distinct input, the output node included) and
+    carry ``bytes``: the producer's ``meta["val"]`` size. The DiGraph is a snapshot: it does not
+    follow later edits of ``gm``.
+
+    Example: the forward values the backward of a training graph reads::
+
+        G = to_networkx(step.graph_module)
+        saved = {u for u, v in G.edges if G.nodes[u]["phase"] == "forward" and G.nodes[v]["phase"] == "backward"}
+    """
+    import networkx as nx
+
+    G = nx.DiGraph()
+    input_kinds: dict[fx.Node, str] = {}
+    sig = graph_meta(gm).get("training")
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if sig is not None and len(getattr(sig, "inputs", ())) == len(placeholders):
+        input_kinds = {n: spec.kind for n, spec in zip(placeholders, sig.inputs)}
+    root: dict[fx.Node, fx.Node] = {}
+    for i, node in enumerate(gm.graph.nodes):
+        src = alias_source(node)
+        root[node] = root.get(src, src) if src is not None else node
+        if node.op in ("placeholder", "get_attr"):
+            phase = "input"
+        elif node.op == "output":
+            phase = "output"
+        else:
+            phase = str((node.meta.get(META_KEY) or {}).get("part", ""))
+        target = node.target
+        G.add_node(node.name, node=node, index=i, op=node.op,
+                   target=_target_text(target),
+                   bytes=0 if (src is not None or node.op == "output") else tensor_bytes(node.meta.get("val")),
+                   alias_of=None if src is None else root[node].name,
+                   role=_node_role(gm, node, input_kinds), phase=phase)
+        for a in node.all_input_nodes:
+            G.add_edge(a.name, node.name, bytes=tensor_bytes(a.meta.get("val")))
+    return G
