@@ -57,3 +57,8 @@ from .errors import AdapterError  # noqa: E402
 from .peft_interop import export_peft, import_peft  # noqa: E402
 
 __all__ += ["AdapterError", "export_peft", "import_peft"]
+
+# quantized base weights, QLoRA-style (issue 12)
+from .passes import Quantize  # noqa: E402
+
+__all__ += ["Quantize"]

@@ -25,8 +25,9 @@ def build_pipeline(plan: Plan) -> Pipeline:
     steps = []
     by_method: dict[str, list[Rule]] = {}
     # adapters first: a sparse-update rule (not an adapter) then sees the adapted layers, and
-    # slicing a weight never hides a layer from an adapter rule that also selects it
-    for rule in sorted(plan.rules, key=lambda r: not r.is_adapter):
+    # slicing a weight never hides a layer from an adapter rule that also selects it; rules of a
+    # later stage (quantize: it changes how weights are stored) run after all of those
+    for rule in sorted(plan.rules, key=lambda r: (not r.is_adapter, getattr(r, "stage", 0))):
         by_method.setdefault(rule.key, []).append(rule)
     for key, rules in by_method.items():
         method = get_method(key)

@@ -14,7 +14,7 @@ from .errors import AdapterError, AdapterFileError
 from .graph import (META_KEY, Role, adapter_name_of, adapters, get_tensor, graph_meta, op_count, roles,
                     unscoped_tensor_name)
 from .infra import PassContext, PassManager, Pipeline, clone_graph_module
-from .registry import MERGE_STEPS, PASSES, get_backend, load_plugins
+from .registry import MERGE_PREPARE_STEPS, MERGE_STEPS, PASSES, get_backend, load_plugins
 from .trace import TracedModel
 
 log = logging.getLogger(__name__)
@@ -265,19 +265,22 @@ class CompiledModel(torch.nn.Module):
                 lines.append(f"  ! {m.origin}: {m.rule} declined: {m.reason}")
         return "\n".join(lines)
 
-    def merge(self) -> "CompiledModel":
+    def merge(self, *, requantize: bool = True) -> "CompiledModel":
         """A new model with every adapter folded into its base weight (this one is unchanged).
 
         Adapters whose method cannot be merged (MoLE's routed experts: the update depends on
         the input) stay in the new model as branches, with their records and tensors; the
         others are folded, so ``export_onnx(merged=True)`` exports routed experts beside
-        merged weights."""
+        merged weights. A quantized base weight (``gp.Quantize``) is dequantized, merged and,
+        with ``requantize`` (the default), quantized again (with a warning: that adds a
+        rounding error); ``requantize=False`` keeps merged weights in float."""
         load_plugins()
         gm = clone_graph_module(self.graph_module)
-        ctx = PassContext(verify=True)
+        ctx = PassContext(verify=True, options={"requantize": requantize})
+        prepare = [PASSES[name]() for name in MERGE_PREPARE_STEPS]  # e.g. dequantize quantized weights
         merge = PASSES["merge_adapters"](keep_unmergeable=True)
         folds = [PASSES[name]() for name in MERGE_STEPS]  # e.g. reassemble row-sliced weights
-        result = PassManager().run(gm, Pipeline("merge", [merge, *folds, PASSES["remove_dead_code"](),
+        result = PassManager().run(gm, Pipeline("merge", [*prepare, merge, *folds, PASSES["remove_dead_code"](),
                                                           PASSES["freeze"]()]), ctx)
         merged = CompiledModel(result.gm, self._traced, self.plan, self._resolution, ctx,
                                self._example_inputs, self.base_op_count)
@@ -287,7 +290,9 @@ class CompiledModel(torch.nn.Module):
     def export_onnx(self, path: Union[str, os.PathLike], merged: bool = True, **options: Any) -> Any:
         """Export to ONNX (merged: adapters folded; ``merged=False`` keeps the adapter branch)."""
         reparameterized = bool(graph_meta(self.graph_module).get("slices"))  # sparse-update weight slices
-        model = self.merge() if merged and (adapters(self.graph_module) or reparameterized) else self
+        requantize = options.pop("requantize", True)  # quantized bases: see merge()
+        model = (self.merge(requantize=requantize) if merged and (adapters(self.graph_module) or reparameterized)
+                 else self)
         return get_backend("onnx").export(model, path, **options)
 
     def compile_training(self, loss: Any, optimizer: Any, **options: Any) -> Any:

@@ -23,6 +23,9 @@ PIPELINES: dict[str, Callable[..., Any]] = {}  # pipeline name -> factory
 #: names of passes ``CompiledModel.merge`` runs after ``merge_adapters``: they fold other
 #: reparameterisations back into base weights (e.g. a row-sliced weight of a sparse update)
 MERGE_STEPS: list[str] = []
+#: names of passes ``CompiledModel.merge`` runs before ``merge_adapters``: they give weights
+#: stored in another form their float form back (e.g. a quantized base weight)
+MERGE_PREPARE_STEPS: list[str] = []
 
 _plugins_loaded = False
 
@@ -42,10 +45,12 @@ def register_pass(cls: type[T]) -> type[T]:
     return cls
 
 
-def register_merge_step(name: str) -> None:
-    """Make ``CompiledModel.merge`` run the registered pass ``name`` after merging adapters."""
-    if name not in MERGE_STEPS:
-        MERGE_STEPS.append(name)
+def register_merge_step(name: str, *, before: bool = False) -> None:
+    """Make ``CompiledModel.merge`` run the registered pass ``name`` after merging adapters
+    (``before=True``: before it)."""
+    steps = MERGE_PREPARE_STEPS if before else MERGE_STEPS
+    if name not in steps:
+        steps.append(name)
 
 
 def register_method(name: str, method: Any) -> None:

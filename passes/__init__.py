@@ -9,7 +9,8 @@ subpackages are the roles; each module holds one pass:
 - ``cleanup/`` — dead code, common subexpressions;
 - ``training/`` — checks and reports over training-step graphs;
 - ``memory/`` — update reordering, the memory planner;
-- ``legalize/`` — rewrites for what an exporter cannot translate, adapter tensors as inputs.
+- ``legalize/`` — rewrites for what an exporter cannot translate, adapter tensors as inputs;
+- ``quantize/`` — quantized base weights (``gp.Quantize``) and their merge steps.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from .memory.plan_memory import PlanMemory
 from .memory.reorder_updates import ReorderUpdates
 from .merge.merge_adapters import MergeAdapters
 from .merge.reassemble_slices import ReassembleSlices
+from .quantize.dequantize_for_merge import DequantizeForMerge
+from .quantize.quantize_weights import Quantize, QuantizeMethod, QuantizeWeights
+from .quantize.requantize_merged import RequantizeMerged
 from .training.check_gradient_flow import CheckGradientFlow
 from .training.report_backward import ReportBackward
 from .update.freeze import Freeze
@@ -52,3 +56,4 @@ __all__ = ["CheckGradientFlow", "DoRA", "DoRAMethod", "EliminateCommonSubexpress
            "ReassembleSlices", "RemoveDeadCode", "ReorderUpdates", "ReportBackward", "SHiRA", "SHiRAMethod",
            "SLTrain", "SVFit", "SliceRows", "SoRA", "Update", "UpdateMethod", "UpdateParameters", "VeRA",
            "VeRAMethod"]
+__all__ += ["DequantizeForMerge", "Quantize", "QuantizeMethod", "QuantizeWeights", "RequantizeMerged"]

@@ -1,0 +1,1 @@
+"""Quantized base weights (weight-only, QLoRA-style): the ``quantize`` rule and its merge steps."""
