@@ -58,6 +58,11 @@ from .peft_interop import export_peft, import_peft  # noqa: E402
 
 __all__ += ["AdapterError", "export_peft", "import_peft"]
 
+# compatibility and robustness (issue 14)
+from .errors import GraphPeftWarning, InputError, NonFiniteError  # noqa: E402
+
+__all__ += ["GraphPeftWarning", "InputError", "NonFiniteError"]
+
 # quantized base weights, QLoRA-style (issue 12)
 from .passes import Quantize  # noqa: E402
 

@@ -42,3 +42,18 @@ class AdapterError(GraphPeftError, ValueError):
 
 class ExportError(GraphPeftError):
     """A backend could not lower or run a graph."""
+
+
+class InputError(GraphPeftError, TypeError):
+    """A compiled model or training step was called with inputs that do not fit what it was
+    compiled for (count, dtype, rank); the message names the compiled signature."""
+
+
+class NonFiniteError(GraphPeftError, FloatingPointError):
+    """A training step met a non-finite loss, gradient or learning rate and was compiled with
+    ``nonfinite="raise"``; the tensors were left unchanged."""
+
+
+class GraphPeftWarning(UserWarning):
+    """Something graphpeft accepts but a user may not mean (e.g. a LoRA rank larger than the
+    layer, which PEFT allows too)."""

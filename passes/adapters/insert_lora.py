@@ -32,8 +32,8 @@ from graphpeft.registry import register_method, register_pass, register_rule
 from graphpeft.rewrite import MatchResult
 from graphpeft.task_arithmetic import COMBINATIONS, combine as combine_tensors
 
-from .layer_rewrite import (LayerRewrite, LayerRewritePass, adapter_dropout, branch_builder, check_rank_and_tying,
-                            join_output, layer_generator, layer_input, record_adapter)
+from .layer_rewrite import (LayerRewrite, LayerRewritePass, adapter_dropout, branch_builder, join_output,
+                            layer_generator, layer_input, record_adapter, tied_weights_reason, warn_large_rank)
 
 aten = torch.ops.aten
 
@@ -78,7 +78,8 @@ class LoRA(Rule):
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def check(self, layer: Layer) -> Optional[str]:
-        reason = check_rank_and_tying(self.r, layer)
+        warn_large_rank(self.key, self.r, layer)  # PEFT allows r > min(in, out): a warning, not a refusal
+        reason = tied_weights_reason(layer)
         if reason is None and layer.kind == "conv" and op_args(layer.node).get("groups", 1) != 1:
             reason = "grouped convolutions are not supported by LoRA"
         return reason

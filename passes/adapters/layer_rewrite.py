@@ -11,13 +11,15 @@ shared by the rules' ``check`` (rank larger than the layer, tied weights).
 
 from __future__ import annotations
 
+import math
+import warnings
 import zlib
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
 import torch.fx as fx
 
-from graphpeft.errors import PassError, PlanError
+from graphpeft.errors import GraphPeftWarning, PassError, PlanError
 from graphpeft.graph import (DEFAULT_ADAPTER, META_KEY, GraphBuilder, Layer, Provenance, Role, adapter_id,
                              adapter_name_of, adapters, find_layers, get_tensor, register_tensor, remove_tensor, roles,
                              scoped_tensor_name)
@@ -28,7 +30,8 @@ from graphpeft.rewrite import MatchResult, RewritePass, RewriteRule
 
 __all__ = ["LayerRewrite", "LayerRewritePass", "SharedTensorsMethod", "SharedTensorsPass", "adapter_dropout",
            "branch_builder", "check_rank_and_tying", "join_output", "layer_bias", "layer_generator", "layer_input",
-           "layer_output", "layer_weight", "rank_reason", "record_adapter", "tied_weights_reason"]
+           "layer_output", "layer_weight", "rank_limit", "rank_reason", "record_adapter", "tied_weights_reason",
+           "warn_large_rank"]
 
 aten = torch.ops.aten
 
@@ -153,14 +156,51 @@ class SharedTensorsMethod(AdapterMethod):
 # -- reasons a rule's check gives -----------------------------------------------------------------
 
 
+def _fan_in(layer: Layer) -> int:
+    # a convolution's input count includes its kernel (in_channels/groups · kh · kw)
+    fan_in = layer.in_features
+    if layer.kind == "conv":
+        gm = layer.node.graph.owning_module
+        if gm is not None and layer.weight:
+            fan_in *= math.prod(get_tensor(gm, layer.weight).shape[2:])
+    return fan_in
+
+
+def rank_limit(layer: Layer) -> int:
+    """The largest rank a factorisation of ``layer``'s weight can have: ``min(in, out)``, where
+    a convolution's ``in`` counts its kernel (PEFT's ``lora_A`` of a ``Conv2d(5, 10, 3)`` is a
+    5 -> r convolution over 5·3·3 = 45 inputs)."""
+    return min(_fan_in(layer), layer.out_features)
+
+
+def _layer_size(layer: Layer) -> str:
+    fan_in = _fan_in(layer)
+    if fan_in == layer.in_features:
+        return f"{layer.in_features} -> {layer.out_features}"
+    kernel = "x".join(map(str, get_tensor(layer.node.graph.owning_module, layer.weight).shape[2:]))
+    return f"{layer.in_features} channels x {kernel} kernel = {fan_in} inputs -> {layer.out_features}"
+
+
 def rank_reason(r: Optional[int], layer: Layer) -> Optional[str]:
-    """Why a rank-``r`` adapter does not fit ``layer`` (``r`` above ``min(in, out)``), or None
-    (also for ``r=None``, "as large as the layer")."""
-    limit = min(layer.in_features, layer.out_features)
+    """Why a rank-``r`` adapter does not fit ``layer`` (``r`` above :func:`rank_limit`), or None
+    (also for ``r=None``, "as large as the layer"). For the methods that need ``r`` independent
+    directions of the weight (SVD/LDU factors); LoRA-like methods warn instead
+    (:func:`warn_large_rank`)."""
+    limit = rank_limit(layer)
     if r is not None and r > limit:
-        return (f"rank r={r} is larger than the layer ({layer.in_features} -> {layer.out_features}); "
-                f"use r <= {limit}")
+        return f"rank r={r} is larger than the layer ({_layer_size(layer)}); use r <= {limit}"
     return None
+
+
+def warn_large_rank(method: str, r: Optional[int], layer: Layer, option: str = "r") -> None:
+    """PEFT's rule for LoRA-like methods: a rank above :func:`rank_limit` is allowed (the update
+    still has rank at most the limit, so the extra ranks only cost parameters); say so with a
+    :class:`~graphpeft.errors.GraphPeftWarning` (once per layer and rank)."""
+    limit = rank_limit(layer)
+    if r is not None and r > limit:
+        warnings.warn(f"{method}: {option}={r} on {layer.path} is larger than the layer ({_layer_size(layer)}): "
+                      f"allowed, as in PEFT, but the update has rank at most {limit}; "
+                      f"use {option} <= {limit} to save parameters", GraphPeftWarning, stacklevel=2)
 
 
 def tied_weights_reason(layer: Layer, consequence: Optional[str] = "merging would change both") -> Optional[str]:
