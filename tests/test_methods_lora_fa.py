@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import graphpeft as gp
-from graphpeft.errors import PlanError
 from graphpeft.graph import find_layers, get_tensor
 
 from method_helpers import (QVD, assert_loss_falls, check_merge, check_onnx_merged_and_unmerged, check_structure,
