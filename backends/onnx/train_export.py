@@ -330,6 +330,20 @@ def _translate_fast(ep: Any, input_names: list[str], output_names: list[str], op
     return program
 
 
+def _fold_unless_low_precision(node: Any) -> Any:
+    """Constant folding's per-node decision: never fold an op that reads a stored int8 / uint8 /
+    bfloat16 / float16 tensor (a quantized base weight, ``gp.Quantize``): folding its
+    dequantization would store the float weight in the file. None: the optimizer decides."""
+    import onnx_ir as ir
+
+    low = (ir.DataType.UINT8, ir.DataType.INT8, ir.DataType.BFLOAT16, ir.DataType.FLOAT16, ir.DataType.UINT4,
+           ir.DataType.INT4)
+    for value in node.inputs:
+        if value is not None and value.const_value is not None and value.dtype in low:
+            return False
+    return None
+
+
 def _safe_optimize(model: Any) -> None:
     """onnxscript's optimizer pipeline without its pattern rewrites (which treat constants
     within 1e-8 of zero as zero): inline, fold constants, drop unused nodes, lift constants,
@@ -345,7 +359,7 @@ def _safe_optimize(model: Any) -> None:
         common.InlinePass(),
         ir.passes.PassManager([_constant_folding.FoldConstantsPass(shape_inference=True, input_size_limit=1024,
                                                                   output_size_limit=1024 * 1024,
-                                                                  should_fold=lambda node: None),
+                                                                  should_fold=_fold_unless_low_precision),
                                common.RemoveUnusedNodesPass()], steps=2, early_stop=True),
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         common.DeduplicateInitializersPass(),

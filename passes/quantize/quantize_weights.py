@@ -205,9 +205,13 @@ class QuantizeWeights(RewritePass):
     def _refuse_training(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         ours = [r.rule for r in self.rules]  # type: ignore[attr-defined]
         updates = [r for r in (ctx.plan.rules if ctx.plan is not None else []) if r.key == "update"]
+        # the layers as the plan saw them (an update pass that ran first may have sliced a
+        # weight, so that its layer is no longer a plain layer op of the graph)
+        layers = ({l.path: l for d in ctx.resolution.decisions for l in [d.layer]}.values()
+                  if ctx.resolution is not None else find_layers(gm))
         role_map = roles(gm)
         problems = []
-        for layer in find_layers(gm):
+        for layer in layers:
             q = next((r for r in ours if r.select(layer) is None), None)
             if q is None:
                 continue
