@@ -171,6 +171,67 @@ class MemoryReport:
     num_nodes: int
     #: live bytes after each node, in graph order (for plots)
     timeline: list[int] = dataclasses.field(default_factory=list, repr=False)
+    #: live bytes per category after each node (``timeline`` split by :data:`MEMORY_CATEGORIES`)
+    timeline_by_category: dict[str, list[int]] = dataclasses.field(default_factory=dict, repr=False)
+    #: the node names of the timeline's positions
+    node_names: list[str] = dataclasses.field(default_factory=list, repr=False)
+    #: measured by the ``measure_memory`` pass (``memory_report(measure=True)``): the peak of live
+    #: tensor-storage bytes while the torch executor runs the graph once, where, and per node
+    measured_peak_bytes: Optional[int] = None
+    measured_peak_node: str = ""
+    measured_timeline: list[int] = dataclasses.field(default_factory=list, repr=False)
+    #: the planned peak before the ``schedule_memory`` pass reordered the graph (None: it did not run)
+    unscheduled_peak_bytes: Optional[int] = None
+    #: ``memory_budget`` of the step (None: no budget) and what ``rematerialize`` did to meet it:
+    #: the planned peak before, and the forward values now recomputed in the backward
+    memory_budget: Optional[int] = None
+    peak_before_remat_bytes: Optional[int] = None
+    recomputed: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def plan_vs_measured(self) -> Optional[float]:
+        """Planned peak / measured peak (None until measured)."""
+        if not self.measured_peak_bytes:
+            return None
+        return self.peak_bytes / self.measured_peak_bytes
+
+    def plot(self, path: Union[str, os.PathLike], title: Optional[str] = None) -> None:
+        """Draw the memory timeline to an image file (``step.memory_report().plot("timeline.png")``):
+        live bytes by category over the schedule (stacked), the peak, the measured live bytes if
+        measured, and the budget if any. Needs matplotlib (``pip install graphpeft[bench]``)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as e:
+            raise GraphPeftError("MemoryReport.plot needs matplotlib: pip install matplotlib "
+                                 "(or graphpeft[bench])") from e
+        mib = 1 / (1 << 20)
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        xs = list(range(len(self.timeline)))
+        cats = [c for c in MEMORY_CATEGORIES if self.timeline_by_category.get(c)]
+        if cats:
+            ax.stackplot(xs, *[[v * mib for v in self.timeline_by_category[c]] for c in cats],
+                         labels=[c.replace("_", " ") for c in cats], alpha=0.8)
+        else:
+            ax.plot(xs, [v * mib for v in self.timeline], label="planned")
+        if self.measured_timeline:
+            ax.plot(list(range(len(self.measured_timeline))), [v * mib for v in self.measured_timeline],
+                    color="black", linewidth=0.8, linestyle="--", label="measured (torch)")
+        peak_x = self.node_names.index(self.peak_node) if self.peak_node in self.node_names else None
+        ax.axhline(self.peak_bytes * mib, color="red", linewidth=0.8)
+        ax.annotate(f"peak {self.peak_bytes * mib:.1f} MiB", (peak_x or 0, self.peak_bytes * mib),
+                    textcoords="offset points", xytext=(4, 4), color="red", fontsize=8)
+        if self.memory_budget is not None:
+            ax.axhline(self.memory_budget * mib, color="purple", linestyle=":", label="budget")
+        ax.set_xlabel("op (schedule order)")
+        ax.set_ylabel("live MiB")
+        ax.set_title(title or f"training-step memory ({self.num_nodes} nodes)")
+        ax.legend(loc="upper left", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.fspath(path), dpi=120)
+        plt.close(fig)
 
     def __str__(self) -> str:
         mib = 1 / (1 << 20)
@@ -178,11 +239,34 @@ class MemoryReport:
                  f"  peak {self.peak_bytes * mib:10.3f} MiB at {self.peak_node}"]
         if self.trace_order_peak_bytes is not None:
             lines.append(f"  peak in trace order (no reordering) {self.trace_order_peak_bytes * mib:10.3f} MiB")
+        if self.unscheduled_peak_bytes is not None:
+            lines.append(f"  peak before schedule_memory {self.unscheduled_peak_bytes * mib:10.3f} MiB")
+        if self.memory_budget is not None:
+            lines.append(f"  budget {self.memory_budget * mib:10.3f} MiB; peak before rematerialization "
+                         f"{(self.peak_before_remat_bytes or self.peak_bytes) * mib:10.3f} MiB; "
+                         f"{len(self.recomputed)} forward values recomputed in the backward")
+        if self.measured_peak_bytes is not None:
+            lines.append(f"  measured peak (torch executor, live tensor storage) {self.measured_peak_bytes * mib:10.3f} MiB"
+                         f" at {self.measured_peak_node}; plan / measured = {self.plan_vs_measured:.3f}")
         lines.append(f"  {'category':16s} {'at peak MiB':>12s} {'own peak MiB':>13s} {'inputs MiB':>11s}")
         for c in MEMORY_CATEGORIES:
             lines.append(f"  {c:16s} {self.at_peak.get(c, 0) * mib:12.3f} {self.category_peaks.get(c, 0) * mib:13.3f} "
                          f"{self.totals.get(c, 0) * mib:11.3f}")
         return "\n".join(lines)
+
+
+#: what ``memory_budget`` adds to the training passes, before ``plan_memory``
+MEMORY_BUDGET_PASSES: tuple[str, ...] = ("rematerialize", "schedule_memory")
+
+
+def with_memory_budget_passes(names: Sequence[str]) -> list[str]:
+    """``names`` with :data:`MEMORY_BUDGET_PASSES` added before ``plan_memory`` (or at the end)."""
+    names = list(names)
+    for extra in MEMORY_BUDGET_PASSES:
+        if extra not in names:
+            at = names.index("plan_memory") if "plan_memory" in names else len(names)
+            names.insert(at, extra)
+    return names
 
 
 # --- options ------------------------------------------------------------------------------------
@@ -210,6 +294,12 @@ class TrainingOptions:
             first call per batch shape compiles, tens of seconds); or any callable taking the
             graph module and returning a callable with the same inputs and outputs. The
             exported (ONNX) step is the same graph either way.
+        memory_budget: bytes the step's planned peak (``step.memory_report().peak_bytes``) must
+            not exceed. When the plain graph exceeds it, the ``rematerialize`` pass recomputes
+            cheap forward values in the backward instead of keeping them (a min-cut over the
+            graph; random, matrix-multiply and convolution ops are never recomputed) and
+            ``schedule_memory`` reorders; a budget that cannot be met raises
+            :class:`~graphpeft.errors.GraphPeftError` naming the smallest feasible one.
     """
 
     accumulation_steps: int = 1
@@ -219,8 +309,13 @@ class TrainingOptions:
     hooks: Sequence[PassHook] = ()
     example_batch: Optional[Sequence[Tensor]] = None
     executor: Union[None, str, Callable[[fx.GraphModule], Callable[..., Any]]] = None
+    memory_budget: Optional[int] = None
 
     def __post_init__(self) -> None:
+        if self.memory_budget is not None and (isinstance(self.memory_budget, bool)
+                                               or not isinstance(self.memory_budget, (int, float))
+                                               or not self.memory_budget > 0):
+            raise PlanError(f"memory_budget must be a positive number of bytes (or None), got {self.memory_budget!r}")
         if isinstance(self.executor, str) and self.executor not in EXECUTORS:
             raise PlanError(f"executor must be one of {sorted(EXECUTORS)} or a callable, got {self.executor!r}")
         if not isinstance(self.accumulation_steps, int) or self.accumulation_steps < 1:
@@ -727,6 +822,9 @@ class TrainingStep:
         gm = trace_training_step(self.cm, self.loss, self.optimizer, batch, self.options, self.lr)
         traced_at = time.perf_counter()
         names = list(self.options.passes if self.options.passes is not None else DEFAULT_TRAINING_PASSES)
+        if self.options.memory_budget is not None:  # met by passes/memory/rematerialize.py
+            names = with_memory_budget_passes(names)
+            graph_meta(gm)["memory_budget"] = int(self.options.memory_budget)
         missing = [n for n in names if n not in PASSES]
         if missing:
             raise PlanError(f"unknown training pass(es) {missing}; registered: {sorted(PASSES)}")
@@ -842,14 +940,28 @@ class TrainingStep:
 
     # -- reports and export ----------------------------------------------------------------------
 
-    def memory_report(self) -> MemoryReport:
-        """The static memory plan of the training graph (``print(step.memory_report())``)."""
+    def memory_report(self, measure: bool = False, batch: Optional[Sequence[Tensor]] = None) -> MemoryReport:
+        """The static memory plan of the training graph (``print(step.memory_report())``).
+
+        ``measure=True`` also runs the graph once with the torch executor (nothing is written
+        back; the RNG state is restored) and records the measured peak of live tensor storage
+        beside the plan (``measured_peak_bytes``, ``plan_vs_measured``), on ``batch`` (default:
+        the example batch the step was compiled for)."""
         gm = self.graph_module
         report = graph_meta(gm).get("memory")
         if report is None:
             if "plan_memory" not in PASSES:
                 raise GraphPeftError("no plan_memory pass is registered (import graphpeft.passes)")
             PASSES["plan_memory"]()(gm, PassContext(verify=False))
+            report = graph_meta(gm)["memory"]
+        if measure and report.measured_peak_bytes is None:
+            if batch is None:
+                batch = self.options.example_batch if self.options.example_batch is not None else self._default_batch()
+            if batch is None:
+                raise GraphPeftError("memory_report(measure=True) needs a batch: pass batch=(...) or compile with "
+                                     "example_batch=(...)")
+            gm = self.graph_for(*batch)
+            PASSES["measure_memory"](self.flat_inputs(*batch))(gm, PassContext(verify=False))
             report = graph_meta(gm)["memory"]
         return report
 

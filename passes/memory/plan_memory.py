@@ -13,48 +13,19 @@ An analysis pass: it stores the report in ``gm.meta["graphpeft"]["memory"]``, wh
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.fx as fx
 
-from graphpeft.graph import graph_meta
+from graphpeft.graph import alias_source, graph_meta, tensor_bytes
 from graphpeft.infra import PassBase, PassContext, PassResult
 from graphpeft.registry import register_pass
 from graphpeft.training import MEMORY_CATEGORIES, ORDER_KEY, MemoryReport, phase_of, signature_of
 
 
-def nbytes(value: Any) -> int:
-    """Bytes a (fake) tensor value, or a tuple of them, occupies."""
-    if isinstance(value, torch.Tensor):
-        try:
-            return int(value.numel()) * value.element_size()
-        except Exception:  # noqa: BLE001 - unbacked symbolic sizes
-            return 0
-    if isinstance(value, (list, tuple)):
-        return sum(nbytes(v) for v in value)
-    return 0
-
-
-def alias_source(node: fx.Node) -> Optional[fx.Node]:
-    """The node whose storage ``node`` shares (views, in-place writes, ``getitem``), or None."""
-    if node.op != "call_function":
-        return None
-    if node.target is operator.getitem:
-        base = node.args[0]
-        return base if isinstance(base, fx.Node) else None
-    schema = getattr(node.target, "_schema", None)
-    if schema is None or not schema.returns or schema.returns[0].alias_info is None:
-        return None
-    want = schema.returns[0].alias_info
-    for i, arg in enumerate(schema.arguments):
-        if arg.alias_info is not None and arg.alias_info.before_set & want.before_set:
-            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-            if isinstance(value, fx.Node):
-                return value
-    first = node.args[0] if node.args else None
-    return first if isinstance(first, fx.Node) else None
+#: bytes a (fake) tensor value, or a tuple of them, occupies
+nbytes = tensor_bytes
 
 
 def _categories(gm: fx.GraphModule) -> dict[fx.Node, str]:
@@ -146,9 +117,28 @@ def plan_memory(gm: fx.GraphModule) -> MemoryReport:
     if all(ORDER_KEY in n.meta for n in order):
         traced = sorted(order[:-1], key=lambda n: n.meta[ORDER_KEY]) + [order[-1]]
         traced_order = liveness(traced, cats)["peak"] if traced != order else now["peak"]
-    return MemoryReport(peak_bytes=now["peak"], peak_node=now["peak_node"], at_peak=now["at_peak"],
-                        category_peaks=now["category_peaks"], totals=now["totals"],
-                        trace_order_peak_bytes=traced_order, num_nodes=len(order), timeline=now["timeline"])
+    report = MemoryReport(peak_bytes=now["peak"], peak_node=now["peak_node"], at_peak=now["at_peak"],
+                          category_peaks=now["category_peaks"], totals=now["totals"],
+                          trace_order_peak_bytes=traced_order, num_nodes=len(order), timeline=now["timeline"])
+    # fields of newer MemoryReports (set only where the class has them)
+    extra: dict[str, Any] = {
+        "timeline_by_category": {c: [b[c] for b in now["by_category"]] for c in MEMORY_CATEGORIES},
+        "node_names": [n.name for n in order],
+    }
+    meta = graph_meta(gm)
+    schedule = meta.get("schedule")
+    if schedule is not None:
+        extra["unscheduled_peak_bytes"] = schedule.get("before")
+    remat = meta.get("remat")
+    if meta.get("memory_budget") is not None:
+        extra["memory_budget"] = int(meta["memory_budget"])
+    if remat is not None:
+        extra.update(memory_budget=remat["budget"], peak_before_remat_bytes=remat["peak_before"],
+                     recomputed=list(remat["recomputed"]))
+    for key, value in extra.items():
+        if hasattr(report, key):
+            setattr(report, key, value)
+    return report
 
 
 @register_pass

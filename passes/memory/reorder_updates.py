@@ -16,6 +16,7 @@ needs every gradient: only the per-gradient norms move early then.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Optional, Sequence
 
 import torch.fx as fx
 
@@ -24,9 +25,10 @@ from graphpeft.registry import register_pass
 from graphpeft.training import UPDATE_PHASES, phase_of
 
 
-def schedule(gm: fx.GraphModule) -> list[fx.Node]:
-    """The new node order (a topological order of ``gm.graph``)."""
-    nodes = list(gm.graph.nodes)
+def schedule(gm: fx.GraphModule, nodes: Optional[Sequence[fx.Node]] = None) -> list[fx.Node]:
+    """The new node order (a topological order of ``gm.graph``). ``nodes``: the order to start
+    from (default: the graph's own); its non-update nodes keep their relative order."""
+    nodes = list(gm.graph.nodes) if nodes is None else list(nodes)
     output = nodes[-1]
     update = {n for n in nodes if phase_of(n) in UPDATE_PHASES}
     rest = [n for n in nodes if n not in update and n is not output]
