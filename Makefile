@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
-	$(PY) -m pip install -q -e ".[test,hf,bench,quant]" "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test,hf,bench,quant,executorch]" "$(TORCH)"
 	@touch $(STAMP)
 
 venv: $(STAMP)

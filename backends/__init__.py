@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from . import onnx
+from . import executorch, onnx
 
-__all__ = ["onnx"]
+__all__ = ["executorch", "onnx"]

@@ -295,6 +295,13 @@ class CompiledModel(torch.nn.Module):
                  else self)
         return get_backend("onnx").export(model, path, **options)
 
+    def export_executorch(self, path: Union[str, os.PathLike], merged: bool = True, **options: Any) -> Any:
+        """Export to an ExecuTorch program (``.pte``; merged: adapters folded; ``merged=False``
+        keeps the adapter branch). Options: see ``graphpeft.backends.executorch.export``."""
+        reparameterized = bool(graph_meta(self.graph_module).get("slices"))
+        model = self.merge() if merged and (adapters(self.graph_module) or reparameterized) else self
+        return get_backend("executorch").export(model, path, **options)
+
     def compile_training(self, loss: Any, optimizer: Any, **options: Any) -> Any:
         """Compile one training step (forward, pruned backward, optimizer update) as one graph.
 

@@ -33,6 +33,7 @@ from .adapters.insert_vera import InsertVeRA, VeRA, VeRAMethod
 from .adapters.layer_rewrite import LayerRewrite
 from .cleanup.eliminate_common_subexpressions import EliminateCommonSubexpressions
 from .cleanup.remove_dead_code import RemoveDeadCode
+from .legalize.legalize_executorch import LegalizeExecuTorch
 from .legalize.legalize_onnx import LegalizeOnnx
 from .legalize.lift_adapter_tensors import LiftAdapterTensors
 from .memory.plan_memory import PlanMemory
@@ -56,4 +57,5 @@ __all__ = ["CheckGradientFlow", "DoRA", "DoRAMethod", "EliminateCommonSubexpress
            "ReassembleSlices", "RemoveDeadCode", "ReorderUpdates", "ReportBackward", "SHiRA", "SHiRAMethod",
            "SLTrain", "SVFit", "SliceRows", "SoRA", "Update", "UpdateMethod", "UpdateParameters", "VeRA",
            "VeRAMethod"]
+__all__ += ["LegalizeExecuTorch"]
 __all__ += ["DequantizeForMerge", "Quantize", "QuantizeMethod", "QuantizeWeights", "RequantizeMerged"]

@@ -982,6 +982,11 @@ class TrainingStep:
         """Export the training step to ONNX (see ``graphpeft.backends.onnx.export_training``)."""
         return get_backend("onnx").export_training(self, path, **options)
 
+    def export_executorch(self, path: Union[str, os.PathLike], **options: Any) -> Any:
+        """Export the training step as one ExecuTorch method (see
+        ``graphpeft.backends.executorch.export_training``)."""
+        return get_backend("executorch").export_training(self, path, **options)
+
     def __repr__(self) -> str:
         n = len(self._main.graph.nodes) if self._main is not None else 0
         return (f"TrainingStep(loss={self.loss.name}, optimizer={self.optimizer.name}, "
