@@ -87,6 +87,16 @@ class AdapterBank:
         self._private: set[str] = set()  # base tensors already copied for in-place fusing
         self._views: dict[str, Any] = {}  # adapter name -> tensor view for fusing (rebuilt on change)
 
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy / pickle: the graph as plain data
+        from .serialize import graph_state
+
+        return {**self.__dict__, "graph": graph_state(self.graph)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from .serialize import graph_from_state
+
+        self.__dict__.update(state, graph=graph_from_state(state["graph"]))
+
     # -- queries ---------------------------------------------------------------------------------
 
     def names(self) -> list[str]:

@@ -311,6 +311,37 @@ class CompiledModel(torch.nn.Module):
 
         return compile_training(self, loss, optimizer, **options)
 
+    # -- copy.deepcopy, pickle, torch.save/torch.load (graphpeft.serialize) -------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        import dataclasses
+
+        from .serialize import graph_module_state
+
+        state = super().__getstate__()
+        modules = dict(state["_modules"])
+        gm = modules.pop("graph_module")
+        state["_modules"] = modules
+        state["_graph_state"] = graph_module_state(gm)
+        # the trace's graph is only needed to compile; the restored model points it at its own
+        state["_traced"] = dataclasses.replace(self._traced, gm=None)
+        # the compile reports hold graph nodes: keep what explain() and match_report() show
+        state["_resolution"] = _without_nodes(self._resolution)
+        state["_ctx"] = None
+        state["_match_report"] = [dataclasses.replace(m, node=None, bindings={}) for m in self.match_report()]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from .serialize import graph_module_from_state
+
+        gm = graph_module_from_state(state.pop("_graph_state"))
+        report = state.pop("_match_report", [])
+        super().__setstate__(state)
+        self._modules["graph_module"] = gm
+        self._traced.gm = gm
+        self._ctx = PassContext(verify=False)
+        self._ctx.report.extend(report)
+
     def __repr__(self) -> str:
         return (f"CompiledModel({len(adapters(self.graph_module))} adapters, "
                 f"{self.num_parameters(True):,} trainable parameters, {op_count(self.graph_module)} ops)")
@@ -319,3 +350,18 @@ class CompiledModel(torch.nn.Module):
 def _strip_peft_prefix(key: str) -> str:
     # keys from peft's get_peft_model_state_dict start with "base_model.model."
     return key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+
+
+def _without_nodes(resolution: Any) -> Any:
+    """A plan resolution whose layers no longer point at graph nodes (for pickling)."""
+    import dataclasses
+
+    if resolution is None:
+        return None
+    layers = {id(d.layer): dataclasses.replace(d.layer, node=None) for d in resolution.decisions}
+    for ls in resolution.matches.values():
+        for l in ls:
+            layers.setdefault(id(l), dataclasses.replace(l, node=None))
+    return dataclasses.replace(
+        resolution, decisions=[dataclasses.replace(d, layer=layers[id(d.layer)]) for d in resolution.decisions],
+        matches={k: [layers[id(l)] for l in ls] for k, ls in resolution.matches.items()})

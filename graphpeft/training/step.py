@@ -987,6 +987,25 @@ class TrainingStep:
         ``graphpeft.backends.executorch.export_training``)."""
         return get_backend("executorch").export_training(self, path, **options)
 
+    # -- copy.deepcopy, pickle, torch.save/torch.load (graphpeft.serialize) --------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        from ..serialize import graph_module_state
+
+        state = dict(self.__dict__)
+        state["_graphs"] = {key: graph_module_state(gm) for key, gm in self._graphs.items()}
+        state["_main"] = next((key for key, gm in self._graphs.items() if gm is self._main), None)
+        state["_runners"] = {}  # executors (torch.compile ...) are rebuilt on the next call
+        state["ctx"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from ..serialize import graph_module_from_state
+
+        self.__dict__.update(state)
+        self._graphs = {key: graph_module_from_state(gs) for key, gs in state["_graphs"].items()}
+        self._main = self._graphs.get(state["_main"]) if state["_main"] is not None else None
+
     def __repr__(self) -> str:
         n = len(self._main.graph.nodes) if self._main is not None else 0
         return (f"TrainingStep(loss={self.loss.name}, optimizer={self.optimizer.name}, "
