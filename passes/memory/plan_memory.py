@@ -21,7 +21,7 @@ import torch.fx as fx
 from graphpeft.graph import alias_source, graph_meta, tensor_bytes
 from graphpeft.infra import PassBase, PassContext, PassResult
 from graphpeft.registry import register_pass
-from graphpeft.training import MEMORY_CATEGORIES, ORDER_KEY, MemoryReport, phase_of, signature_of
+from graphpeft.training import MEMORY_CATEGORIES, ORDER_KEY, TRAINING_META, MemoryReport, phase_of, signature_of
 
 
 #: bytes a (fake) tensor value, or a tuple of them, occupies
@@ -29,6 +29,8 @@ nbytes = tensor_bytes
 
 
 def _categories(gm: fx.GraphModule) -> dict[fx.Node, str]:
+    if graph_meta(gm).get(TRAINING_META) is None:  # not a training graph: tensors are weights, the rest activations
+        return {n: "weights" if n.op == "get_attr" else "activations" for n in gm.graph.nodes}
     sig = signature_of(gm)
     kind_of_input = {"param": "weights", "state": "optimizer_state", "lr": "optimizer_state", "batch": "activations"}
     nodes = list(gm.graph.nodes)
