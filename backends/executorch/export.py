@@ -295,6 +295,9 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, delegate: str 
         try:
             with quiet():
                 ep = torch.export.export(legal, inputs, strict=False)
+                # to core ATen in one re-trace (to_edge decomposes in two; with the fused attention
+                # decomposed only in the second, GPT-2's and ViT's views see other strides)
+                ep = ep.run_decompositions()
         except Exception as e:
             raise ExportError(f"torch.export could not capture the graph for ExecuTorch: {type(e).__name__}: "
                               f"{str(e)[:1500]}") from e

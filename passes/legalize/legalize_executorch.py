@@ -14,6 +14,12 @@ pass's, not copies):
 
 ExecuTorch's own:
 
+* ``view_as_reshape`` — ``aten.view`` becomes ``aten.reshape``. Re-traced through the core ATen
+  decompositions, the fused attention's output comes out with other strides than its meta
+  kernel gave at trace time, and the ``view`` that follows fails (GPT-2, ViT: "Cannot view a
+  tensor with shape [2, 8, 16] and strides (16, 32, 1)"); ``reshape`` is the same value, a view
+  wherever one is possible.
+
 * ``partition_meta`` (training graphs) — ``torch_fn`` / ``source_fn_stack`` / ``nn_module_stack``
   are dropped from every node. XNNPACK's ``ConvertToLinearPass`` groups the matmuls it finds
   under one ``nn.Linear`` source into one linear: in a training graph the backward matmuls of a
@@ -23,6 +29,9 @@ ExecuTorch's own:
 
 from __future__ import annotations
 
+from typing import Callable, Optional, Sequence
+
+import torch
 import torch.fx as fx
 
 from graphpeft.infra import PassBase, PassContext, PassResult
@@ -30,9 +39,20 @@ from graphpeft.registry import register_pass
 
 from .legalize_onnx import ASSERTS, EMPTY, _drop_asserts, _functionalize, _inline_grad_regions, _replace_empty
 
+aten = torch.ops.aten
+
 PASS_NAME = "legalize_executorch"
 #: node metadata that source partitioners (XNNPACK's linear fusion) group nodes by
 PARTITION_META = ("torch_fn", "source_fn_stack")
+
+
+def _view_as_reshape(gm: fx.GraphModule) -> int:
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == aten.view.default:
+            node.target = aten.reshape.default  # same arguments, same value: retargeted in place
+            count += 1
+    return count
 
 
 def _strip_partition_meta(gm: fx.GraphModule) -> int:
@@ -46,32 +66,46 @@ def _strip_partition_meta(gm: fx.GraphModule) -> int:
     return count
 
 
+#: rule name -> rewrite (returns its count), in the order they run
+RULES: dict[str, Callable[[fx.GraphModule], int]] = {
+    "inline_grad_regions": _inline_grad_regions,
+    "drop_asserts": _drop_asserts,
+    "functionalize": _functionalize,
+    "empty": _replace_empty,
+    "view_as_reshape": _view_as_reshape,
+    "partition_meta": _strip_partition_meta,
+}
+
+
 @register_pass
 class LegalizeExecuTorch(PassBase):
     """Rewrites a graph so ExecuTorch's ``to_edge`` (and the XNNPACK partitioner) take it; in
-    place. ``training=True`` also drops the source-partition tags (see the module docstring).
+    place. ``training=True`` also drops the source-partition tags (see the module docstring);
+    ``rules`` runs only the named rules (e.g. ``["partition_meta"]``).
 
     ``ctx.options["legalize_executorch"]`` receives the count of rewrites per rule."""
 
     name = PASS_NAME
 
-    def __init__(self, training: bool = False) -> None:
+    def __init__(self, training: bool = False, rules: Optional[Sequence[str]] = None) -> None:
         self.training = training
+        unknown = set(rules or ()) - set(RULES)
+        if unknown:
+            raise ValueError(f"unknown legalize_executorch rule(s) {sorted(unknown)}; known: {list(RULES)}")
+        self.rules = tuple(rules) if rules is not None else tuple(RULES)
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        counts = {
-            "inline_grad_regions": _inline_grad_regions(gm),  # first: the regions hold asserts and casts
-            "drop_asserts": _drop_asserts(gm),
-            "functionalize": _functionalize(gm),
-            "empty": _replace_empty(gm),
-        }
-        counts["partition_meta"] = _strip_partition_meta(gm) if self.training else 0
+        counts = {}
+        for name, rule in RULES.items():  # in this order: the grad regions hold asserts and casts
+            if name in self.rules and (name != "partition_meta" or self.training):
+                counts[name] = rule(gm)
         ctx.options[self.name] = counts
         return PassResult(gm, any(counts.values()))
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         from graphpeft.errors import VerificationError
 
-        bad = [n.name for n in gm.graph.nodes if n.op == "call_function" and (n.target in EMPTY or n.target in ASSERTS)]
+        refused = (EMPTY if "empty" in self.rules else set()) | (ASSERTS if "drop_asserts" in self.rules else set())
+        bad = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in refused]
         if bad:
             raise VerificationError(f"legalize_executorch left ops to_edge cannot take: {bad[:10]}")
