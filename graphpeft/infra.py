@@ -216,6 +216,21 @@ class PassManager:
         return result
 
 
+def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new graph module over a copy of ``gm``'s graph that shares its tensors: passes may
+    rewrite the copy (and register new tensors on it) without touching ``gm`` or copying its
+    weights. Node metadata is copied one level deep; graph metadata (roles, adapter records)
+    is copied too."""
+    graph = fx.Graph()
+    out, old_output = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    new_output = graph.output(out)
+    new_output.meta = copy.copy(old_output.meta)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    new = fx.GraphModule(gm, graph)
+    new.meta = copy.deepcopy({k: v for k, v in gm.meta.items()})
+    return new
+
+
 def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A deep copy (tensors included) for functional passes and merge-to-a-new-model."""
     new = copy.deepcopy(gm)

@@ -6,9 +6,10 @@ subpackages are the roles; each module holds one pass:
 - ``adapters/`` — adapter methods (``insert_lora`` is the example an extension developer copies);
 - ``update/`` — sparse updates of the model's own weights (``gp.Update``), row slicing, gradient probe;
 - ``merge/`` — folding adapters into weights, reassembling sliced weights;
-- ``cleanup/`` — dead code, common subexpressions;
+- ``cleanup/`` — dead code, common subexpressions, algebraic simplification;
 - ``training/`` — checks and reports over training-step graphs;
 - ``memory/`` — update reordering, the memory planner;
+- ``lower/`` — lowering: cheaper equivalent forms (scaling folded into weights, fused projections);
 - ``legalize/`` — rewrites for what an exporter cannot translate, adapter tensors as inputs;
 - ``quantize/`` — quantized base weights (``gp.Quantize``) and their merge steps.
 """
@@ -33,9 +34,12 @@ from .adapters.insert_vera import InsertVeRA, VeRA, VeRAMethod
 from .adapters.layer_rewrite import LayerRewrite
 from .cleanup.eliminate_common_subexpressions import EliminateCommonSubexpressions
 from .cleanup.remove_dead_code import RemoveDeadCode
+from .cleanup.simplify_algebra import SimplifyAlgebra
 from .legalize.legalize_executorch import LegalizeExecuTorch
 from .legalize.legalize_onnx import LegalizeOnnx
 from .legalize.lift_adapter_tensors import LiftAdapterTensors
+from .lower.fold_linear_scale import FoldLinearScale
+from .lower.fuse_shared_input_linears import FuseSharedInputLinears
 from .memory.plan_memory import PlanMemory
 from .memory.reorder_updates import ReorderUpdates
 from .merge.merge_adapters import MergeAdapters
@@ -50,12 +54,12 @@ from .update.probe_gradients import ProbeGradients
 from .update.slice_rows import SliceRows
 from .update.update_parameters import Update, UpdateMethod, UpdateParameters
 
-__all__ = ["CheckGradientFlow", "DoRA", "DoRAMethod", "EliminateCommonSubexpressions", "Freeze", "Hydra", "IA3",
+__all__ = ["CheckGradientFlow", "DoRA", "DoRAMethod", "EliminateCommonSubexpressions", "FoldLinearScale", "Freeze", "FuseSharedInputLinears", "Hydra", "IA3",
            "IA3Method", "InsertDoRA", "InsertIA3", "InsertLoRA", "InsertLoRAFA", "InsertSHiRA", "InsertVeRA",
            "LayerRewrite", "LegalizeOnnx", "LiftAdapterTensors", "LoLDU", "LoRA", "LoRAFA", "LoRAFAMethod",
            "LoRAMethod", "LoRAXS", "MergeAdapters", "MoLE", "NOLA", "PlanMemory", "ProbeGradients", "RandLoRA",
            "ReassembleSlices", "RemoveDeadCode", "ReorderUpdates", "ReportBackward", "SHiRA", "SHiRAMethod",
-           "SLTrain", "SVFit", "SliceRows", "SoRA", "Update", "UpdateMethod", "UpdateParameters", "VeRA",
+           "SLTrain", "SVFit", "SimplifyAlgebra", "SliceRows", "SoRA", "Update", "UpdateMethod", "UpdateParameters", "VeRA",
            "VeRAMethod"]
 __all__ += ["LegalizeExecuTorch"]
 __all__ += ["DequantizeForMerge", "Quantize", "QuantizeMethod", "QuantizeWeights", "RequantizeMerged"]

@@ -72,7 +72,7 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_contents(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
-    for must in ("graphpeft/__init__.py", "graphpeft/cli.py", "graphpeft/passes/insert_lora.py",
+    for must in ("graphpeft/__init__.py", "graphpeft/cli.py", "graphpeft/passes/adapters/insert_lora.py",
                  "graphpeft/backends/onnx/export.py"):
         assert must in names, f"{must} missing from the wheel"
     # every module of the three source folders is shipped under its package name (a new

@@ -15,6 +15,7 @@ from graphpeft.errors import VerificationError
 from graphpeft.graph import META_KEY, Provenance, get_tensor, roles
 from graphpeft.registry import PASSES
 from graphpeft.training import ORDER_KEY, PHASES, UPDATE_PHASES, phase_of, signature_of, verify_training
+from graphpeft.training.step import DEFAULT_TRAINING_PASSES
 from graphpeft.passes.memory.plan_memory import liveness, nbytes
 from graphpeft.passes.memory.plan_memory import _categories as memory_categories
 from graphpeft.backends.onnx.train_export import legalized_copy
@@ -251,8 +252,9 @@ def _run(gm: fx.GraphModule, inputs: list) -> list:
 
 @pytest.mark.parametrize("which", ["llama", "cnn"])
 def test_legalize_onnx_rewrites_and_keeps_the_numbers(which: str) -> None:
-    if which == "llama":
-        step, batch = llama_step(), (IDS,)
+    if which == "llama":  # without simplify_algebra, which already removes silu's in-place ops
+        passes = [p for p in DEFAULT_TRAINING_PASSES if p != "simplify_algebra"]
+        step, batch = llama_step(gp.optim.AdamW(lr=1e-3), passes=passes), (IDS,)
     else:
         step, batch = cnn().compile_training("cross_entropy", gp.optim.AdamW(lr=1e-3), example_batch=CNN_BATCH), CNN_BATCH
     gm = step.graph_module

@@ -116,11 +116,21 @@ class CausalLM(Loss):
             raise PlanError("causal_lm: labels must be (batch, sequence) token ids")
         return labels[:, 1:]
 
+    def _padded_labels(self, model_inputs: Sequence[Tensor], targets: Sequence[Tensor]) -> Tensor:
+        """Next-token labels at every position, the last one ignored: the same mean as slicing
+        ``logits[:, :-1]``, without copying the logits (nor zero-filling and scattering their
+        gradient back in the backward: the largest tensors of a language model's step)."""
+        labels = self._labels(model_inputs, targets)
+        pad = torch.full_like(labels[:, :1], self.ignore_index)
+        return torch.cat([labels, pad], dim=1)
+
     def __call__(self, outputs: Any, model_inputs: Sequence[Tensor], targets: Sequence[Tensor]) -> Tensor:
         logits = primary_output(outputs)
-        shifted = logits[:, :-1, :]
-        labels = self._labels(model_inputs, targets)
-        return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]).float(), labels.reshape(-1),
+        labels = self._padded_labels(model_inputs, targets)
+        if tuple(labels.shape) != tuple(logits.shape[:-1]):
+            raise PlanError(f"causal_lm: labels of shape {tuple(labels.shape)} do not match logits of shape "
+                            f"{tuple(logits.shape)}; give (batch, sequence) labels for (batch, sequence, vocab) logits")
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                ignore_index=self.ignore_index)
 
     def weight(self, model_inputs: Sequence[Tensor], targets: Sequence[Tensor]) -> Tensor:

@@ -46,7 +46,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import GraphPeftError, PlanError, TraceError, VerificationError
 from ..graph import META_KEY, Provenance, Role, adapters, attach_tensor, get_tensor, graph_meta, roles
-from ..infra import PassContext, PassHook, PassManager, Pipeline, TimingHook
+from ..infra import PassContext, PassHook, PassManager, Pipeline, TimingHook, copy_graph
 from .losses import Loss, LossSpec, make_loss
 from .optim import STEP_KEY, Optimizer, make_optimizer
 from ..registry import PASSES, get_backend, get_method, load_plugins
@@ -61,11 +61,19 @@ Tensor = torch.Tensor
 
 #: the training passes run by default, in order (names in ``graphpeft.registry.PASSES``)
 DEFAULT_TRAINING_PASSES: tuple[str, ...] = (
+    "simplify_algebra",
     "eliminate_common_subexpressions",
     "remove_dead_code",
     "check_gradient_flow",
     "reorder_updates",
     "plan_memory",
+)
+
+#: forward lowering run on a copy of the adapted graph before the step is traced (names in
+#: ``PASSES``): autograd then differentiates the cheaper forward (``passes/lower/``)
+DEFAULT_FORWARD_LOWERING: tuple[str, ...] = (
+    "fold_linear_scale",
+    "fuse_shared_input_linears",
 )
 
 #: phases of a training graph, in the order they are traced
@@ -282,6 +290,8 @@ class TrainingOptions:
             accumulated gradient; equals the big batch's gradient.
         clip_grad_norm: clip gradients to this global L2 norm (``torch.nn.utils.clip_grad_norm_``).
         passes: names of the training passes to run (default :data:`DEFAULT_TRAINING_PASSES`).
+        lowering: names of the forward lowering passes run on a copy of the adapted graph before
+            the step is traced (default :data:`DEFAULT_FORWARD_LOWERING`; ``()`` for none).
         verify: run the verifier after every pass.
         hooks: pass instrumentation (``TimingHook``, ``IRDumpHook``).
         example_batch: a batch to compile for at once. By default the step compiles for the
@@ -305,6 +315,7 @@ class TrainingOptions:
     accumulation_steps: int = 1
     clip_grad_norm: Optional[float] = None
     passes: Optional[Sequence[str]] = None
+    lowering: Optional[Sequence[str]] = None
     verify: bool = True
     hooks: Sequence[PassHook] = ()
     example_batch: Optional[Sequence[Tensor]] = None
@@ -442,13 +453,34 @@ def apply_after_update(cm: "CompiledModel", lr: float, methods: Optional[Sequenc
             p.copy_(method.after_update(rec, key, p.detach(), lr_t))
 
 
+def _passes_named(names: Sequence[str], what: str) -> list[Any]:
+    missing = [n for n in names if n not in PASSES]
+    if missing:
+        raise PlanError(f"unknown {what} pass(es) {missing}; registered: {sorted(PASSES)}")
+    return [PASSES[n]() for n in names]
+
+
+def lower_forward(gm: fx.GraphModule, options: TrainingOptions) -> fx.GraphModule:
+    """The adapted graph the step is traced from: a copy of ``gm`` (sharing its tensors) after
+    the forward lowering passes (:attr:`TrainingOptions.lowering`); ``gm`` itself is unchanged."""
+    names = list(options.lowering if options.lowering is not None else DEFAULT_FORWARD_LOWERING)
+    if not names:
+        return gm
+    from ..verify import verify
+
+    lowered = copy_graph(gm)
+    ctx = PassContext(verify=options.verify, hooks=list(options.hooks))
+    pipeline = Pipeline("forward_lowering", _passes_named(names, "lowering"))
+    return PassManager(verifier=verify).run(lowered, pipeline, ctx).gm
+
+
 def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, batch: Sequence[Tensor],
                         options: TrainingOptions, lr: Optional[float] = None) -> fx.GraphModule:
     """Trace one training step of ``cm`` for ``batch`` into a graph (no passes run yet)."""
     from torch._decomp import core_aten_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    src = cm.graph_module
+    src = lower_forward(cm.graph_module, options)
     role_map = roles(src)
     param_names = [n for n, r in role_map.items() if r.trainable]
     const_names = [n for n, r in role_map.items() if not r.trainable]
@@ -825,13 +857,11 @@ class TrainingStep:
         if self.options.memory_budget is not None:  # met by passes/memory/rematerialize.py
             names = with_memory_budget_passes(names)
             graph_meta(gm)["memory_budget"] = int(self.options.memory_budget)
-        missing = [n for n in names if n not in PASSES]
-        if missing:
-            raise PlanError(f"unknown training pass(es) {missing}; registered: {sorted(PASSES)}")
+        passes = _passes_named(names, "training")
         ctx = PassContext(verify=self.options.verify, hooks=[timing, *self.options.hooks])
         if self.options.verify:
             verify_training(gm)
-        result = PassManager(verifier=verify_training).run(gm, Pipeline("training", [PASSES[n]() for n in names]), ctx)
+        result = PassManager(verifier=verify_training).run(gm, Pipeline("training", passes), ctx)
         gm = result.gm
         end = time.perf_counter()
         timings = {"trace": traced_at - start, **{f"pass:{n}": s for n, s in timing.timings}, "total": end - start}
@@ -1031,6 +1061,6 @@ def compile_training(cm: "CompiledModel", loss: LossSpec, optimizer: Union[Optim
     return TrainingStep(cm, loss, optimizer, TrainingOptions(**options))
 
 
-__all__ = ["DEFAULT_TRAINING_PASSES", "IOSpec", "after_update_hooks", "apply_after_update", "load_training_state", "save_training_state", "MemoryReport", "TrainingOptions", "TrainingSignature",
+__all__ = ["DEFAULT_FORWARD_LOWERING", "DEFAULT_TRAINING_PASSES", "lower_forward", "IOSpec", "after_update_hooks", "apply_after_update", "load_training_state", "save_training_state", "MemoryReport", "TrainingOptions", "TrainingSignature",
            "TrainingStep", "compile_training", "phase_of", "signature_of", "trace_training_step",
            "verify_training"]

@@ -1,0 +1,225 @@
+"""The optimizing passes of the training compiler: forward lowering (fold_linear_scale,
+fuse_shared_input_linears) and the algebraic clean-up of step graphs (simplify_algebra).
+
+Each rewrite: structure, match count, numerics (and a negative case with its reason)."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import pytest
+import torch
+import torch.fx as fx
+
+import graphpeft as gp
+from graphpeft.graph import META_KEY, roles
+from graphpeft.infra import PassContext, PassManager, Pipeline, copy_graph
+from graphpeft.registry import PASSES
+from graphpeft.training import verify_training
+from graphpeft.verify import verify
+from models import tiny_llama, token_batch
+
+aten = torch.ops.aten
+IDS = token_batch()
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LAYERS = 2
+
+
+def compiled(dropout: float = 0.0, seed: int = 0) -> gp.CompiledModel:
+    rule = gp.LoRA(targets=ALL, r=4, alpha=8, dropout=dropout, init="random")
+    return gp.compile(tiny_llama(layers=LAYERS, seed=seed), gp.Plan([rule]), (IDS,), {"use_cache": False})
+
+
+def run_pass(gm: fx.GraphModule, name: str) -> tuple[fx.GraphModule, Any]:
+    p = PASSES[name]()
+    result = PassManager(verifier=verify).run(gm, Pipeline(name, [p]), PassContext(verify=True))
+    return result.gm, p
+
+
+def calls(gm: fx.GraphModule, target: Any, made_by: str = "") -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target
+            and (not made_by or (n.meta.get(META_KEY) or {}).get("pass_name") == made_by)]
+
+
+def logits(gm: fx.GraphModule) -> torch.Tensor:
+    with torch.no_grad():
+        return gm(IDS)[0]
+
+
+# --- forward lowering ---------------------------------------------------------------------------
+
+
+def test_fold_linear_scale_moves_lora_scaling_onto_b() -> None:
+    cm = compiled()
+    before = cm.graph_module
+    gm, p = run_pass(copy_graph(before), "fold_linear_scale")
+    assert p.match_count() == LAYERS * len(ALL)  # one per adapted layer
+    scaled_weights = [n for n in calls(gm, aten.mul.Tensor) if (n.meta.get(META_KEY) or {}).get("pass_name") == "fold_linear_scale"]
+    assert len(scaled_weights) == LAYERS * len(ALL)
+    assert all(str(n.args[0].target).endswith("lora_B.weight") and n.args[1] == 2.0 for n in scaled_weights)
+    # the branch output is no longer scaled: every remaining mul by the scale reads no linear
+    assert not [n for n in calls(gm, aten.mul.Tensor) if n.args[1] == 2.0 and n.args[0].target == aten.linear.default]
+    torch.testing.assert_close(logits(gm), logits(before), rtol=1e-6, atol=1e-6)
+    assert len(calls(before, aten.mul.Tensor)) == len(calls(gm, aten.mul.Tensor))  # cm's graph untouched
+    assert not [n for n in calls(before, aten.mul.Tensor) if (n.meta.get(META_KEY) or {}).get("pass_name") == "fold_linear_scale"]
+
+
+def test_fold_linear_scale_declines_with_reasons() -> None:
+    def f(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten.linear.default(x, w)
+        return torch.ops.aten.mul.Tensor(y, 3.0) + y  # the product has another user
+
+    gm = gp.trace(_WithWeight(f, torch.randn(16, 4)), (torch.randn(2, 4),)).gm
+    gm2, p = run_pass(copy_graph(gm), "fold_linear_scale")
+    assert p.match_count() == 0
+    assert [m.reason for m in p.results] == ["the unscaled product is used elsewhere"]
+
+
+class _WithWeight(torch.nn.Module):
+    def __init__(self, fn: Any, w: torch.Tensor) -> None:
+        super().__init__()
+        self.fn, self.w = fn, torch.nn.Parameter(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, self.w)
+
+
+def test_fuse_shared_input_linears_makes_one_gemm_for_qkv_and_gate_up() -> None:
+    cm = compiled()
+    before = cm.graph_module
+    gm, p = run_pass(copy_graph(before), "fuse_shared_input_linears")
+    # per block: q/k/v read the attention norm's output, gate/up the MLP norm's output
+    assert p.match_count() == 2 * LAYERS
+    cats = calls(gm, aten.cat.default, "fuse_shared_input_linears")
+    assert len(cats) == 2 * LAYERS
+    widths = sorted(len(c.args[0]) for c in cats)
+    assert widths == [2] * LAYERS + [3] * LAYERS
+    for c in cats:
+        names = [str(a.target) for a in c.args[0]]
+        assert all(n.endswith("lora_A.weight") for n in names)
+        assert all(roles(gm)[n].trainable for n in names)
+    splits = calls(gm, aten.split_with_sizes.default)
+    assert len(splits) == 2 * LAYERS and all(s.args[1] == [4] * len(s.users) for s in splits)
+    assert all(META_KEY in n.meta for n in cats + splits)
+    a_linears = [n for n in calls(gm, aten.linear.default) if str(getattr(n.args[1], "target", "")).endswith("lora_A.weight")]
+    assert len(a_linears) == LAYERS * len(ALL) - 5 * LAYERS  # o_proj and down_proj stay alone
+    torch.testing.assert_close(logits(gm), logits(before), rtol=1e-6, atol=1e-6)
+
+
+def test_fuse_shared_input_linears_leaves_adapters_with_dropout_alone() -> None:
+    cm = compiled(dropout=0.1)
+    gm, p = run_pass(copy_graph(cm.graph_module), "fuse_shared_input_linears")
+    assert p.match_count() == 0 and not calls(gm, aten.cat.default, "fuse_shared_input_linears")  # each adapter draws its own mask
+
+
+def test_lowered_step_trains_exactly_like_the_plain_one() -> None:
+    torch.manual_seed(0)
+    a, b = compiled(), compiled()
+    plain = a.compile_training("causal_lm", gp.optim.SGD(lr=0.5, momentum=0.9), lowering=())
+    lowered = b.compile_training("causal_lm", gp.optim.SGD(lr=0.5, momentum=0.9))
+    mm = lambda s: len(calls(s.graph_module, aten.mm.default))  # noqa: E731
+    assert mm(lowered) < mm(plain)
+    assert len(lowered.graph_module.graph.nodes) < len(plain.graph_module.graph.nodes)
+    for _ in range(3):
+        la, lb = plain(IDS), lowered(IDS)
+        torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-6)
+    pa, pb = a.trainable_parameters(), b.trainable_parameters()
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-6)
+    assert not calls(b.graph_module, aten.cat.default, "fuse_shared_input_linears")  # cm untouched
+
+
+def test_unknown_lowering_pass_is_a_plan_error() -> None:
+    with pytest.raises(gp.PlanError, match="unknown lowering pass"):
+        compiled().compile_training("causal_lm", gp.optim.SGD(lr=0.1), lowering=["no_such_pass"])
+
+
+# --- algebraic clean-up ---------------------------------------------------------------------------
+
+
+def _graph(build: Any, *examples: torch.Tensor) -> fx.GraphModule:
+    """An fx graph of aten ops with fake values and provenance, as the step compiler makes them."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(build, tracing_mode="fake")(*examples)
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            n.meta[META_KEY] = {"pass_name": "test", "part": "forward"}
+    return gm
+
+
+def _simplified(gm: fx.GraphModule) -> tuple[fx.GraphModule, Any]:
+    p = PASSES["simplify_algebra"]()
+    return p(gm, PassContext(verify=False)).gm, p
+
+
+def test_simplify_algebra_rules_before_and_after() -> None:
+    def before(x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        a = aten.pow.Tensor_Scalar(x, 1)                       # -> x
+        b = aten.mul.Tensor(a, 1)                              # -> x
+        t = aten.permute.default(aten.permute.default(x, [1, 0]), [1, 0])  # -> x
+        v = aten.view.default(aten.view.default(x, [2, 6]), [12])          # -> view(x, [12])
+        e = aten.div.Scalar(aten.expand.default(s, [3, 4]), 4)             # -> expand(div(s, 4))
+        buf = aten.empty_permuted.default([3, 4], [0, 1])
+        one_minus = aten.sub_.Tensor(aten.copy_.default(buf, aten.full_like.default(buf, 1.0)), x)  # -> rsub
+        return b + t, v, e, one_minus
+
+    x, s = torch.randn(3, 4), torch.randn(3, 1)
+    gm = _graph(before, x, s)
+    expected = gm(x, s)
+    gm, p = _simplified(gm)
+    rules = sorted(m.rule for m in p.results if m.ok)
+    assert rules == ["drop_identity", "drop_identity", "fold_permutes", "fold_views", "one_minus",
+                     "scalar_before_expand"]
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert aten.pow.Tensor_Scalar not in ops and aten.permute.default not in ops
+    assert ops.count(aten.view.default) == 1 and aten.rsub.Scalar in ops
+    assert aten.empty_permuted.default not in ops and aten.copy_.default not in ops and aten.sub_.Tensor not in ops
+    div = next(n for n in gm.graph.nodes if n.target == aten.div.Scalar)
+    assert tuple(div.meta["val"].shape) == (3, 1)  # the scalar op runs before the broadcast
+    for a, b in zip(gm(x, s), expected):
+        torch.testing.assert_close(a, b)
+
+
+def test_simplify_algebra_keeps_epsilon_and_type_changing_ops() -> None:
+    def before(x: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return aten.add.Tensor(x, 1e-8), aten.mul.Tensor(i, 1.0)  # eps stays; int * 1.0 is a float
+
+    gm, p = _simplified(_graph(before, torch.randn(3), torch.arange(3)))
+    assert p.match_count() == 0
+    assert [m.reason for m in p.results] == ["the op changes the dtype or shape (type promotion or broadcast)"]
+    assert len([n for n in gm.graph.nodes if n.op == "call_function"]) == 2
+
+
+def test_simplify_algebra_on_a_training_step() -> None:
+    cm = compiled()
+    passes = ["simplify_algebra", "eliminate_common_subexpressions", "remove_dead_code", "check_gradient_flow",
+              "reorder_updates", "plan_memory"]
+    without = compiled().compile_training("causal_lm", gp.optim.AdamW(lr=1e-3), passes=passes[1:])
+    step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-3), passes=passes)
+    gm = step.graph_module
+    verify_training(gm)
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert aten.empty_permuted.default not in ops and aten._assert_tensor_metadata.default not in ops
+    assert ops.count(aten.rsub.Scalar) == LAYERS  # silu's backward, once per block
+    assert len(gm.graph.nodes) < 0.95 * len(without.graph_module.graph.nodes)
+    inputs = step.flat_inputs(IDS)
+    with torch.no_grad():
+        for a, b in zip(gm(*inputs), without.graph_module(*inputs)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_causal_lm_loss_copies_no_logits() -> None:
+    step = compiled().compile_training("causal_lm", gp.optim.SGD(lr=0.1))
+    ops = [n.target for n in step.graph_module.graph.nodes if n.op == "call_function"]
+    assert aten.slice_scatter.default not in [t for t in ops] or all(
+        tuple(n.meta["val"].shape)[-1] != 128 for n in step.graph_module.graph.nodes if n.target == aten.slice_scatter.default)
+    logits_clones = [n for n in step.graph_module.graph.nodes
+                     if n.target == aten.clone.default and n.meta["val"].shape[-1] == 128]
+    assert logits_clones == []
+    # the value is the mean over the shifted positions, as before
+    out = compiled().graph_module(IDS)[0]
+    ref = torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, 128), IDS[:, 1:].reshape(-1))
+    loss = gp.training.losses.CausalLM()(out, [IDS], [])
+    torch.testing.assert_close(loss, ref)
