@@ -1,0 +1,231 @@
+"""Training-step memory, measured in fresh processes (issue 11).
+
+    python -m benchmarks.memory                 # Llama hidden 256, 4 layers, vocab 2048, batch 4 x 256
+    python -m benchmarks.memory --seq 128 --steps 3 --only eager_full,gp_lora
+    python -m benchmarks.memory --worker gp_lora  # one contender, one JSON line (what the runner calls)
+
+Each contender runs in its own process: it builds its model (and compiles its step), then the
+peak-RSS mark is reset (``/proc/self/clear_refs``: 5) and ``--steps`` steps run; the figure is the
+extra memory of those steps over the resident memory right before the first one (``VmHWM`` -
+``VmRSS``; ``ru_maxrss`` would be inherited from the runner, see DESIGN traps). graphpeft contenders
+also report their static plan (``step.memory_report()``) and the torch executor's measured peak
+of live tensor storage (``memory_report(measure=True)``); the plan counts the weights and inputs the
+process already holds before the step, so its comparable "extra" is the plan peak minus the
+step's inputs (``plan_extra_mb``).
+
+Contenders: eager full fine-tuning, eager last block + head, peft LoRA (all linear, r=8), graphpeft
+LoRA (torch graph), graphpeft LoRA with ``memory_budget`` = half its unconstrained planned peak
+(when that is infeasible, the smallest feasible budget the error names: reported as such),
+graphpeft last block + head (torch graph); ``--ort`` adds graphpeft LoRA in onnxruntime.
+
+Figures measured while other processes load the machine are not comparable between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CONTENDERS = ("eager_full", "eager_last_layer", "peft_lora_eager", "gp_lora", "gp_lora_budget_half", "gp_last_layer")
+
+
+def _status_kb(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak() -> bool:
+    """Reset this process's peak-RSS mark (VmHWM) to its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def case(seq: int = 256, layers: int = 4) -> Any:
+    """The issue-11 model: Llama hidden 256, ``layers`` layers, vocab 2048, batch 4 x ``seq``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .cases import LLAMA_LINEAR, Case
+
+    cfg = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return LlamaForCausalLM(cfg)
+
+    ids = torch.randint(0, cfg.vocab_size, (4, seq), generator=torch.Generator().manual_seed(0))
+    return Case("llama", build, (ids,), {"use_cache": False}, LLAMA_LINEAR, "causal_lm",
+                last_layer=(f"model.layers.{layers - 1}.", "model.norm.", "lm_head."))
+
+
+def _gp_info(step: Any, **extra: Any) -> Callable[[], dict[str, Any]]:
+    """What a graphpeft contender reports besides; called after the timed steps (measuring runs the
+    graph once more, which must not warm the allocator for the steps being measured)."""
+    return lambda: _gp_report(step, **extra)
+
+
+def _gp_report(step: Any, **extra: Any) -> dict[str, Any]:
+    report = step.memory_report(measure=True)
+    inputs = sum(report.totals.values())
+    info = {"planned_mb": report.peak_bytes / 2**20, "measured_mb": report.measured_peak_bytes / 2**20,
+            "plan_vs_measured": report.plan_vs_measured, "plan_extra_mb": (report.peak_bytes - inputs) / 2**20,
+            "nodes": report.num_nodes, "recomputed": len(report.recomputed)}
+    info.update(extra)
+    return info
+
+
+def make(name: str, c: Any) -> tuple[Callable[[], Any], Callable[[], dict[str, Any]]]:
+    """The step callable of contender ``name`` on case ``c`` and what it reports besides."""
+    from . import cases
+
+    if name in ("eager_full", "eager_last_layer", "peft_lora_eager"):
+        return cases.TRAIN[name](c), dict
+    import graphpeft as gp
+
+    if name == "gp_last_layer":
+        step, batch = cases._gp_sparse_step(c, "last_layer")
+        return (lambda: step(*batch)), _gp_info(step)
+    if name in ("gp_lora", "gp_lora_budget_half", "gp_lora_ort"):
+        cm = cases._gp_compiled(c)
+        batch = tuple(c.batch)
+        opt = gp.optim.AdamW(lr=1e-4)
+        if name == "gp_lora_ort":
+            from graphpeft.backends.onnx import OnnxTrainer
+            import tempfile
+
+            step = cm.compile_training("causal_lm", opt, example_batch=batch)
+            info = _gp_report(step)
+            path = os.path.join(tempfile.mkdtemp(prefix="gp-mem-"), "train.onnx")
+            step.export_onnx(path)
+            trainer = OnnxTrainer(path)
+            del step
+            return (lambda: trainer.step(*batch)), lambda: info
+        if name == "gp_lora":
+            step = cm.compile_training("causal_lm", opt, example_batch=batch)
+            return (lambda: step(*batch)), _gp_info(step)
+        unconstrained = cm.compile_training("causal_lm", opt, example_batch=batch).memory_report().peak_bytes
+        budget, note = unconstrained // 2, "half"
+        try:
+            step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-4), example_batch=batch, memory_budget=budget)
+        except gp.GraphPeftError as e:
+            found = re.search(r"smallest feasible budget is (\d+) bytes", str(e))
+            if found is None:
+                raise
+            budget, note = int(found.group(1)), "half infeasible; smallest feasible"
+            step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-4), example_batch=batch, memory_budget=budget)
+        return (lambda: step(*batch)), _gp_info(step, budget_mb=budget / 2**20, budget_note=note,
+                                               budget_fraction=budget / unconstrained,
+                                               unconstrained_planned_mb=unconstrained / 2**20)
+    raise KeyError(f"unknown contender {name}; known: {CONTENDERS + ('gp_lora_ort',)}")
+
+
+def worker(name: str, seq: int, steps: int, layers: int) -> dict[str, Any]:
+    c = case(seq, layers)
+    step, info = make(name, c)
+    import gc
+
+    gc.collect()
+    resettable = reset_peak()
+    before = _status_kb("VmRSS") or 0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = _status_kb("VmHWM") or 0
+    return {"contender": name, "rss_before_mb": before / 1024, "peak_rss_mb": peak / 1024,
+            "extra_mb": (peak - before) / 1024 if resettable else None, "peak_reset": resettable,
+            "step_ms": statistics.median(times) * 1000, "steps": steps, **info()}
+
+
+def run(contenders: list[str], seq: int, steps: int, layers: int) -> list[dict[str, Any]]:
+    from .harness import run_isolated
+
+    rows = []
+    for name in contenders:
+        t0 = time.time()
+        row = run_isolated("benchmarks.memory", ["--worker", name, "--seq", str(seq), "--steps", str(steps),
+                                                 "--layers", str(layers)], timeout=1800)
+        row.setdefault("contender", name)
+        log.info("%s: %s (%.0f s)", name, row, time.time() - t0)
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    by = {r["contender"]: r for r in rows}
+
+    def ratio(a: str, b: str) -> str:
+        x, y = by.get(a, {}).get("extra_mb"), by.get(b, {}).get("extra_mb")
+        return f"{x / y:.2f}x" if x and y else "n/a"
+
+    lines = ["| step | extra MB | ms | plan MB | measured (live storage) MB | plan/measured | plan extra MB | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['contender']} | error: {r['error']} | | | | | | |")
+            continue
+        f = lambda k, fmt="{:.1f}": fmt.format(r[k]) if r.get(k) is not None else ""  # noqa: E731
+        note = ""
+        if "budget_mb" in r:
+            note = (f"budget {r['budget_mb']:.1f} MB ({r['budget_note']}, {r['budget_fraction']:.2f} of "
+                    f"{r['unconstrained_planned_mb']:.1f}); {r['recomputed']} values recomputed")
+        lines.append(f"| {r['contender']} | {f('extra_mb')} | {f('step_ms', '{:.0f}')} | {f('planned_mb')} | "
+                     f"{f('measured_mb')} | {f('plan_vs_measured', '{:.3f}')} | {f('plan_extra_mb')} | {note} |")
+    lines.append("")
+    lines.append(f"graphpeft last block / eager full: {ratio('gp_last_layer', 'eager_full')}; "
+                 f"graphpeft last block / eager last block: {ratio('gp_last_layer', 'eager_last_layer')}; "
+                 f"graphpeft LoRA / peft LoRA: {ratio('gp_lora', 'peft_lora_eager')}; "
+                 f"LoRA with budget / LoRA: {ratio('gp_lora_budget_half', 'gp_lora')}")
+    b, p = by.get("gp_lora_budget_half", {}), by.get("gp_lora", {})
+    if b.get("step_ms") and p.get("step_ms"):
+        lines.append(f"LoRA with budget step time / LoRA: {b['step_ms'] / p['step_ms']:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", help="run one contender in this process and print one JSON line")
+    ap.add_argument("--only", help="comma-separated contenders (default: all)")
+    ap.add_argument("--ort", action="store_true", help="add graphpeft LoRA in onnxruntime (export takes a while)")
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--json", help="also write the rows to this file")
+    a = ap.parse_args(argv)
+    if a.worker:
+        logging.basicConfig(level=logging.WARNING)
+        print(json.dumps(worker(a.worker, a.seq, a.steps, a.layers)))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    names = a.only.split(",") if a.only else list(CONTENDERS) + (["gp_lora_ort"] if a.ort else [])
+    rows = run(names, a.seq, a.steps, a.layers)
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+    sys.stdout.write(table(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
