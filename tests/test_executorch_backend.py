@@ -16,6 +16,7 @@ kind, and each program is lowered once per session.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -150,3 +151,78 @@ def test_training_pte_matches_torch_step(arch: str, tmp_path: Any, parity: Any) 
     parity.record(f"executorch train {arch} adamw x{STEPS} ({delegate}) params rel", params_rel)
     assert loss_rel <= LOSS_TOL, (et_losses, torch_losses)
     assert params_rel <= PARAM_TOL, params_rel
+
+
+def test_program_data_separation_one_base_many_adapters(tmp_path: Any, parity: Any) -> None:
+    """adapters_as_inputs + external_data: the .pte holds the program, the .ptd the base weights,
+    and no adapter tensor; each adapter's tensors are fed as inputs and match torch."""
+    cm = compiled("llama")
+    path = tmp_path / "base.pte"
+    result = cm.export_executorch(path, merged=False, adapters_as_inputs=True, external_data=True, delegate="portable")
+    assert result.data_path == str(tmp_path / "base.ptd") and result.data_bytes > 0
+    assert len(result.adapter_inputs) == 4  # q_proj and v_proj: A and B
+    state = cm.adapter_state_dict("default", include_constants=True)
+    other = {k: v + 0.1 * torch.randn(v.shape, generator=torch.Generator().manual_seed(7)) for k, v in state.items()}
+    runner = ExecuTorchRunner(path)
+    assert runner.adapter_inputs == result.adapter_inputs
+    inputs = list(cm.example_inputs)
+    d = max_abs(runner.run(inputs + [state[k] for k in result.adapter_inputs]), torch_outputs(cm))
+    parity.record("executorch llama adapters-as-inputs + .ptd, adapter 'default' max abs", d)
+    assert d <= INFER_TOL
+    try:
+        cm.load_adapter_state_dict(other)
+        d_other = max_abs(runner.run(inputs + [other[k] for k in result.adapter_inputs]), torch_outputs(cm))
+    finally:
+        cm.load_adapter_state_dict(state)
+    assert d_other <= INFER_TOL
+    # the weights really are outside the program: without its data file it does not run
+    os.rename(result.data_path, str(tmp_path / "elsewhere.ptd"))
+    with pytest.raises(gp.ExportError, match="data_path"):
+        ExecuTorchRunner(path).run(inputs + [state[k] for k in result.adapter_inputs])
+    d = max_abs(ExecuTorchRunner(path, data_path=tmp_path / "elsewhere.ptd").run(
+        inputs + [state[k] for k in result.adapter_inputs]), torch_outputs(cm))
+    assert d <= INFER_TOL
+
+
+def test_sora_sgd_step_and_checkpoints_move_between_runtimes(tmp_path: Any, parity: Any) -> None:
+    """SoRA's proximal gate step and SGD with momentum run inside the program; a checkpoint
+    written by the ExecuTorch trainer resumes the torch step (and back) with the same result."""
+    build, _, args, kwargs, loss, targets = ARCHS["llama"]
+    cm = gp.compile(build(), gp.Plan([gp.SoRA(targets=["q_proj"], r=2, sparse_lambda=1.0)]), example_inputs=args,
+                    example_kwargs=kwargs)
+    batch = (*cm.example_inputs, *targets)
+    step = cm.compile_training(loss, gp.optim.SGD(lr=0.5, momentum=0.9), example_batch=batch)
+    path = tmp_path / "sora.pte"
+    step.export_executorch(path, delegate="portable")
+    trainer = ExecuTorchTrainer(path)
+    start = step.state_dict()
+    for _ in range(2):
+        step(*batch)
+        trainer.step(*batch)
+    d = rel_diff(trainer.adapter_state_dict(), cm.adapter_state_dict())
+    parity.record("executorch train llama SoRA sgd x2 params rel", d)
+    assert d <= PARAM_TOL
+    gates = {k: v for k, v in trainer.adapter_state_dict().items() if "gate" in k}
+    assert gates and any(float((v == 0).sum()) > 0 for v in gates.values())  # the proximal step zeroed some
+    ckpt = tmp_path / "et.safetensors"
+    trainer.save_checkpoint(ckpt)
+    trainer.step(*batch)
+    step.load_state_dict(start)
+    step.load_checkpoint(ckpt)  # ExecuTorch -> torch
+    step(*batch)
+    d = rel_diff(trainer.adapter_state_dict(), cm.adapter_state_dict())
+    assert d <= PARAM_TOL
+    back = ExecuTorchTrainer(path)
+    torch_ckpt = tmp_path / "torch.safetensors"
+    step.save_checkpoint(torch_ckpt)
+    back.load_checkpoint(torch_ckpt)  # torch -> ExecuTorch
+    assert rel_diff(back.adapter_state_dict(), cm.adapter_state_dict()) == 0.0
+    with pytest.raises(gp.ExportError, match="must be int64"):
+        trainer.step(batch[0].float())
+
+
+def test_errors_are_typed(tmp_path: Any) -> None:
+    with pytest.raises(gp.ExportError, match="does not exist"):
+        ExecuTorchRunner(tmp_path / "missing.pte")
+    with pytest.raises(gp.ExportError, match="unknown delegate"):
+        compiled("cnn").export_executorch(tmp_path / "x.pte", delegate="coreml")

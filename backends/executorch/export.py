@@ -61,6 +61,11 @@ def require_executorch() -> None:
                           f"(executorch==1.5.1 beside torch 2.13) ({type(e).__name__}: {e})") from e
 
 
+def check_delegate(delegate: str) -> None:
+    if delegate not in DELEGATES:
+        raise ExportError(f"unknown delegate {delegate!r}; choose one of {DELEGATES}")
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence ExecuTorch's and torch.export's warnings and info chatter during lowering."""
@@ -146,8 +151,7 @@ def lower(ep: Any, path: str, *, delegate: str = "xnnpack", external_data: bool 
     ops, portable ops, fallback reason, data path, data bytes)."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
-    if delegate not in DELEGATES:
-        raise ExportError(f"unknown delegate {delegate!r}; choose one of {DELEGATES}")
+    check_delegate(delegate)
     timings = timings if timings is not None else {}
     if external_data:
         _tag_weights(ep)
@@ -211,48 +215,41 @@ def _count_ops(edge: Any) -> tuple[int, int]:
 def _atomic_save(program: Any, path: str, external_data: bool) -> tuple[Optional[str], int]:
     """Write the program (and its ``.ptd``, named ``<stem>.ptd``) atomically: temporary files,
     fsync, rename (data file first, so a program never points at a missing data file)."""
+    import shutil
+
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     base = os.path.basename(path)
     data_path: Optional[str] = None
     data_bytes = 0
-    tmps: list[str] = []
-    try:
-        if external_data:
-            files = dict(program.data_files)
-            if DATA_TAG not in files and f"{DATA_TAG}.ptd" not in files:
-                raise ExportError(f"ExecuTorch wrote no weights data file (got {sorted(files)}); export without "
-                                  "external_data")
-            blob = files.get(DATA_TAG, files.get(f"{DATA_TAG}.ptd"))
+    if external_data:
+        scratch = tempfile.mkdtemp(prefix="." + base + ".", suffix=".data.tmp", dir=folder)
+        try:
+            program.write_tensor_data_to_file(scratch)
+            written = sorted(os.listdir(scratch))
+            if written != [f"{DATA_TAG}.ptd"]:
+                raise ExportError(f"ExecuTorch wrote data files {written}, expected one {DATA_TAG}.ptd; export "
+                                  "without external_data")
+            src = os.path.join(scratch, written[0])
+            with open(src, "rb") as f:
+                os.fsync(f.fileno())
             data_path = os.path.join(folder, os.path.splitext(base)[0] + ".ptd")
-            payload = bytes(blob)
-            data_bytes = len(payload)
-            tmp = _write_tmp(folder, os.path.basename(data_path), payload)
-            tmps.append(tmp)
-            os.replace(tmp, data_path)
-            tmps.remove(tmp)
-        tmp = _write_tmp(folder, base, bytes(program.buffer))
-        tmps.append(tmp)
-        os.replace(tmp, path)
-        tmps.remove(tmp)
-    finally:
-        for tmp in tmps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return data_path, data_bytes
-
-
-def _write_tmp(folder: str, base: str, payload: bytes) -> str:
+            data_bytes = os.path.getsize(src)
+            os.replace(src, data_path)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     fd, tmp = tempfile.mkstemp(prefix="." + base + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(payload)
+            program.write_to_file(f)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
-    return tmp
+    return data_path, data_bytes
 
 
 def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, delegate: str = "xnnpack",
@@ -267,11 +264,14 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, delegate: str 
             the model was compiled with). ExecuTorch programs have static shapes.
         adapters_as_inputs: every adapter tensor becomes an input after the model's inputs
             (``result.adapter_inputs``, PEFT names): one program runs any adapter of the shapes.
+            XNNPACK's linear fusion refuses a linear whose weight is an input, so with
+            ``delegate="xnnpack"`` this lowers to the portable kernels (``result.fallback_reason``).
         external_data: weights go to ``<stem>.ptd`` beside the program.
     """
     from graphpeft.verify import verify
 
     require_executorch()
+    check_delegate(delegate)
     path = os.fspath(path)
     timings: dict[str, float] = {}
     start = time.perf_counter()

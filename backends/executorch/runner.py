@@ -41,6 +41,18 @@ def load_program(path: Union[str, os.PathLike], data_path: Optional[Union[str, o
                           "keeps its weights in a .ptd file, pass data_path") from e
 
 
+def load_method(program: Any, name: str, path: str, data_path: Any = None) -> Any:
+    """``program.load_method(name)`` with an error that says what to do."""
+    try:
+        return program.load_method(name)
+    except Exception as e:  # noqa: BLE001
+        hint = ""
+        if data_path is None and default_data_path(path) is None:
+            hint = (f". If the program keeps its weights in a .ptd data file (export with external_data=True), pass "
+                    f"data_path (none at {os.path.splitext(path)[0]}.ptd)")
+        raise ExportError(f"ExecuTorch could not load the {name} method of {path}: {e}{hint}") from e
+
+
 def read_meta(program: Any, path: str) -> dict[str, Any]:
     """The JSON the exporter stored in the program's ``graphpeft`` method ({} if none)."""
     if "graphpeft" not in program.method_names:
@@ -66,10 +78,7 @@ class ExecuTorchRunner:
         self.input_names: list[str] = list(self.meta.get("inputs", []))
         self.output_names: list[str] = list(self.meta.get("outputs", []))
         self.adapter_inputs: list[str] = list(self.meta.get("adapter_inputs", []))
-        try:
-            self.method = self.program.load_method("forward")
-        except Exception as e:  # noqa: BLE001
-            raise ExportError(f"ExecuTorch could not load the forward method of {self.path}: {e}") from e
+        self.method = load_method(self.program, "forward", self.path, data_path)
 
     def run(self, inputs: Sequence[Any]) -> list[torch.Tensor]:
         tensors = [_tensor(x) for x in inputs]
@@ -93,4 +102,4 @@ class ExecuTorchRunner:
         return f"ExecuTorchRunner({self.path!r}, inputs={self.input_names})"
 
 
-__all__ = ["ExecuTorchRunner", "default_data_path", "load_program", "read_meta"]
+__all__ = ["ExecuTorchRunner", "default_data_path", "load_method", "load_program", "read_meta"]

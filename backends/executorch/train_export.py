@@ -33,7 +33,7 @@ import torch
 from graphpeft.errors import ExportError
 from graphpeft.training import signature_of, verify_training
 
-from .export import FORMAT, FORMAT_VERSION, META_METHOD, legalized_copy, lower, require_executorch
+from .export import FORMAT, check_delegate, FORMAT_VERSION, META_METHOD, legalized_copy, lower, require_executorch
 
 if TYPE_CHECKING:
     from graphpeft.training import TrainingStep
@@ -79,6 +79,7 @@ def export_training(step: "TrainingStep", path: Union[str, os.PathLike], *, dele
     from graphpeft.backends.onnx.train_export import _example_batch, _flat_inputs_for, exported_program
 
     require_executorch()
+    check_delegate(delegate)
     path = os.fspath(path)
     timings: dict[str, float] = {}
     start = time.perf_counter()

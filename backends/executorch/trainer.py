@@ -22,7 +22,7 @@ from graphpeft.errors import ExportError, GraphPeftError
 from graphpeft.training import TrainingSignature, load_training_state, save_training_state
 
 from .export import FORMAT, FORMAT_VERSION
-from .runner import load_program, read_meta
+from .runner import load_method, load_program, read_meta
 from .train_export import INITIAL_METHOD
 
 
@@ -53,11 +53,11 @@ class ExecuTorchTrainer:
             meta.pop(key)
         self.signature: TrainingSignature = TrainingSignature.from_dict(meta)
         sig = self.signature
+        self.method = load_method(self.program, "forward", self.path, data_path)
         try:
             initial = list(self.program.load_method(INITIAL_METHOD).execute([]))
-            self.method = self.program.load_method("forward")
         except Exception as e:  # noqa: BLE001
-            raise ExportError(f"ExecuTorch could not load the methods of {self.path}: {e}; export it again") from e
+            raise ExportError(f"{self.path} has no readable initial state ({e}); export it again") from e
         self._param_specs = [s for s in sig.inputs if s.kind == "param"]
         self._state_specs = [s for s in sig.inputs if s.kind == "state"]
         self._batch_specs = [s for s in sig.inputs if s.kind == "batch"]
