@@ -210,6 +210,21 @@ def gp_step_ort(case: Case) -> Callable[[], Any]:
     return lambda: trainer.step(*batch)
 
 
+def _gp_step_pte(delegate: str) -> Callable[[Case], Callable[[], Any]]:
+    """The compiled step exported to ExecuTorch and run by its runtime (XNNPACK or portable kernels)."""
+    def make(case: Case) -> Callable[[], Any]:
+        from graphpeft.backends.executorch import ExecuTorchTrainer
+
+        _, step = _gp_training_step(case)
+        path = os.path.join(tempfile.mkdtemp(prefix="gp-bench-"), "train.pte")
+        step.export_executorch(path, delegate=delegate)
+        trainer = ExecuTorchTrainer(path)
+        batch = (*case.batch, *_targets(case))
+        return lambda: trainer.step(*batch)
+
+    return make
+
+
 TRAIN = {
     "eager_full": eager_full,
     "eager_last_layer": eager_last_layer,
@@ -219,6 +234,7 @@ TRAIN = {
     "gp_step_torch": gp_step_torch,
     "gp_step_inductor": gp_step_inductor,
     "gp_step_ort": gp_step_ort,
+    "gp_step_pte_xnnpack": _gp_step_pte("xnnpack"),
 }
 
 
@@ -408,6 +424,21 @@ def infer_gp_unmerged_ort(case: Case) -> Callable[[], Any]:
     return _ort(case, False)
 
 
+def _pte(delegate: str) -> Callable[[Case], Callable[[], Any]]:
+    def make(case: Case) -> Callable[[], Any]:
+        from graphpeft.backends.executorch import ExecuTorchRunner
+
+        cm = _gp_compiled(case)
+        path = os.path.join(tempfile.mkdtemp(prefix="gp-bench-"), "model.pte")
+        cm.export_executorch(path, merged=True, delegate=delegate, example_inputs=cm.flat_inputs(*case.batch,
+                                                                                                   **case.kwargs))
+        runner = ExecuTorchRunner(path)
+        flat = cm.flat_inputs(*case.batch, **case.kwargs)
+        return lambda: runner.run(flat)
+
+    return make
+
+
 INFER = {
     "base": infer_base,
     "peft_unmerged": infer_peft_unmerged,
@@ -415,4 +446,5 @@ INFER = {
     "gp_unmerged": infer_gp_unmerged,
     "gp_merged_ort": infer_gp_merged_ort,
     "gp_unmerged_ort": infer_gp_unmerged_ort,
+    "gp_merged_pte_xnnpack": _pte("xnnpack"),
 }
