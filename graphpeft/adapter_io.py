@@ -16,6 +16,7 @@ import tempfile
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from .errors import AdapterFileError
+from .paths import check_output_folder
 from .graph import adapter_name_of
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def save_adapter(cm: "CompiledModel", folder: Union[str, os.PathLike],
         # the file's plan would not describe the tensors the graph holds
         raise AdapterFileError(f"this model has named adapters (active: {cm.active_adapters}); save one of them: "
                                "save_adapter(folder, adapter_name=...)")
-    folder = os.fspath(folder)
+    folder = check_output_folder(folder, "save_adapter", AdapterFileError)
     os.makedirs(folder, exist_ok=True)
     state = {k: v.contiguous() for k, v in cm.adapter_state_dict(adapter_name, include_constants=True).items()}
     if not state:

@@ -10,11 +10,12 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from .errors import AdapterError, AdapterFileError
+from .errors import AdapterError, AdapterFileError, ExportError
 from .graph import (META_KEY, Role, adapter_name_of, adapters, get_tensor, graph_meta, op_count, roles,
                     unscoped_tensor_name)
 from .infra import PassContext, PassManager, Pipeline, clone_graph_module
 from .registry import MERGE_PREPARE_STEPS, MERGE_STEPS, PASSES, get_backend, load_plugins
+from .paths import check_output_file
 from .trace import TracedModel
 
 log = logging.getLogger(__name__)
@@ -47,13 +48,78 @@ class CompiledModel(torch.nn.Module):
     # -- calling -------------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        flat = self._traced.flatten_inputs(args, kwargs)
+        flat = self.flat_inputs(*args, **kwargs)
         out = self.graph_module(*flat)
         return pytree.tree_unflatten(list(out), self._traced.out_spec)
 
     def flat_inputs(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
-        """The graph's flat input list for a model-style call (what exporters take)."""
-        return self._traced.flatten_inputs(args, kwargs)
+        """The graph's flat input list for a model-style call (what exporters take). Raises
+        :class:`~graphpeft.errors.InputError`, naming the compiled signature, when the inputs
+        do not fit it (count, structure, dtype, rank, fixed sizes)."""
+        from .errors import InputError
+
+        try:
+            flat = self._traced.flatten_inputs(args, kwargs)
+        except InputError as e:
+            raise InputError(f"{e} (compiled signature: {self.input_signature()})") from None
+        self._check_inputs(flat)
+        return flat
+
+    def _input_specs(self) -> list[tuple[str, Optional[torch.dtype], Optional[list[Optional[int]]], str]]:
+        """(name, dtype, sizes (None: dynamic), text) per graph input, from the graph's fake values."""
+        specs = self.__dict__.get("_input_specs_cache")
+        if specs is None:
+            traced = self._traced
+            paths = [pytree.keystr(kp) for kp, _ in pytree.tree_flatten_with_path(
+                pytree.tree_unflatten(list(range(len(traced.tensor_leaf_mask))), traced.in_spec))[0]]
+            names = []
+            for path, is_tensor in zip(paths, traced.tensor_leaf_mask):
+                if is_tensor:  # "[0][1]" -> args[1]; "[1]['mask']" -> mask
+                    names.append(f"args{path[3:]}" if path.startswith("[0]") else path[3:].strip("[]'\""))
+            specs = []
+            placeholders = [n for n in self.graph_module.graph.nodes if n.op == "placeholder"]
+            for i, node in enumerate(placeholders):
+                name = names[i] if i < len(names) else node.name
+                val = node.meta.get("val")
+                if not isinstance(val, torch.Tensor):
+                    specs.append((name, None, None, f"{name}: ?"))
+                    continue
+                from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+                sizes = [int(d) if is_concrete_int(d) else None for d in val.shape]  # (a specialised SymInt too)
+                dims = ", ".join(str(d) for d in val.shape)
+                specs.append((name, val.dtype, sizes, f"{name}: {str(val.dtype).replace('torch.', '')}[{dims}]"))
+            self.__dict__["_input_specs_cache"] = specs
+        return specs
+
+    def input_signature(self) -> str:
+        """The inputs the graph was compiled for, e.g. ``(args[0]: int64[s0, s1])`` (``s*`` are
+        dynamic sizes; the others are fixed)."""
+        return "(" + ", ".join(text for *_, text in self._input_specs()) + ")"
+
+    def _check_inputs(self, flat: list[Any]) -> None:
+        from .errors import InputError
+
+        specs = self._input_specs()
+        if len(flat) != len(specs):
+            raise InputError(f"the model was compiled for {len(specs)} tensor inputs {self.input_signature()}, "
+                             f"got {len(flat)}; call it with the inputs it was compiled with")
+        for x, (name, dtype, sizes, text) in zip(flat, specs):
+            if dtype is None:
+                continue
+            problem = None
+            if x.dtype != dtype:
+                problem = f"dtype {str(x.dtype).replace('torch.', '')}"
+            elif x.dim() != len(sizes):
+                problem = f"{x.dim()} dimensions (shape {list(x.shape)})"
+            else:
+                bad = [i for i, (got, want) in enumerate(zip(x.shape, sizes)) if want is not None and got != want]
+                if bad:
+                    problem = f"shape {list(x.shape)} (dimension {bad[0]} is fixed to {sizes[bad[0]]})"
+            if problem is not None:
+                raise InputError(f"input {name} has {problem}, but the model was compiled for {text} (compiled "
+                                 f"signature: {self.input_signature()}; s* are dynamic sizes). Convert the input "
+                                 "(e.g. .to(dtype)) or compile again for it")
 
     @property
     def example_inputs(self) -> tuple:
@@ -289,6 +355,7 @@ class CompiledModel(torch.nn.Module):
 
     def export_onnx(self, path: Union[str, os.PathLike], merged: bool = True, **options: Any) -> Any:
         """Export to ONNX (merged: adapters folded; ``merged=False`` keeps the adapter branch)."""
+        check_output_file(path, "export_onnx", ExportError)  # before any work: nothing half-written
         reparameterized = bool(graph_meta(self.graph_module).get("slices"))  # sparse-update weight slices
         requantize = options.pop("requantize", True)  # quantized bases: see merge()
         model = (self.merge(requantize=requantize) if merged and (adapters(self.graph_module) or reparameterized)
@@ -298,6 +365,7 @@ class CompiledModel(torch.nn.Module):
     def export_executorch(self, path: Union[str, os.PathLike], merged: bool = True, **options: Any) -> Any:
         """Export to an ExecuTorch program (``.pte``; merged: adapters folded; ``merged=False``
         keeps the adapter branch). Options: see ``graphpeft.backends.executorch.export``."""
+        check_output_file(path, "export_executorch", ExportError)
         reparameterized = bool(graph_meta(self.graph_module).get("slices"))
         model = self.merge() if merged and (adapters(self.graph_module) or reparameterized) else self
         return get_backend("executorch").export(model, path, **options)

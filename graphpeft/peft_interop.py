@@ -37,6 +37,7 @@ import torch
 
 from .adapter_io import _atomic_write
 from .errors import AdapterFileError, PlanError
+from .paths import check_output_folder
 from .graph import DEFAULT_ADAPTER, Layer, Role, adapter_name_of, adapters, find_layers
 from .plan import Plan, Rule
 from .registry import METHODS, get_method, load_plugins
@@ -233,6 +234,7 @@ def export_peft(cm: "CompiledModel", folder: Union[str, os.PathLike],
     """
     from safetensors.torch import save
 
+    folder = check_output_folder(folder, "export_peft", AdapterFileError)  # before any work
     config = peft_config(cm, adapter_name)
     m = get_method(_records_of(cm, adapter_name)[0]["method"])
     live = cm._live_tensors(adapter_name)

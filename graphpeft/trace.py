@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from .errors import TraceError
+from .errors import InputError, TraceError
 from .graph import Role, attach_tensor, roles
 
 log = logging.getLogger(__name__)
@@ -44,23 +44,31 @@ class TracedModel:
         """Flatten a call's inputs the way the graph expects them, with clear errors."""
         if set(kwargs) - set(self.kwarg_names):
             extra = sorted(set(kwargs) - set(self.kwarg_names))
-            raise TypeError(
+            raise InputError(
                 f"keyword arguments {extra} were not given when the model was compiled "
                 f"(compiled with {list(self.kwarg_names)}); pass them in example_kwargs to compile()"
             )
         n_args = self.in_spec.child(0).num_children
         if len(args) != n_args:
-            raise TypeError(
+            raise InputError(
                 f"the model was compiled with {n_args} positional argument(s) and keyword arguments "
                 f"{list(self.kwarg_names)}; got {len(args)} positional argument(s): pass the same ones"
             )
+        # a non-tensor where the graph takes a tensor: say so before the structure check does
+        template_args, template_kwargs = pytree.tree_unflatten(list(range(len(self.tensor_leaf_mask))), self.in_spec)
+        given = [(f"positional argument {i}", a, t) for i, (a, t) in enumerate(zip(args, template_args))]
+        given += [(f"keyword argument {k}", kwargs[k], template_kwargs.get(k)) for k in kwargs]
+        for where, value, slot in given:
+            if isinstance(slot, int) and self.tensor_leaf_mask[slot] and not isinstance(value, torch.Tensor):
+                raise InputError(f"{where} was a tensor when the model was compiled (a graph input): "
+                                 f"pass a tensor, got {type(value).__name__}")
         full = dict(zip(self.kwarg_names, [None] * len(self.kwarg_names)))
         leaves_spec_kwargs = pytree.tree_unflatten(self.const_leaves_template(), self.in_spec)[1]
         for k in self.kwarg_names:
             full[k] = kwargs[k] if k in kwargs else leaves_spec_kwargs[k]
         leaves, spec = pytree.tree_flatten((tuple(args), full))
         if spec != self.in_spec:
-            raise TypeError(
+            raise InputError(
                 "inputs do not have the structure the model was compiled with: expected "
                 f"{self.in_spec}, got {spec}"
             )
@@ -72,11 +80,11 @@ class TracedModel:
                         pytree.tree_unflatten(list(range(len(leaves))), self.in_spec))[0][i][0])
                     name = path[3:][1:-1] if path[3:].count("[") == 1 else path[3:]  # "'mask'" / "0"
                     where = f"keyword argument {name}" if path.startswith("[1]") else f"positional argument {name}"
-                    raise TypeError(f"{where} was a tensor when the model was compiled (a graph input): "
+                    raise InputError(f"{where} was a tensor when the model was compiled (a graph input): "
                                     f"pass a tensor, got {type(leaf).__name__}")
                 out.append(leaf)
             elif leaf is not const and leaf != const:
-                raise TypeError(
+                raise InputError(
                     f"a non-tensor input was {const!r} when the model was compiled and is "
                     f"{leaf!r} now; constants are baked into the graph: compile again with it"
                 )

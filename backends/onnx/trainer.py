@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence, Union
 import numpy as np
 import torch
 
-from graphpeft.errors import ExportError, GraphPeftError
+from graphpeft.errors import ExportError, GraphPeftError, NonFiniteError
 from graphpeft.training import TrainingSignature, load_training_state, save_training_state
 
 from .train_export import read_signature
@@ -49,6 +49,9 @@ class OnnxTrainer:
         signature: the training signature stored in the file.
         lr: the learning rate fed to the next step (change it for schedules).
         steps: how many steps this trainer has run (since creation or the last checkpoint load).
+        skipped_steps: how many of them were skipped because the loss, a gradient or the lr was
+            not finite (the step graph left the tensors and the optimizer state unchanged); a step
+            compiled with ``nonfinite="raise"`` raises :class:`~graphpeft.errors.NonFiniteError`.
     """
 
     def __init__(self, path: Union[str, os.PathLike], *, providers: Sequence[str] = ("CPUExecutionProvider",),
@@ -94,6 +97,7 @@ class OnnxTrainer:
         self.io_binding = io_binding
         self.lr = float(initial[sig.inputs[[s.kind for s in sig.inputs].index("lr")].name])
         self.steps = 0
+        self.skipped_steps = 0
         self._param_specs = [s for s in sig.inputs if s.kind == "param"]
         self._state_specs = [s for s in sig.inputs if s.kind == "state"]
         self._batch_specs = [s for s in sig.inputs if s.kind == "batch"]
@@ -136,15 +140,21 @@ class OnnxTrainer:
             arrays.append(a)
         lr = np.array(self.lr, dtype=np.float32)
         if self.io_binding:
-            loss = self._step_bound(arrays, lr)
+            loss, skipped = self._step_bound(arrays, lr)
         else:
-            loss = self._step_plain(arrays, lr)
+            loss, skipped = self._step_plain(arrays, lr)
         self.steps += 1
+        if skipped:
+            self.skipped_steps += 1
+            if self.signature.nonfinite == "raise":
+                raise NonFiniteError(f"non-finite training step (loss {loss}, lr {self.lr}): the trainable tensors "
+                                     "and the optimizer state were left unchanged; lower the learning rate, check "
+                                     "the batch, or export a step compiled with nonfinite='skip'")
         return loss
 
     __call__ = step
 
-    def _step_bound(self, arrays: list[np.ndarray], lr: np.ndarray) -> float:
+    def _step_bound(self, arrays: list[np.ndarray], lr: np.ndarray) -> tuple[float, bool]:
         io = self.session.io_binding()
         for spec in self.signature.inputs:
             if spec.kind in ("param", "state"):
@@ -155,17 +165,19 @@ class OnnxTrainer:
             io.bind_ortvalue_input(spec.name, self._ort.OrtValue.ortvalue_from_numpy(a))
         outs = self.signature.outputs
         for spec in outs:
-            if spec.kind == "loss":
+            if spec.kind in ("loss", "skipped"):
                 io.bind_output(spec.name, "cpu")
             else:
                 in_name = self._input_name(spec.kind, spec.key)
                 io.bind_ortvalue_output(spec.name, self._spare[in_name])
         self.session.run_with_iobinding(io)
-        loss = float(io.get_outputs()[0].numpy())
+        results = io.get_outputs()
+        loss = float(results[0].numpy())
+        skipped = outs[-1].kind == "skipped" and bool(results[len(outs) - 1].numpy())
         self._values, self._spare = self._spare, self._values
-        return loss
+        return loss, skipped
 
-    def _step_plain(self, arrays: list[np.ndarray], lr: np.ndarray) -> float:
+    def _step_plain(self, arrays: list[np.ndarray], lr: np.ndarray) -> tuple[float, bool]:
         feed: dict[str, np.ndarray] = dict(self._values)
         feed["lr"] = lr
         for spec, a in zip(self._batch_specs, arrays):
@@ -173,9 +185,10 @@ class OnnxTrainer:
         names = [s.name for s in self.signature.outputs]
         results = dict(zip(names, self.session.run(names, feed)))
         for spec in self.signature.outputs:
-            if spec.kind != "loss":
+            if spec.kind in ("param", "state"):
                 self._values[self._input_name(spec.kind, spec.key)] = results[spec.name]
-        return float(results[names[0]])
+        last = self.signature.outputs[-1]
+        return float(results[names[0]]), last.kind == "skipped" and bool(results[last.name])
 
     def _input_name(self, kind: str, key: str) -> str:
         prefix = "param/" if kind == "param" else "state/"

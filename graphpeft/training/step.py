@@ -44,7 +44,7 @@ import torch.fx as fx
 import torch.fx.traceback as fxt
 from torch.utils import _pytree as pytree
 
-from ..errors import GraphPeftError, PlanError, TraceError, VerificationError
+from ..errors import GraphPeftError, NonFiniteError, PlanError, TraceError, VerificationError
 from ..graph import META_KEY, Provenance, Role, adapters, attach_tensor, get_tensor, graph_meta, roles
 from ..infra import PassContext, PassHook, PassManager, Pipeline, TimingHook, copy_graph
 from .losses import Loss, LossSpec, make_loss
@@ -77,7 +77,7 @@ DEFAULT_FORWARD_LOWERING: tuple[str, ...] = (
 )
 
 #: phases of a training graph, in the order they are traced
-PHASES = ("input", "forward", "loss", "backward", "accumulate", "clip", "optimizer")
+PHASES = ("input", "forward", "loss", "backward", "accumulate", "clip", "optimizer", "check")
 #: phases that make up the update (what ``reorder_updates`` moves next to the gradients)
 UPDATE_PHASES = ("accumulate", "clip", "optimizer")
 
@@ -87,6 +87,10 @@ COMPILER_PASS_NAME = "compile_training"
 
 # ONNX-facing names of the graph's inputs and outputs
 PARAM_IN, PARAM_OUT, STATE_IN, STATE_OUT, LR_NAME, LOSS_NAME = "param/", "param_out/", "state/", "state_out/", "lr", "loss"
+#: the last output of a training graph: true when the step was skipped (non-finite loss, gradient or lr)
+SKIPPED_NAME = "skipped"
+#: what TrainingOptions.nonfinite may say
+NONFINITE = ("skip", "raise")
 BATCH_IN = "batch/"
 
 
@@ -125,6 +129,9 @@ class TrainingSignature:
     lr: float
     accumulation_steps: int = 1
     clip_grad_norm: Optional[float] = None
+    #: what a step with a non-finite loss, gradient or lr does (it is skipped in the graph either
+    #: way; "raise" also raises after it): see TrainingOptions.nonfinite
+    nonfinite: str = "skip"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -310,6 +317,11 @@ class TrainingOptions:
             graph; random, matrix-multiply and convolution ops are never recomputed) and
             ``schedule_memory`` reorders; a budget that cannot be met raises
             :class:`~graphpeft.errors.GraphPeftError` naming the smallest feasible one.
+        nonfinite: a step whose loss, any gradient or the learning rate is NaN or infinite
+            leaves the trainable tensors and the optimizer state unchanged (a ``where`` on a
+            finite flag inside the graph, so the exported step does the same) and is counted
+            in ``step.skipped_steps`` (``OnnxTrainer.skipped_steps``); ``"skip"`` (default)
+            goes on, ``"raise"`` raises :class:`~graphpeft.errors.NonFiniteError` after it.
     """
 
     accumulation_steps: int = 1
@@ -321,8 +333,11 @@ class TrainingOptions:
     example_batch: Optional[Sequence[Tensor]] = None
     executor: Union[None, str, Callable[[fx.GraphModule], Callable[..., Any]]] = None
     memory_budget: Optional[int] = None
+    nonfinite: str = "skip"
 
     def __post_init__(self) -> None:
+        if self.nonfinite not in NONFINITE:
+            raise PlanError(f"nonfinite must be one of {list(NONFINITE)}, got {self.nonfinite!r}")
         if self.memory_budget is not None and (isinstance(self.memory_budget, bool)
                                                or not isinstance(self.memory_budget, (int, float))
                                                or not self.memory_budget > 0):
@@ -572,7 +587,17 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
             new_params.append(new_p)
             for s, v in new_slots.items():
                 new_state[f"{n}:{s}"] = v
-        return (loss_value, *new_params, *[new_state[s] for s in state_names])
+        # a non-finite loss, lr or gradient (which makes the update or the state non-finite) skips
+        # the step: old tensors and state out. Checked on the results, at the end ("check" is not an
+        # update phase, so reordering leaves it there and no flag is alive during the backward)
+        with _annotate("check"):
+            finite = torch.isfinite(loss_value) & torch.isfinite(lr_t)
+            for t in [*new_params, *new_state.values()]:
+                finite = finite & torch.isfinite(t).all()
+            new_params = [torch.where(finite, new, pdict[n]) for n, new in zip(param_names, new_params)]
+            new_state = {s: torch.where(finite, new_state[s], sdict[s]) for s in state_names}
+            skipped = torch.logical_not(finite)
+        return (loss_value, *new_params, *[new_state[s] for s in state_names], skipped)
 
     lr_example = torch.tensor(lr_value, dtype=torch.float32)
     example_state = [state[s] for s in state_names]
@@ -659,12 +684,14 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
     loss_val = next(n for n in gm.graph.nodes if n.op == "output").args[0][0].meta.get("val")
     outputs = ([IOSpec("loss", LOSS_NAME, LOSS_NAME, [], str(getattr(loss_val, "dtype", torch.float32)).replace("torch.", ""))]
                + [IOSpec.of("param", n, PARAM_OUT + n, t) for n, t in zip(param_names, params)]
-               + [IOSpec.of("state", s, STATE_OUT + s, t) for s, t in zip(state_names, example_state)])
+               + [IOSpec.of("state", s, STATE_OUT + s, t) for s, t in zip(state_names, example_state)]
+               + [IOSpec("skipped", SKIPPED_NAME, SKIPPED_NAME, [], "bool")])
     graph_meta(gm)[TRAINING_META] = TrainingSignature(
         inputs=inputs, outputs=outputs, params=param_names,
         param_roles={n: role_map[n].value for n in param_names}, state=state_names,
         num_model_inputs=n_in, num_targets=num_targets, optimizer=optimizer.to_dict(), loss=loss.name,
-        lr=lr_value, accumulation_steps=k, clip_grad_norm=None if clip is None else float(clip))
+        lr=lr_value, accumulation_steps=k, clip_grad_norm=None if clip is None else float(clip),
+        nonfinite=options.nonfinite)
     gm.recompile()
     return gm
 
@@ -753,7 +780,9 @@ def save_training_state(path: Union[str, os.PathLike], state: Mapping[str, Any],
             "extra": json.dumps(dict(extra or {}))}
     if signature is not None:
         meta["signature_sha256"] = _signature_digest(signature)
-    path = os.fspath(path)
+    from ..paths import check_output_file
+
+    path = check_output_file(path, "save_checkpoint", GraphPeftError)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     _atomic_write(os.path.abspath(path), save(tensors, metadata=meta))
@@ -822,6 +851,8 @@ class TrainingStep:
         self._main: Optional[fx.GraphModule] = None
         self.timings: dict[str, float] = {}
         self.ctx: Optional[PassContext] = None
+        #: steps skipped because the loss, a gradient or the lr was not finite (tensors unchanged)
+        self.skipped_steps = 0
         batch = self.options.example_batch
         if batch is None:
             batch = self._default_batch()
@@ -907,6 +938,13 @@ class TrainingStep:
             for name, new in zip(sig.params, out[1:1 + n_p]):
                 get_tensor(self.cm.graph_module, name).copy_(new)
             self._state = dict(zip(sig.state, (t.detach() for t in out[1 + n_p:])))
+            skipped = sig.outputs[-1].kind == "skipped" and bool(out[-1])
+        if skipped:
+            self.skipped_steps += 1
+            if self.options.nonfinite == "raise":
+                raise NonFiniteError(f"non-finite training step (loss {float(out[0])}, lr {self.lr}): the trainable "
+                                     "tensors and the optimizer state were left unchanged; lower the learning rate, "
+                                     "check the batch, or compile with nonfinite='skip' to skip such steps")
         return out[0].detach()
 
     step = __call__
@@ -1010,6 +1048,10 @@ class TrainingStep:
 
     def export_onnx(self, path: Union[str, os.PathLike], **options: Any) -> Any:
         """Export the training step to ONNX (see ``graphpeft.backends.onnx.export_training``)."""
+        from ..errors import ExportError
+        from ..paths import check_output_file
+
+        check_output_file(path, "export_onnx", ExportError)  # before any work: nothing half-written
         return get_backend("onnx").export_training(self, path, **options)
 
     def export_executorch(self, path: Union[str, os.PathLike], **options: Any) -> Any:

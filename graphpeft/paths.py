@@ -1,0 +1,61 @@
+"""Checks of output paths, run by every public writer before it does any work, so that a bad
+path gives a typed error that says what to do, and nothing is half-written."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+from .errors import GraphPeftError
+
+__all__ = ["check_output_file", "check_output_folder"]
+
+
+def _fspath(path: Any, what: str, error: type[GraphPeftError]) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise error(f"{what}: the path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
+    p = os.fspath(path)
+    if isinstance(p, bytes):
+        p = os.fsdecode(p)
+    if not p:
+        raise error(f"{what}: the path is empty; give a file or folder path")
+    return p
+
+
+def _check_writable_parent(folder: str, path: str, what: str, error: type[GraphPeftError]) -> None:
+    """``folder`` (which may not exist yet) can be created and written into."""
+    cur = folder
+    while not os.path.exists(cur):
+        parent = os.path.dirname(cur)
+        if parent == cur:
+            break
+        cur = parent
+    if not os.path.isdir(cur):
+        raise error(f"{what}: cannot write {path}: {cur} is a file, not a folder; choose another path "
+                    "or move that file away")
+    try:  # a real probe: permissions, read-only mounts, /proc ... (removed at once)
+        with tempfile.TemporaryFile(dir=cur):
+            pass
+    except OSError as e:
+        raise error(f"{what}: cannot write {path}: the folder {cur} is not writable ({e.strerror or e}); "
+                    "choose a writable path") from e
+
+
+def check_output_file(path: Any, what: str, error: type[GraphPeftError]) -> str:
+    """Raise ``error`` unless ``path`` can be written as a file (its folders are created by the
+    writer); returns it as a str."""
+    p = _fspath(path, what, error)
+    if os.path.isdir(p):
+        raise error(f"{what}: {p} is a folder; give a file path such as {os.path.join(p, 'model.onnx')}")
+    _check_writable_parent(os.path.dirname(os.path.abspath(p)), p, what, error)
+    return p
+
+
+def check_output_folder(path: Any, what: str, error: type[GraphPeftError]) -> str:
+    """Raise ``error`` unless ``path`` is (or can be created as) a writable folder; returns it."""
+    p = _fspath(path, what, error)
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise error(f"{what}: {p} is a file, not a folder; give a folder path (it is created if missing)")
+    _check_writable_parent(os.path.abspath(p), p, what, error)
+    return p
