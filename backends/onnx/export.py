@@ -176,6 +176,19 @@ def _strip_and_optimize(model: Any) -> None:
     _safe_optimize(model)
 
 
+def _lowered(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` after the forward lowering the training step gets too (LoRA scaling folded into
+    ``B``, shared-input ``A`` factors as one MatMul): with the adapters as initializers,
+    onnxruntime folds the scaled and concatenated weights once at load time."""
+    from graphpeft.infra import PassContext, PassManager, Pipeline, copy_graph
+    from graphpeft.registry import PASSES
+    from graphpeft.training.step import DEFAULT_FORWARD_LOWERING
+    from graphpeft.verify import verify
+
+    pipeline = Pipeline("inference_lowering", [PASSES[n]() for n in DEFAULT_FORWARD_LOWERING])
+    return PassManager(verifier=verify).run(copy_graph(gm), pipeline, PassContext(verify=True)).gm
+
+
 def _translate_graph(gm: torch.fx.GraphModule, input_names: list[str], output_names: list[str],
                      opset_version: Optional[int], dynamic: bool) -> Any:
     """The graph translated without re-tracing it (legalized copy -> ExportedProgram -> ONNX),
@@ -188,7 +201,7 @@ def _translate_graph(gm: torch.fx.GraphModule, input_names: list[str], output_na
     if symbolic is None or symbolic != dynamic:
         return None  # the traced shapes are not the ones asked for: torch.onnx.export re-traces
     try:
-        legal, _ = legalized_copy(gm, verifier=verify)
+        legal, _ = legalized_copy(_lowered(gm), verifier=verify)
         with warnings.catch_warnings(), quiet_exporter():
             warnings.simplefilter("ignore")
             program = _translate_fast(exported_program(legal), input_names, output_names, opset_version)

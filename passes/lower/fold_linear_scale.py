@@ -24,8 +24,17 @@ aten = torch.ops.aten
 
 
 def _numel(node: fx.Node) -> int:
+    """Elements of a node's value, symbolic sizes at their example value (read without
+    guarding on them: ``int()`` of a symbolic size would specialize a dynamic batch)."""
     v = val(node)
-    return int(v.numel()) if isinstance(v, torch.Tensor) else -1
+    if not isinstance(v, torch.Tensor):
+        return -1
+    n = 1
+    for d in v.shape:
+        if isinstance(d, torch.SymInt):
+            d = d.node.hint if d.node.hint is not None else 1
+        n *= int(d)
+    return n
 
 
 class ScaleOntoWeight(RewriteRule):
