@@ -85,10 +85,11 @@ def _gp_info(step: Any, **extra: Any) -> Callable[[], dict[str, Any]]:
     return lambda: _gp_report(step, **extra)
 
 
-def _gp_report(step: Any, **extra: Any) -> dict[str, Any]:
-    report = step.memory_report(measure=True)
+def _gp_report(step: Any, measure: bool = True, **extra: Any) -> dict[str, Any]:
+    report = step.memory_report(measure=measure)
     inputs = sum(report.totals.values())
-    info = {"planned_mb": report.peak_bytes / 2**20, "measured_mb": report.measured_peak_bytes / 2**20,
+    measured = report.measured_peak_bytes
+    info = {"planned_mb": report.peak_bytes / 2**20, "measured_mb": measured / 2**20 if measured else None,
             "plan_vs_measured": report.plan_vs_measured, "plan_extra_mb": (report.peak_bytes - inputs) / 2**20,
             "nodes": report.num_nodes, "recomputed": len(report.recomputed)}
     info.update(extra)
@@ -115,7 +116,7 @@ def make(name: str, c: Any) -> tuple[Callable[[], Any], Callable[[], dict[str, A
             import tempfile
 
             step = cm.compile_training("causal_lm", opt, example_batch=batch)
-            info = _gp_report(step)
+            info = _gp_report(step, measure=False)  # the torch graph is not run in this process
             path = os.path.join(tempfile.mkdtemp(prefix="gp-mem-"), "train.onnx")
             step.export_onnx(path)
             trainer = OnnxTrainer(path)
@@ -154,6 +155,7 @@ def worker(name: str, seq: int, steps: int, layers: int) -> dict[str, Any]:
         step()
         times.append(time.perf_counter() - t0)
     peak = _status_kb("VmHWM") or 0
+    # *_mb figures are MiB
     return {"contender": name, "rss_before_mb": before / 1024, "peak_rss_mb": peak / 1024,
             "extra_mb": (peak - before) / 1024 if resettable else None, "peak_reset": resettable,
             "step_ms": statistics.median(times) * 1000, "steps": steps, **info()}
@@ -180,7 +182,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         x, y = by.get(a, {}).get("extra_mb"), by.get(b, {}).get("extra_mb")
         return f"{x / y:.2f}x" if x and y else "n/a"
 
-    lines = ["| step | extra MB | ms | plan MB | measured (live storage) MB | plan/measured | plan extra MB | note |",
+    lines = ["| step | extra MiB | ms | plan MiB | measured (live storage) MiB | plan/measured | plan extra MiB | note |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if "error" in r:
@@ -189,7 +191,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         f = lambda k, fmt="{:.1f}": fmt.format(r[k]) if r.get(k) is not None else ""  # noqa: E731
         note = ""
         if "budget_mb" in r:
-            note = (f"budget {r['budget_mb']:.1f} MB ({r['budget_note']}, {r['budget_fraction']:.2f} of "
+            note = (f"budget {r['budget_mb']:.1f} MiB ({r['budget_note']}, {r['budget_fraction']:.2f} of "
                     f"{r['unconstrained_planned_mb']:.1f}); {r['recomputed']} values recomputed")
         lines.append(f"| {r['contender']} | {f('extra_mb')} | {f('step_ms', '{:.0f}')} | {f('planned_mb')} | "
                      f"{f('measured_mb')} | {f('plan_vs_measured', '{:.3f}')} | {f('plan_extra_mb')} | {note} |")
