@@ -25,14 +25,17 @@ import re
 from typing import Any, ClassVar, Iterable, Optional, Sequence, Union
 
 from .errors import PlanError
-from .graph import Layer, find_layers, find_norms
+from .graph import META_KEY, Layer, find_layers, find_norms
 from .registry import RULES, load_plugins
 
 PLAN_VERSION = 1
 KINDS = ("linear", "conv", "embedding")
 #: kinds a ``kind=`` option may name: the layer kinds plus norm modules (``find_norms``)
 SELECTABLE_KINDS = KINDS + ("norm",)
+#: last path components of an output head, for graphs whose model did not say (see _is_output_head)
 HEAD_NAMES = {"lm_head", "score", "classifier", "head", "output", "embed_out"}
+#: PEFT option names that mean the same as a selector of every rule (accepted in the data form)
+PEFT_SELECTOR_ALIASES = {"target_modules": "targets", "layers_to_transform": "layers", "exclude_modules": "exclude"}
 #: option names users bring from PEFT's configs -> ours (for "did you mean" hints)
 PEFT_NAMES = {"rank": "r", "target_modules": "targets", "lora_alpha": "alpha", "lora_dropout": "dropout",
               "exclude_modules": "exclude", "layers_to_transform": "layers"}
@@ -68,6 +71,8 @@ class Rule:
     exclude: Optional[Targets] = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.targets, str) and self.targets.lower() == "all-linear":
+            self.targets = "all-linear"  # PEFT accepts any case
         if isinstance(self.targets, str) and self.targets != "all-linear":
             try:
                 re.compile(self.targets)
@@ -103,7 +108,7 @@ class Rule:
     def _path_matches(self, targets: Targets, layer: Layer) -> bool:
         if isinstance(targets, str):
             if targets == "all-linear":
-                return layer.kind == "linear" and layer.path.rsplit(".", 1)[-1] not in HEAD_NAMES
+                return layer.kind == "linear" and not _is_output_head(layer)
             return re.fullmatch(targets, layer.path) is not None
         return any(layer.path == t or layer.path.endswith("." + t) for t in targets)
 
@@ -155,6 +160,12 @@ class Rule:
         if not isinstance(body, dict):
             raise PlanError(f"{cls.key}: expected a mapping of options, got {type(body).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
+        body = dict(body)
+        for alias, ours in PEFT_SELECTOR_ALIASES.items():  # PEFT's names for the selectors
+            if alias in body and ours in fields:
+                if ours in body:
+                    raise PlanError(f"{cls.key}: give {ours!r} or PEFT's {alias!r}, not both")
+                body[ours] = body.pop(alias)
         unknown = sorted(set(body) - fields)
         if unknown:
             hints = []
@@ -169,6 +180,18 @@ class Rule:
             return cls(**body)
         except TypeError as e:
             raise PlanError(f"{cls.key}: {e}") from e
+
+
+def _is_output_head(layer: Layer) -> bool:
+    """Whether ``"all-linear"`` leaves ``layer`` out, as PEFT's ``_maybe_include_all_linear_layers``
+    does: only the output embeddings of a transformers model (``lm_head``; recorded at trace
+    time), so a classification head or a plain module's last linear is adapted. For a graph
+    traced without that record, layers whose last path component is in :data:`HEAD_NAMES`."""
+    gm = layer.node.graph.owning_module if layer.node is not None else None
+    meta = (gm.meta.get(META_KEY) or {}) if gm is not None else {}
+    if "output_head" in meta:
+        return meta["output_head"] is not None and layer.path == meta["output_head"]
+    return layer.path.rsplit(".", 1)[-1] in HEAD_NAMES
 
 
 # -- option checks for rules' __post_init__ ------------------------------------------------------

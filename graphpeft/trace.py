@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import logging
 import os
+import sys
 import traceback
 import warnings
 from typing import Any, Literal, Optional, Sequence
@@ -21,7 +22,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from .errors import InputError, TraceError
-from .graph import Role, attach_tensor, roles
+from .graph import Role, attach_tensor, graph_meta, roles
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,26 @@ class TracedModel:
         return [None if t else c for t, c in zip(self.tensor_leaf_mask, self.const_leaves)]
 
 
+#: ``graph_meta`` key: the module path PEFT's ``"all-linear"`` leaves out (None: none)
+OUTPUT_HEAD_KEY = "output_head"
+
+
+def output_head_path(model: torch.nn.Module) -> Optional[str]:
+    """The module PEFT's ``"all-linear"`` excludes (``_maybe_include_all_linear_layers``): the
+    output embeddings of a transformers ``PreTrainedModel`` (``lm_head`` ...), else none."""
+    transformers = sys.modules.get("transformers")
+    pretrained = getattr(transformers, "PreTrainedModel", None) if transformers is not None else None
+    if pretrained is None or not isinstance(model, pretrained):
+        return None
+    try:
+        head = model.get_output_embeddings()
+    except Exception:  # noqa: BLE001 - a model without output embeddings
+        return None
+    if head is None:
+        return None
+    return next((name for name, module in model.named_modules() if module is head), None)
+
+
 def trace(
     model: torch.nn.Module,
     example_inputs: Sequence[Any] = (),
@@ -126,6 +147,7 @@ def trace(
                 traced = fn(model, example_inputs, example_kwargs, dynamic)
                 log.info("traced %s with %s: %d nodes", type(model).__name__, name,
                          len(traced.gm.graph.nodes))
+                graph_meta(traced.gm)[OUTPUT_HEAD_KEY] = output_head_path(model)
                 return traced
             except TraceError:
                 raise
