@@ -126,3 +126,17 @@ def test_onnxruntime_raise(tmp_path):
     with pytest.raises(gp.NonFiniteError):
         trainer.step(X, Y_NAN)
     assert trainer.skipped_steps == 1 and _same(trainer.state_dict(), before)
+
+
+def test_executorch_skips_and_counts(tmp_path):
+    pytest.importorskip("executorch")
+    from graphpeft.backends.executorch import ExecuTorchTrainer
+
+    _, step = _step(gp.optim.SGD(lr=1e-2))
+    step.export_executorch(tmp_path / "t.pte")
+    trainer = ExecuTorchTrainer(tmp_path / "t.pte")
+    before = trainer.state_dict()
+    trainer.step(X, Y_NAN)
+    assert trainer.skipped_steps == 1 and _same(trainer.state_dict(), before)
+    et, ours = trainer.step(X, Y), float(step(X, Y))
+    assert abs(et - ours) <= 1e-5 * max(1.0, abs(ours)) and trainer.skipped_steps == 1

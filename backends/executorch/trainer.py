@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
-from graphpeft.errors import ExportError, GraphPeftError
+from graphpeft.errors import ExportError, GraphPeftError, NonFiniteError
 from graphpeft.training import TrainingSignature, load_training_state, save_training_state
 
 from .export import FORMAT, FORMAT_VERSION
@@ -69,6 +69,8 @@ class ExecuTorchTrainer:
         self.lr = float(values.pop(next(s.name for s in stored if s.kind == "lr")))
         self._values: dict[str, torch.Tensor] = values
         self.steps = 0
+        #: steps the program skipped (non-finite loss, gradient or lr: tensors and state unchanged)
+        self.skipped_steps = 0
 
     # -- stepping --------------------------------------------------------------------------------
 
@@ -104,6 +106,12 @@ class ExecuTorchTrainer:
             if spec.kind in ("param", "state"):
                 self._values[("param/" if spec.kind == "param" else "state/") + spec.key] = t.clone()
         self.steps += 1
+        if self.signature.outputs[-1].kind == "skipped" and bool(out[len(self.signature.outputs) - 1]):
+            self.skipped_steps += 1
+            if self.signature.nonfinite == "raise":
+                raise NonFiniteError(f"non-finite training step (loss {loss}, lr {self.lr}): the trainable tensors "
+                                     "and the optimizer state were left unchanged; lower the learning rate, check "
+                                     "the batch, or export a step compiled with nonfinite='skip'")
         return loss
 
     __call__ = step
