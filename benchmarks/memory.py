@@ -18,6 +18,13 @@ LoRA (torch graph), graphpeft LoRA with ``memory_budget`` = half its unconstrain
 (when that is infeasible, the smallest feasible budget the error names: reported as such),
 graphpeft last block + head (torch graph); ``--ort`` adds graphpeft LoRA in onnxruntime.
 
+``--malloc-mmap-threshold BYTES`` runs every worker with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed
+(e.g. 65536): tensors above it are mapped and unmapped, so freed memory goes back to the OS at
+once. With glibc's default (a threshold that grows after the first large free, up to 32 MiB) freed
+tensors stay in the heap and the process's peak exceeds its live tensors; measured here, the
+graphpeft LoRA step's extra RSS fell from 209 to 131 MiB with the threshold fixed, within 3 % of
+the plan's 127 MiB.
+
 Figures measured while other processes load the machine are not comparable between runs.
 """
 
@@ -215,12 +222,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--malloc-mmap-threshold", type=int, default=None,
+                    help="run the workers with glibc's MALLOC_MMAP_THRESHOLD_ fixed to this many bytes")
     a = ap.parse_args(argv)
     if a.worker:
         logging.basicConfig(level=logging.WARNING)
         print(json.dumps(worker(a.worker, a.seq, a.steps, a.layers)))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if a.malloc_mmap_threshold is not None:  # inherited by the worker processes
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(a.malloc_mmap_threshold)
     names = a.only.split(",") if a.only else list(CONTENDERS) + (["gp_lora_ort"] if a.ort else [])
     rows = run(names, a.seq, a.steps, a.layers)
     if a.json:

@@ -129,3 +129,35 @@ def test_min_cut_keeps_less_than_the_backward_reads() -> None:
     roots = {G.nodes[a.name]["alias_of"] or a.name for a in read}
     assert tier2.saved_bytes < sum(G.nodes[r]["bytes"] for r in roots)
     assert tier2.saved_bytes <= choose(gm, tier=1).saved_bytes
+
+
+def test_values_read_from_storage_written_in_place_are_not_recomputed() -> None:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x: torch.Tensor, buf: torch.Tensor) -> Any:
+        y = x.sin()  # small
+        z = y * buf  # big; reads buf, which is written below
+        buf.add_(1)
+        return z.cos() * 2  # "backward": reads z
+
+    gm = make_fx(f)(torch.ones(1, 64), torch.ones(64, 64))
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            n.meta[META_KEY] = {"part": "backward" if n.target in (torch.ops.aten.cos.default,) or
+                                any(a.target == torch.ops.aten.cos.default for a in n.all_input_nodes) else "forward"}
+    z = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.mul.Tensor and phase_of(n) == "forward")
+    plan = choose(gm, tier=2)
+    assert z in plan.saved and z not in plan.recomputed
+
+    # the same graph without the in-place write keeps nothing: z is remade from the inputs
+    def g(x: torch.Tensor, buf: torch.Tensor) -> Any:
+        return (x.sin() * buf).cos() * 2
+
+    gm2 = make_fx(g)(torch.ones(1, 64), torch.ones(64, 64))
+    for n in gm2.graph.nodes:
+        if n.op == "call_function":
+            n.meta[META_KEY] = {"part": "backward" if n.target == torch.ops.aten.cos.default or
+                                any(a.target == torch.ops.aten.cos.default for a in n.all_input_nodes) else "forward"}
+    plan2 = choose(gm2, tier=2)
+    assert [n.target for n in plan2.recomputed] == [torch.ops.aten.sin.default, torch.ops.aten.mul.Tensor]
+    assert plan2.saved == [] and plan2.saved_bytes == 0

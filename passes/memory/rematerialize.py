@@ -16,7 +16,9 @@ What to keep is a minimum cut, the scheme of torch's min-cut partitioner
 * an op that must never run twice is tied to the source (``source -> v_in``): random ops
   (dropout masks stay exactly the masks of the forward), expensive ones (``mm``, ``bmm``,
   ``convolution``, ``addmm``, attention kernels), collectives and in-place writes; views and
-  ``getitem`` are never kept on their own (their storage is kept through what they view).
+  ``getitem`` are never kept on their own (their storage is kept through what they view); an op
+  reading a storage that some op writes in place is not recomputed either (it could read the
+  written values).
 
 ``networkx.minimum_cut`` gives the cheapest set of values to keep; every forward value on the
 sink side that the backward needs is recomputed: its op is duplicated into the backward right
@@ -130,6 +132,11 @@ def choose(gm: fx.GraphModule, tier: int = 2) -> RematPlan:
     inputs = [n for n in nodes if n.op in ("placeholder", "get_attr")]
     needed = {a for n in nodes if n.op == "call_function" and n not in fwd_set
               for a in n.all_input_nodes if a in fwd_set}
+    # storages written in place somewhere: what reads them may see other values when run again
+    def root(a: fx.Node) -> str:
+        return G.nodes[a.name]["alias_of"] or a.name
+
+    written = {root(m.args[0]) for m in nodes if is_mutation(m) and m.args and isinstance(m.args[0], fx.Node)}
     H = nx.DiGraph()
     for n in inputs:
         H.add_edge("source", n.name + ".in")
@@ -137,7 +144,8 @@ def choose(gm: fx.GraphModule, tier: int = 2) -> RematPlan:
     for n in fwd:
         i, o = n.name + ".in", n.name + ".out"
         size = G.nodes[n.name]["bytes"]
-        banned = never_recompute(n) is not None or (tier < 2 and not _cheap(n))
+        banned = (never_recompute(n) is not None or (tier < 2 and not _cheap(n))
+                  or any(root(a) in written for a in n.all_input_nodes))
         if banned:
             H.add_edge("source", i)
         if _is_view_like(n, G) and not banned:
