@@ -38,6 +38,7 @@ from .cleanup.simplify_algebra import SimplifyAlgebra
 from .legalize.legalize_executorch import LegalizeExecuTorch
 from .legalize.legalize_onnx import LegalizeOnnx
 from .legalize.lift_adapter_tensors import LiftAdapterTensors
+from .legalize.upcast_low_precision import UpcastLowPrecision
 from .lower.fold_linear_scale import FoldLinearScale
 from .lower.fuse_shared_input_linears import FuseSharedInputLinears
 from .memory.plan_memory import PlanMemory
@@ -46,6 +47,7 @@ from .merge.merge_adapters import MergeAdapters
 from .merge.reassemble_slices import ReassembleSlices
 from .quantize.dequantize_for_merge import DequantizeForMerge
 from .quantize.quantize_weights import Quantize, QuantizeMethod, QuantizeWeights
+from .quantize.rematerialize_dequantized import RematerializeDequantized
 from .quantize.requantize_merged import RequantizeMerged
 from .training.check_gradient_flow import CheckGradientFlow
 from .training.report_backward import ReportBackward
@@ -62,4 +64,5 @@ __all__ = ["CheckGradientFlow", "DoRA", "DoRAMethod", "EliminateCommonSubexpress
            "SLTrain", "SVFit", "SimplifyAlgebra", "SliceRows", "SoRA", "Update", "UpdateMethod", "UpdateParameters", "VeRA",
            "VeRAMethod"]
 __all__ += ["LegalizeExecuTorch"]
-__all__ += ["DequantizeForMerge", "Quantize", "QuantizeMethod", "QuantizeWeights", "RequantizeMerged"]
+__all__ += ["DequantizeForMerge", "Quantize", "QuantizeMethod", "QuantizeWeights", "RequantizeMerged",
+            "RematerializeDequantized", "UpcastLowPrecision"]

@@ -257,13 +257,20 @@ def test_training_step_on_a_quantized_base(qlora: gp.CompiledModel, tmp_path, pa
 
 def test_memory_plan_counts_packed_bytes(qlora: gp.CompiledModel) -> None:
     plain = compile_model("llama", [gp.LoRA(targets=["q_proj", "v_proj", "down_proj"], r=4)])
-    weights = {}
+    weights, reports, steps = {}, {}, {}
     for name, cm in (("fp32", plain), ("int4", qlora)):
-        step = cm.compile_training("causal_lm", gp.optim.SGD(lr=0.01), example_batch=(IDS,))
-        weights[name] = step.memory_report().totals["weights"]
+        steps[name] = cm.compile_training("causal_lm", gp.optim.SGD(lr=0.01), example_batch=(IDS,))
+        reports[name] = steps[name].memory_report()
+        weights[name] = reports[name].totals["weights"]
     stored = quantization_report(qlora.graph_module)
     # the int4 step holds the float weights minus what quantization saved, to the byte
     assert weights["fp32"] - weights["int4"] == stored["float_bytes"] - stored["bytes"]
+    # rematerialize_dequantized: the backward dequantizes again, so the float weights do not stay
+    # alive from the forward to the backward (without it the int4 peak exceeded the fp32 one)
+    gm = steps["int4"].graph_module
+    remat = [n for n in gm.graph.nodes if (n.meta.get(META_KEY) or {}).get("remat")]
+    assert remat and all(n.meta[META_KEY]["part"] == "backward" for n in remat)
+    assert reports["int4"].peak_bytes < reports["fp32"].peak_bytes, (reports["int4"], reports["fp32"])
 
 
 # -- merge ---------------------------------------------------------------------------------------

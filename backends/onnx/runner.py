@@ -33,6 +33,7 @@ class OnnxRunner:
             self.session = ort.InferenceSession(os.fspath(path), opts, providers=list(providers))
         except Exception as e:  # noqa: BLE001
             raise ExportError(f"onnxruntime could not load {os.fspath(path)}: {e}") from e
+        self._ort = ort
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -40,7 +41,24 @@ class OnnxRunner:
         if len(inputs) != len(self.input_names):
             raise ExportError(f"the graph takes {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
         feed = {name: _to_numpy(x) for name, x in zip(self.input_names, inputs)}
+        if any(o.type == "tensor(bfloat16)" for o in self.session.get_outputs()) or any(
+                isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16 for x in inputs):
+            return self._run_bfloat16(inputs)
         return self.session.run(self.output_names, feed)
+
+    def _run_bfloat16(self, inputs: Sequence[Any]) -> list[np.ndarray]:
+        """numpy has no bfloat16, so ``session.run`` cannot take or return it: bind onnxruntime
+        values instead; bfloat16 outputs come back as ``ml_dtypes.bfloat16`` arrays."""
+        from .trainer import _numpy, _ortvalue, _value_tensor
+
+        io = self.session.io_binding()
+        values = [_ortvalue(self._ort, _numpy(x)) for x in inputs]  # alive until the run returns
+        for name, value in zip(self.input_names, values):
+            io.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            io.bind_output(name, "cpu")
+        self.session.run_with_iobinding(io)
+        return [_numpy(_value_tensor(v)) for v in io.get_outputs()]
 
     __call__ = run
 

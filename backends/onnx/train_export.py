@@ -81,7 +81,10 @@ def legalized_copy(gm: fx.GraphModule, verify: bool = True,
     new.meta["graphpeft"] = {**meta, "roles": dict(meta["roles"]), "adapters": dict(meta.get("adapters", {}))}
     new.meta["graphpeft"].pop("memory", None)
     ctx = PassContext(verify=verify)
-    pipeline = Pipeline("legalize_onnx", [PASSES["legalize_onnx"](), PASSES["remove_dead_code"]()])
+    # upcast_low_precision: bf16 / fp16 ops computed in float32 between casts (onnxruntime's CPU
+    # provider lacks their kernels); a no-op on float32 graphs
+    pipeline = Pipeline("legalize_onnx", [PASSES["legalize_onnx"](), PASSES["upcast_low_precision"](),
+                                          PASSES["remove_dead_code"]()])
     result = PassManager(verifier=verifier).run(new, pipeline, ctx)
     return result.gm, dict(ctx.options.get("legalize_onnx", {}))
 
@@ -218,7 +221,12 @@ def export_training(step: "TrainingStep", path: Union[str, os.PathLike], *, exte
 
     for value, spec, tensor in zip(model.graph.inputs, sig.inputs, inputs):
         if spec.kind in ("param", "state", "lr") and value.name not in model.graph.initializers:
-            value.const_value = ir.tensor(np.array(tensor.detach().cpu().numpy(), copy=True), name=value.name)
+            if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: onnx_ir wraps the torch tensor
+                from onnx_ir.tensor_adapters import TorchTensor
+
+                value.const_value = TorchTensor(tensor.detach().cpu().clone().contiguous(), name=value.name)
+            else:
+                value.const_value = ir.tensor(np.array(tensor.detach().cpu().numpy(), copy=True), name=value.name)
             model.graph.register_initializer(value)
     meta = sig.to_dict()
     meta["format"], meta["format_version"] = FORMAT, FORMAT_VERSION

@@ -30,9 +30,46 @@ log = logging.getLogger(__name__)
 
 
 def _numpy(x: Any) -> np.ndarray:
-    """A C-contiguous numpy array of ``x`` (0-d stays 0-d, unlike ``np.ascontiguousarray``)."""
+    """A C-contiguous numpy array of ``x`` (0-d stays 0-d, unlike ``np.ascontiguousarray``); a
+    bfloat16 tensor becomes an ``ml_dtypes.bfloat16`` array (what ``onnx`` uses; numpy has none)."""
+    if isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return x.detach().cpu().contiguous().view(torch.uint16).numpy().view(ml_dtypes.bfloat16).copy()
     a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     return a if a.flags.c_contiguous else a.copy()
+
+
+def _ortvalue(ort: Any, a: np.ndarray) -> Any:
+    """An onnxruntime value holding a copy of ``a``. ``OrtValue.ortvalue_from_numpy`` rejects
+    bfloat16 (``ml_dtypes``) arrays: those are allocated by onnxruntime and filled bytewise."""
+    if a.dtype.name != "bfloat16":
+        return ort.OrtValue.ortvalue_from_numpy(np.array(a, copy=True))
+    import ctypes
+
+    from onnx import TensorProto
+
+    a = np.ascontiguousarray(a)
+    value = ort.OrtValue.ortvalue_from_shape_and_type(list(a.shape), TensorProto.BFLOAT16, "cpu", 0)
+    ctypes.memmove(value.data_ptr(), a.ctypes.data, a.nbytes)
+    return value
+
+
+def _value_tensor(value: Any) -> torch.Tensor:
+    """A torch copy of an onnxruntime value or a numpy array (bfloat16 ones included)."""
+    from onnx import TensorProto
+
+    if isinstance(value, np.ndarray):
+        if value.dtype.name == "bfloat16":
+            return torch.from_numpy(np.ascontiguousarray(value).view(np.uint16).copy()).view(torch.bfloat16)
+        return torch.from_numpy(value.copy())
+    if value.element_type() == TensorProto.BFLOAT16:
+        import ctypes
+
+        out = torch.empty(value.shape(), dtype=torch.bfloat16)
+        ctypes.memmove(out.data_ptr(), value.data_ptr(), out.numel() * 2)
+        return out
+    return torch.from_numpy(value.numpy().copy())
 
 
 class OnnxTrainer:
@@ -112,9 +149,8 @@ class OnnxTrainer:
 
     def _set_values(self, arrays: Mapping[str, np.ndarray]) -> None:
         if self.io_binding:
-            ov = self._ort.OrtValue
-            self._values = {k: ov.ortvalue_from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
-            self._spare = {k: ov.ortvalue_from_numpy(np.zeros_like(v)) for k, v in arrays.items()}
+            self._values = {k: _ortvalue(self._ort, v) for k, v in arrays.items()}
+            self._spare = {k: _ortvalue(self._ort, np.zeros_like(v)) for k, v in arrays.items()}
         else:
             self._values = {k: np.array(v, copy=True) for k, v in arrays.items()}
 
@@ -200,8 +236,8 @@ class OnnxTrainer:
         """``{"params": {name: tensor}, "optimizer": {key: tensor}, "lr": float}`` (copies), the
         same structure as ``TrainingStep.state_dict()``."""
         return {
-            "params": {s.key: torch.from_numpy(self._array(s.name).copy()) for s in self._param_specs},
-            "optimizer": {s.key: torch.from_numpy(self._array(s.name).copy()) for s in self._state_specs},
+            "params": {s.key: _value_tensor(self._values[s.name]) for s in self._param_specs},
+            "optimizer": {s.key: _value_tensor(self._values[s.name]) for s in self._state_specs},
             "lr": self.lr,
         }
 

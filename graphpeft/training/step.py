@@ -66,6 +66,7 @@ DEFAULT_TRAINING_PASSES: tuple[str, ...] = (
     "remove_dead_code",
     "check_gradient_flow",
     "reorder_updates",
+    "rematerialize_dequantized",  # quantized bases (gp.Quantize): dequantize again in the backward
     "plan_memory",
 )
 
