@@ -59,15 +59,19 @@ def _mutated(node: fx.Node) -> bool:
     return False
 
 
+_FAKE_MODE = "graphpeft_simplify_fake_mode"  # cached for the length of one pass run
+
+
 def _replace(gm: fx.GraphModule, old: fx.Node, target: Callable, args: tuple, rule: str) -> fx.Node:
-    """A new ``target(*args)`` node in place of ``old``, with ``old``'s provenance."""
+    """A new ``target(*args)`` node in place of ``old``, with ``old``'s provenance (and its fake
+    value evaluated in the graph's fake mode, found once per pass run: finding it scans the graph)."""
     with gm.graph.inserting_before(old):
         new = gm.graph.call_function(target, args)
     new.meta.update({k: v for k, v in old.meta.items() if k != "val"})  # module stack, trace order ...
     prov = dict(old.meta.get(META_KEY) or {})
     prov.update(pass_name=SimplifyAlgebra.name, rule=rule)
     new.meta[META_KEY] = prov
-    mode = fake_mode_of(gm)
+    mode = gm.meta.get(_FAKE_MODE) if _FAKE_MODE in gm.meta else gm.meta.setdefault(_FAKE_MODE, fake_mode_of(gm))
     new.meta["val"] = fake_eval(mode, target, args, {}) if mode is not None else old.meta.get("val")
     old.replace_all_uses_with(new)
     return new
@@ -258,8 +262,10 @@ class SimplifyAlgebra(RewritePass):
         super().__init__([rule() for rule in RULES])
 
     def call(self, gm: fx.GraphModule, ctx: PassContext):  # type: ignore[override]
-        result = super().call(gm, ctx)
+        try:
+            result = super().call(gm, ctx)
+        finally:
+            gm.meta.pop(_FAKE_MODE, None)
         if result.modified:
-            gm.graph.eliminate_dead_code()  # the ops a fold bypassed
-            gm.recompile()
+            gm.graph.eliminate_dead_code()  # the ops a fold bypassed (the pass manager recompiles)
         return result
