@@ -11,7 +11,7 @@ STAMP   := $(VENV)/.graphpeft-installed
 TORCH   := torch==2.13.*
 TORCH_INDEX ?=
 
-.PHONY: venv demo test bench bench-quick clean
+.PHONY: venv demo test fuzz bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# the long property-based run (random models x plans; make test runs a few examples)
+fuzz: $(STAMP)
+	GRAPHPEFT_FUZZ_EXAMPLES=$${GRAPHPEFT_FUZZ_EXAMPLES:-500} $(PY) -m pytest tests/test_compat_fuzz.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(BENCH_ARGS)
