@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-import torch
 import torch.fx as fx
 
 from graphpeft.graph import alias_source, graph_meta, tensor_bytes
