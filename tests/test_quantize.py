@@ -73,6 +73,9 @@ def test_rule_data_form_and_validation() -> None:
         gp.Quantize(targets="all-linear", group_size=0)
     with pytest.raises(gp.PlanError, match="did you mean 'group_size'"):
         gp.Plan.from_dict({"rules": [{"quantize": {"targets": "all-linear", "groupsize": 8}}]})
+    with pytest.raises(gp.PlanError, match="claimed by two quantize rules"):
+        compile_model("llama", [gp.Quantize(targets="all-linear", dtype="int4", group_size=16),
+                                gp.Quantize(targets=["q_proj"], dtype="int8", group_size=16)])
     # a group that does not divide the rows is refused at compile, with what to do
     with pytest.raises(gp.PlanError, match="not a multiple of group_size=24"):
         compile_model("llama", [gp.Quantize(targets="all-linear", group_size=24)])

@@ -212,9 +212,13 @@ class QuantizeWeights(RewritePass):
         role_map = roles(gm)
         problems = []
         for layer in layers:
-            q = next((r for r in ours if r.select(layer) is None), None)
-            if q is None:
+            mine = [r for r in ours if r.select(layer) is None]
+            if not mine:
                 continue
+            q = mine[0]
+            if len(mine) > 1:
+                raise PlanError(f"{layer.path} is claimed by two quantize rules: {mine[0].name} and {mine[1].name}; "
+                                "narrow one of them with exclude= or a tighter targets")
             trains = [u.name for u in updates if u.select(layer) is None and getattr(u, "part", "all") == "all"]
             role = role_map.get(layer.weight)
             if trains or (role is not None and role.trainable):
