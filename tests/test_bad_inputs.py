@@ -307,3 +307,11 @@ def test_unknown_adapter_name(cm):
 
 def test_import_peft_missing_folder(tmp_path):
     _raises(gp.AdapterFileError, r"", gp.import_peft, TwoInputs().eval(), tmp_path / "none", (X,), {"mask": MASK})
+
+
+def test_step_with_a_wrong_dtype_batch(step):
+    _raises(gp.InputError, r"input args\[0\] has dtype float64.*compiled signature", step, X.double(), MASK, Y)
+
+
+def test_step_with_a_wrong_rank_batch(step):
+    _raises(gp.InputError, r"input mask has 3 dimensions", step, X, MASK[None], Y)

@@ -881,6 +881,9 @@ class TrainingStep:
         key = _batch_key(batch)
         if key in self._graphs:
             return self._graphs[key]
+        n_in = len(self.cm._input_specs())
+        if len(batch) >= n_in and all(isinstance(t, Tensor) for t in batch[:n_in]):
+            self.cm._check_inputs(list(batch[:n_in]))  # a wrong dtype/rank: InputError naming the signature
         timing = TimingHook()
         start = time.perf_counter()
         gm = trace_training_step(self.cm, self.loss, self.optimizer, batch, self.options, self.lr)
