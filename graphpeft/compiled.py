@@ -391,8 +391,10 @@ class CompiledModel(torch.nn.Module):
         gm = modules.pop("graph_module")
         state["_modules"] = modules
         state["_graph_state"] = graph_module_state(gm)
-        # the trace's graph is only needed to compile; the restored model points it at its own
-        state["_traced"] = dataclasses.replace(self._traced, gm=None)
+        # the trace's graph is only needed to compile; the restored model points it at its own.
+        # Tree specs go as JSON where they can (pickling them warns in torch 2.13)
+        state["_traced"] = dataclasses.replace(self._traced, gm=None, in_spec=_spec_state(self._traced.in_spec),
+                                               out_spec=_spec_state(self._traced.out_spec))
         # the compile reports hold graph nodes: keep what explain() and match_report() show
         state["_resolution"] = _without_nodes(self._resolution)
         state["_ctx"] = None
@@ -407,6 +409,8 @@ class CompiledModel(torch.nn.Module):
         super().__setstate__(state)
         self._modules["graph_module"] = gm
         self._traced.gm = gm
+        self._traced.in_spec = _spec_from_state(self._traced.in_spec)
+        self._traced.out_spec = _spec_from_state(self._traced.out_spec)
         self._ctx = PassContext(verify=False)
         self._ctx.report.extend(report)
 
@@ -433,3 +437,16 @@ def _without_nodes(resolution: Any) -> Any:
     return dataclasses.replace(
         resolution, decisions=[dataclasses.replace(d, layer=layers[id(d.layer)]) for d in resolution.decisions],
         matches={k: [layers[id(l)] for l in ls] for k, ls in resolution.matches.items()})
+
+
+def _spec_state(spec: Any) -> Any:
+    try:
+        return ("treespec-json", pytree.treespec_dumps(spec))
+    except Exception:  # noqa: BLE001 - a container type without a serialized name: pickle it
+        return spec
+
+
+def _spec_from_state(state: Any) -> Any:
+    if isinstance(state, tuple) and len(state) == 2 and state[0] == "treespec-json":
+        return pytree.treespec_loads(state[1])
+    return state
