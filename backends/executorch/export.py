@@ -264,8 +264,8 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, delegate: str 
             the model was compiled with). ExecuTorch programs have static shapes.
         adapters_as_inputs: every adapter tensor becomes an input after the model's inputs
             (``result.adapter_inputs``, PEFT names): one program runs any adapter of the shapes.
-            XNNPACK's linear fusion refuses a linear whose weight is an input, so with
-            ``delegate="xnnpack"`` this lowers to the portable kernels (``result.fallback_reason``).
+            The adapter's matmuls then run on the portable kernels where XNNPACK declines a
+            non-constant weight.
         external_data: weights go to ``<stem>.ptd`` beside the program.
     """
     from graphpeft.verify import verify
@@ -295,6 +295,7 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, delegate: str 
         try:
             with quiet():
                 ep = torch.export.export(legal, inputs, strict=False)
+                PASSES["legalize_executorch"](rules=["linear_2d"])(ep.graph_module, PassContext(verify=False))
                 # to core ATen in one re-trace (to_edge decomposes in two; with the fused attention
                 # decomposed only in the second, GPT-2's and ViT's views see other strides)
                 ep = ep.run_decompositions()

@@ -20,11 +20,21 @@ ExecuTorch's own:
   tensor with shape [2, 8, 16] and strides (16, 32, 1)"); ``reshape`` is the same value, a view
   wherever one is possible.
 
+* ``linear_2d`` (run on the captured program, whose shapes are static) — a ``linear`` over more
+  than two dimensions becomes reshape to 2-D, ``linear``, reshape back. Decomposed as it is, a
+  linear whose input is not contiguous in the re-trace (Llama's ``o_proj`` after attention)
+  becomes ``expand`` + ``bmm``, and XNNPACK's ``ConvertToLinearPass`` then builds a linear with
+  a 3-D weight from that layer's partition and fails ("t() expects a tensor with <= 2
+  dimensions"); the 2-D form decomposes to ``mm`` with the transposed weight, which it takes.
+
 * ``partition_meta`` (training graphs) — ``torch_fn`` / ``source_fn_stack`` / ``nn_module_stack``
   are dropped from every node. XNNPACK's ``ConvertToLinearPass`` groups the matmuls it finds
   under one ``nn.Linear`` source into one linear: in a training graph the backward matmuls of a
   layer carry the forward layer's source too, and the pass fails (``a and b must have same
-  reduction dim``). Without the tags the matmuls are lowered as matmuls.
+  reduction dim``). Without the tags the matmuls are lowered as matmuls. In inference graphs
+  the adapter nodes lose their tags: they carry their layer's module path, so the pass puts the
+  adapter's matmuls into the base layer's partition and builds its linears from the wrong inputs
+  — **silently wrong outputs** (0.3 off on a LoRA Llama) rather than an error.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.fx as fx
 
+from graphpeft.graph import META_KEY
 from graphpeft.infra import PassBase, PassContext, PassResult
 from graphpeft.registry import register_pass
 
@@ -55,9 +66,35 @@ def _view_as_reshape(gm: fx.GraphModule) -> int:
     return count
 
 
-def _strip_partition_meta(gm: fx.GraphModule) -> int:
+def _linear_2d(gm: fx.GraphModule) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != aten.linear.default:
+            continue
+        x, out = node.args[0], node.meta.get("val")
+        xv = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if not isinstance(xv, torch.Tensor) or xv.dim() <= 2 or not isinstance(out, torch.Tensor):
+            continue
+        if any(not isinstance(d, int) for d in (*xv.shape, *out.shape)):
+            continue  # symbolic shapes: this rule is for the captured (static) program
+        with gm.graph.inserting_before(node):
+            flat = gm.graph.call_function(aten.reshape.default, (x, [-1, int(xv.shape[-1])]))
+            flat.meta = dict(node.meta, val=xv.reshape(-1, xv.shape[-1]))
+            lin = gm.graph.call_function(aten.linear.default, (flat, *node.args[1:]), dict(node.kwargs))
+            lin.meta = dict(node.meta, val=out.reshape(-1, out.shape[-1]))
+            back = gm.graph.call_function(aten.reshape.default, (lin, [int(d) for d in out.shape]))
+            back.meta = dict(node.meta)
+        node.replace_all_uses_with(back)
+        gm.graph.erase_node(node)
+        count += 1
+    return count
+
+
+def _strip_partition_meta(gm: fx.GraphModule, adapters_only: bool = False) -> int:
     count = 0
     for node in gm.graph.nodes:
+        if adapters_only and not (node.meta.get(META_KEY) or {}).get("adapter"):
+            continue
         dropped = [k for k in PARTITION_META if node.meta.pop(k, None) is not None]
         if node.meta.get("nn_module_stack"):
             node.meta["nn_module_stack"] = {}
@@ -66,6 +103,8 @@ def _strip_partition_meta(gm: fx.GraphModule) -> int:
     return count
 
 
+#: rules that run only when named (``rules=[...]``): they are for the captured program
+ON_REQUEST = ("linear_2d",)
 #: rule name -> rewrite (returns its count), in the order they run
 RULES: dict[str, Callable[[fx.GraphModule], int]] = {
     "inline_grad_regions": _inline_grad_regions,
@@ -73,6 +112,7 @@ RULES: dict[str, Callable[[fx.GraphModule], int]] = {
     "functionalize": _functionalize,
     "empty": _replace_empty,
     "view_as_reshape": _view_as_reshape,
+    "linear_2d": _linear_2d,
     "partition_meta": _strip_partition_meta,
 }
 
@@ -80,8 +120,10 @@ RULES: dict[str, Callable[[fx.GraphModule], int]] = {
 @register_pass
 class LegalizeExecuTorch(PassBase):
     """Rewrites a graph so ExecuTorch's ``to_edge`` (and the XNNPACK partitioner) take it; in
-    place. ``training=True`` also drops the source-partition tags (see the module docstring);
-    ``rules`` runs only the named rules (e.g. ``["partition_meta"]``).
+    place. ``training=True`` drops the source-partition tags of every node, else only those of
+    adapter nodes (see the module docstring);
+    ``rules`` runs only the named rules (``linear_2d`` runs only when named: on the captured
+    program).
 
     ``ctx.options["legalize_executorch"]`` receives the count of rewrites per rule."""
 
@@ -93,11 +135,16 @@ class LegalizeExecuTorch(PassBase):
         if unknown:
             raise ValueError(f"unknown legalize_executorch rule(s) {sorted(unknown)}; known: {list(RULES)}")
         self.rules = tuple(rules) if rules is not None else tuple(RULES)
+        self._rules_given = rules
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         counts = {}
         for name, rule in RULES.items():  # in this order: the grad regions hold asserts and casts
-            if name in self.rules and (name != "partition_meta" or self.training):
+            if name not in self.rules or (name in ON_REQUEST and self._rules_given is None):
+                continue
+            if name == "partition_meta":  # training graphs: every node; inference: adapter nodes
+                counts[name] = _strip_partition_meta(gm, adapters_only=not self.training)
+            else:
                 counts[name] = rule(gm)
         ctx.options[self.name] = counts
         return PassResult(gm, any(counts.values()))
