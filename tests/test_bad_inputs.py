@@ -315,3 +315,9 @@ def test_step_with_a_wrong_dtype_batch(step):
 
 def test_step_with_a_wrong_rank_batch(step):
     _raises(gp.InputError, r"input mask has 3 dimensions", step, X, MASK[None], Y)
+
+
+@pytest.mark.parametrize("case", ["a folder", "parent is a file"])
+def test_training_executorch_export_bad_path(step, tmp_path, case):
+    make, match = FILE_PATHS[case]
+    _raises(gp.ExportError, "export_executorch: .*" + match, step.export_executorch, make(tmp_path))

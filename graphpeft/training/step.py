@@ -1061,6 +1061,10 @@ class TrainingStep:
     def export_executorch(self, path: Union[str, os.PathLike], **options: Any) -> Any:
         """Export the training step as one ExecuTorch method (see
         ``graphpeft.backends.executorch.export_training``)."""
+        from ..errors import ExportError
+        from ..paths import check_output_file
+
+        check_output_file(path, "export_executorch", ExportError)  # before any work: nothing half-written
         return get_backend("executorch").export_training(self, path, **options)
 
     # -- copy.deepcopy, pickle, torch.save/torch.load (graphpeft.serialize) --------------------
