@@ -223,3 +223,40 @@ def test_causal_lm_loss_copies_no_logits() -> None:
     ref = torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, 128), IDS[:, 1:].reshape(-1))
     loss = gp.training.losses.CausalLM()(out, [IDS], [])
     torch.testing.assert_close(loss, ref)
+
+
+# --- multi-tensor optimizer update ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_fused_update_gives_the_same_numbers_in_far_fewer_ops(opt: str) -> None:
+    def make(fuse: Any) -> Any:
+        optimizer = gp.optim.SGD(lr=0.3, momentum=0.9) if opt == "sgd" else gp.optim.AdamW(lr=1e-2, weight_decay=0.1)
+        cm = compiled()
+        return cm, cm.compile_training("causal_lm", optimizer, fuse_optimizer=fuse)
+
+    (ca, each), (cb, fused) = make(False), make("auto")
+    phase = lambda s, p: sum(1 for n in s.graph_module.graph.nodes  # noqa: E731
+                             if (n.meta.get(META_KEY) or {}).get("part") == p and n.op == "call_function"
+                             and n.target not in (aten.view.default, operator.getitem, aten.split_with_sizes.default))
+    assert phase(fused, "optimizer") < 0.4 * phase(each, "optimizer")  # the update ops once, on one tensor
+    assert phase(fused, "check") < phase(each, "check") / 4
+    for _ in range(3):
+        torch.testing.assert_close(each(IDS), fused(IDS), rtol=0, atol=0)
+    pa, pb = ca.trainable_parameters(), cb.trainable_parameters()
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=0)  # the very same arithmetic per element
+    sa, sb = each.state_dict()["optimizer"], fused.state_dict()["optimizer"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
+
+
+def test_fused_update_is_off_for_methods_with_their_own_step_and_on_request() -> None:
+    cm = gp.compile(tiny_llama(layers=1), gp.Plan([gp.SoRA(targets=["q_proj", "v_proj"], r=4)]), (IDS,),
+                    {"use_cache": False})
+    step = cm.compile_training("causal_lm", gp.optim.SGD(lr=0.1))  # SoRA's proximal step is per tensor
+    assert not [n for n in calls(step.graph_module, aten.split_with_sizes.default)
+                if (n.meta.get(META_KEY) or {}).get("part") == "optimizer"]
+    with pytest.raises(gp.PlanError, match="fuse_optimizer"):
+        compiled().compile_training("causal_lm", gp.optim.SGD(lr=0.1), fuse_optimizer="yes")

@@ -40,9 +40,10 @@ def llama_step(opt: Any = None, **options: Any) -> Any:
     tests only read it)."""
     if opt is None and not options:
         if "step" not in _CACHE:
-            _CACHE["step"] = llama_step(gp.optim.AdamW(lr=1e-3), example_batch=(IDS,))
+            _CACHE["step"] = llama_step(gp.optim.AdamW(lr=1e-3), example_batch=(IDS,), fuse_optimizer=False)
         return _CACHE["step"]
     opt = opt or gp.optim.AdamW(lr=1e-3)
+    options.setdefault("fuse_optimizer", False)  # these tests place and measure per-tensor updates
     return llama().compile_training("causal_lm", opt, example_batch=options.pop("example_batch", (IDS,)), **options)
 
 

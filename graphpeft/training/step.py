@@ -51,6 +51,8 @@ from .losses import Loss, LossSpec, make_loss
 from .optim import STEP_KEY, Optimizer, make_optimizer
 from ..registry import PASSES, get_backend, get_method, load_plugins
 
+from ..method import AdapterMethod
+
 if TYPE_CHECKING:
     from .backward_report import BackwardReport
     from ..compiled import CompiledModel
@@ -318,6 +320,11 @@ class TrainingOptions:
             graph; random, matrix-multiply and convolution ops are never recomputed) and
             ``schedule_memory`` reorders; a budget that cannot be met raises
             :class:`~graphpeft.errors.GraphPeftError` naming the smallest feasible one.
+        fuse_optimizer: update every trainable tensor at once, on their concatenation (a dozen
+            ops per step instead of a dozen per tensor; the same numbers); ``"auto"`` (default)
+            does when the trainable tensors take at most :data:`FUSED_UPDATE_MAX_BYTES` (adapters),
+            ``False`` keeps one update per tensor, each placed right after its gradient by
+            ``reorder_updates`` (what frees gradient memory early when many bytes train).
         nonfinite: a step whose loss, any gradient or the learning rate is NaN or infinite
             leaves the trainable tensors and the optimizer state unchanged (a ``where`` on a
             finite flag inside the graph, so the exported step does the same) and is counted
@@ -335,10 +342,13 @@ class TrainingOptions:
     executor: Union[None, str, Callable[[fx.GraphModule], Callable[..., Any]]] = None
     memory_budget: Optional[int] = None
     nonfinite: str = "skip"
+    fuse_optimizer: Union[bool, str] = "auto"
 
     def __post_init__(self) -> None:
         if self.nonfinite not in NONFINITE:
             raise PlanError(f"nonfinite must be one of {list(NONFINITE)}, got {self.nonfinite!r}")
+        if self.fuse_optimizer not in (True, False, "auto"):
+            raise PlanError(f"fuse_optimizer must be True, False or 'auto', got {self.fuse_optimizer!r}")
         if self.memory_budget is not None and (isinstance(self.memory_budget, bool)
                                                or not isinstance(self.memory_budget, (int, float))
                                                or not self.memory_budget > 0):
@@ -469,6 +479,82 @@ def apply_after_update(cm: "CompiledModel", lr: float, methods: Optional[Sequenc
             p.copy_(method.after_update(rec, key, p.detach(), lr_t))
 
 
+#: ``fuse_optimizer="auto"`` fuses the update when the trainable tensors take at most this many bytes
+FUSED_UPDATE_MAX_BYTES = 64 << 20
+
+
+def _fuse_update(option: Union[bool, str], params: Sequence[Tensor]) -> bool:
+    if option == "auto":
+        return (len({p.dtype for p in params}) == 1
+                and sum(p.numel() * p.element_size() for p in params) <= FUSED_UPDATE_MAX_BYTES)
+    return bool(option) and len({p.dtype for p in params}) == 1
+
+
+def _skip_nonfinite(loss: Tensor, lr_t: Tensor, olds: Sequence[Tensor],
+                    news: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
+    """``news``, or ``olds`` when the loss, the lr or any of ``news`` is not finite (a ``where``
+    on one flag, so the exported step skips the same way), and the flag "skipped".
+
+    A non-finite loss, lr or gradient makes the update or the state non-finite, so the results
+    are checked, at the end ("check" is not an update phase: reordering leaves it there and no
+    flag is alive during the backward). A NaN or inf anywhere makes a sum non-finite: one
+    reduction per tensor and one ``isfinite``, instead of ``isfinite`` + ``all`` per tensor
+    (seven ops each once decomposed); only sums beyond float32's range (~3e38) would skip a
+    finite step."""
+    with _annotate("check"):
+        sums = [torch.sum(t, dtype=torch.float32) for t in news]
+        finite = torch.isfinite(torch.stack([loss.float(), lr_t.float(), *sums]).sum())
+        kept = [torch.where(finite, new, old) for old, new in zip(olds, news)]
+        return kept, torch.logical_not(finite)
+
+
+def _update_each(optimizer: Optimizer, names: Sequence[str], pdict: Mapping[str, Tensor], grads: Mapping[str, Tensor],
+                 sdict: Mapping[str, Tensor], shared: dict[str, Any], lr_t: Tensor
+                 ) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """The update one parameter at a time (each can run right after its gradient exists)."""
+    new_params, new_state = [], {STEP_KEY: shared["step"]}
+    for n in names:
+        with _annotate("optimizer", param=n):
+            slots = {s: sdict[f"{n}:{s}"] for s in optimizer.param_slots()}
+            new_p, new_slots = optimizer.update_one(pdict[n], grads[n], slots, shared, lr_t)
+        new_params.append(new_p)
+        new_state.update({f"{n}:{s}": v for s, v in new_slots.items()})
+    return new_params, new_state
+
+
+def _update_fused(optimizer: Optimizer, names: Sequence[str], pdict: Mapping[str, Tensor],
+                  grads: Mapping[str, Tensor], sdict: Mapping[str, Tensor], shared: dict[str, Any], lr_t: Tensor,
+                  loss: Tensor) -> tuple[list[Tensor], dict[str, Tensor], Tensor]:
+    """The update of every parameter at once, on their concatenation (a multi-tensor update,
+    like ``torch.optim``'s foreach path), non-finite check included: the optimizers' updates
+    are elementwise, so each element gets the very same arithmetic, in a dozen ops instead of a
+    dozen per tensor (dozens of small adapter tensors made the per-tensor form mostly dispatch
+    overhead); the concatenated copies cost a few times the (small) trainable bytes."""
+    sizes = [pdict[n].numel() for n in names]
+    slot_names = list(optimizer.param_slots())
+
+    def flat(ts: Sequence[Tensor], copy: bool = False) -> Tensor:
+        # gradients are copied contiguous first: a kernel may hand back other strides than the
+        # trace saw (convolution weight gradients), and a view traced as valid would then fail
+        return torch.cat([(t.clone(memory_format=torch.contiguous_format) if copy else t).reshape(-1) for t in ts])
+
+    def unflat(t: Tensor) -> list[Tensor]:
+        return [part.view(pdict[n].shape) for n, part in zip(names, torch.split(t, sizes))]
+
+    with _annotate("optimizer"):
+        old_p = flat([pdict[n] for n in names])
+        old_slots = [flat([sdict[f"{n}:{s}"] for n in names]) for s in slot_names]
+        new_p, new_slots = optimizer.update_one(old_p, flat([grads[n] for n in names], copy=True),
+                                                dict(zip(slot_names, old_slots)), shared, lr_t)
+    news = [new_p, *[new_slots[s] for s in slot_names], shared["step"]]
+    kept, skipped = _skip_nonfinite(loss, lr_t, [old_p, *old_slots, sdict[STEP_KEY]], news)
+    with _annotate("optimizer"):
+        new_state = {STEP_KEY: kept[-1]}
+        for s, v in zip(slot_names, kept[1:-1]):
+            new_state.update({f"{n}:{s}": part for n, part in zip(names, unflat(v))})
+        return unflat(kept[0]), new_state, skipped
+
+
 def _passes_named(names: Sequence[str], what: str) -> list[Any]:
     missing = [n for n in names if n not in PASSES]
     if missing:
@@ -521,6 +607,9 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
     lr_value = float(optimizer.lr if lr is None else lr)
     # methods with a step of their own after the optimizer's (SoRA's proximal L1 step)
     hooks = after_update_hooks(src, param_names)
+    # a method's own post-update step (SoRA) runs per tensor, before the non-finite check
+    own_steps = any(type(m).after_update is not AdapterMethod.after_update for m, _, _ in hooks.values())
+    fuse_update = _fuse_update(options.fuse_optimizer, params) and not own_steps
 
     def run_model(tensors: dict[str, Tensor], inputs: Sequence[Tensor], micro: int) -> Any:
         flat = _FunctionalInterpreter(src, tensors, {"phase": "forward", "micro": micro}).run(*inputs)
@@ -576,28 +665,19 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
             _tag_traced(grads[n], FINAL_GRAD_KEY, n)
         with _annotate("optimizer"):
             shared = optimizer.prepare(sdict, lr_t)
-        new_params: list[Tensor] = []
-        new_state: dict[str, Tensor] = {STEP_KEY: shared["step"]}
-        for n in param_names:
-            with _annotate("optimizer", param=n):
-                slots = {s: sdict[f"{n}:{s}"] for s in optimizer.param_slots()}
-                new_p, new_slots = optimizer.update_one(pdict[n], grads[n], slots, shared, lr_t)
+        if fuse_update:
+            new_params, new_state, skipped = _update_fused(optimizer, param_names, pdict, grads, sdict, shared,
+                                                           lr_t, loss_value)
+        else:
+            new_params, new_state = _update_each(optimizer, param_names, pdict, grads, sdict, shared, lr_t)
+            for i, n in enumerate(param_names):
                 if n in hooks:
-                    method, rec, key = hooks[n]
-                    new_p = method.after_update(rec, key, new_p, lr_t)
-            new_params.append(new_p)
-            for s, v in new_slots.items():
-                new_state[f"{n}:{s}"] = v
-        # a non-finite loss, lr or gradient (which makes the update or the state non-finite) skips
-        # the step: old tensors and state out. Checked on the results, at the end ("check" is not an
-        # update phase, so reordering leaves it there and no flag is alive during the backward)
-        with _annotate("check"):
-            finite = torch.isfinite(loss_value) & torch.isfinite(lr_t)
-            for t in [*new_params, *new_state.values()]:
-                finite = finite & torch.isfinite(t).all()
-            new_params = [torch.where(finite, new, pdict[n]) for n, new in zip(param_names, new_params)]
-            new_state = {s: torch.where(finite, new_state[s], sdict[s]) for s in state_names}
-            skipped = torch.logical_not(finite)
+                    with _annotate("optimizer", param=n):
+                        method, rec, key = hooks[n]
+                        new_params[i] = method.after_update(rec, key, new_params[i], lr_t)
+            olds = [pdict[n] for n in param_names] + [sdict[k] for k in state_names]
+            kept, skipped = _skip_nonfinite(loss_value, lr_t, olds, new_params + [new_state[k] for k in state_names])
+            new_params, new_state = kept[:len(param_names)], dict(zip(state_names, kept[len(param_names):]))
         return (loss_value, *new_params, *[new_state[s] for s in state_names], skipped)
 
     lr_example = torch.tensor(lr_value, dtype=torch.float32)

@@ -114,6 +114,12 @@ class DropIdentity(RewriteRule):
         _forward(match.node, match.bindings["x"])
 
 
+def _is_gradient(node: fx.Node) -> bool:
+    """Whether the step compiler marked ``node`` as a parameter's gradient (it must stay)."""
+    prov = node.meta.get(META_KEY) or {}
+    return any(prov.get(key) for key in GRADIENT_MARKS)
+
+
 class FoldPermutes(RewriteRule):
     """``permute(permute(x, p), q)`` → ``permute(x, p∘q)``, or ``x`` when that is the identity."""
 
@@ -126,7 +132,10 @@ class FoldPermutes(RewriteRule):
         if not isinstance(inner, fx.Node) or inner.target != aten.permute.default:
             return None
         p, q = list(inner.args[1]), list(node.args[1])
-        return MatchResult.success(self.name, node, x=inner.args[0], dims=[p[i] for i in q])
+        return MatchResult.success(self.name, node, x=inner.args[0], dims=[p[i] for i in q], inner=inner)
+
+    def check(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> Optional[str]:
+        return "the inner permute is a parameter's gradient" if _is_gradient(match.bindings["inner"]) else None
 
     def rewrite(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> None:
         dims, x = match.bindings["dims"], match.bindings["x"]
@@ -152,6 +161,8 @@ class FoldViews(RewriteRule):
             return None
         if node.target != aten.view.default or x.target != aten.view.default:
             return "not a view of a view"
+        if _is_gradient(x):
+            return "the inner view is a parameter's gradient"
         base = val(x.args[0]) if isinstance(x.args[0], fx.Node) else None
         if not isinstance(base, torch.Tensor) or not base.is_contiguous():
             return "the viewed tensor is not contiguous: a direct view may not exist"

@@ -334,6 +334,9 @@ def _replace_conv_backward(gm: fx.GraphModule) -> int:
             for i in range(nd):
                 if int(_val(gw).shape[2 + i]) != kernel[i]:
                     gw = builder.call(aten.slice.Tensor, gw, 2 + i, 0, kernel[i])
+            # contiguous, as convolution_backward's own result: later views of it (a flattened
+            # multi-tensor update) rely on that (an Identity in ONNX)
+            gw = builder.call(aten.clone.default, gw, memory_format=torch.contiguous_format)
             if list(_val(gw).shape) != list(w_v.shape):
                 raise ExportError(f"{node.name}: internal error, weight gradient shape {list(_val(gw).shape)} "
                                   f"!= {list(w_v.shape)}")
