@@ -38,11 +38,12 @@ class Case:
         return F.cross_entropy(logits, self.labels)
 
 
-def llama_case(quick: bool = False) -> Case:
-    """The benchmark model of DESIGN.md: Llama, hidden 256, 4 layers, batch 4 x 128 tokens."""
+def llama_case(quick: bool = False, seq: int = 128) -> Case:
+    """The benchmark model of DESIGN.md: Llama, hidden 256, 4 layers, batch 4 x 128 tokens
+    (``seq``: another sequence length; case ``llama256`` is 4 x 256)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    layers, seq = (2, 64) if quick else (4, 128)
+    layers, seq = (2, 64) if quick else (4, seq)
     cfg = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
 
@@ -51,7 +52,7 @@ def llama_case(quick: bool = False) -> Case:
         return LlamaForCausalLM(cfg)
 
     ids = torch.randint(0, cfg.vocab_size, (4, seq), generator=torch.Generator().manual_seed(0))
-    return Case("llama", build, (ids,), {"use_cache": False}, LLAMA_LINEAR, "causal_lm",
+    return Case("llama" if seq == 128 else f"llama{seq}", build, (ids,), {"use_cache": False}, LLAMA_LINEAR, "causal_lm",
                 last_layer=(f"model.layers.{layers - 1}.", "model.norm.", "lm_head."))
 
 
@@ -109,7 +110,12 @@ def cnn_case(quick: bool = False) -> Case:
                 last_layer=(f"blocks.{blocks - 1}.", "fc."))
 
 
-CASES = {"llama": llama_case, "bert": bert_case, "cnn": cnn_case}
+def llama256_case(quick: bool = False) -> Case:
+    """The benchmark Llama at batch 4 x 256 tokens."""
+    return llama_case(quick, seq=256)
+
+
+CASES = {"llama": llama_case, "llama256": llama256_case, "bert": bert_case, "cnn": cnn_case}
 
 
 # --- training contenders ----------------------------------------------------------------------

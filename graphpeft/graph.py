@@ -191,6 +191,20 @@ def val(node: fx.Node) -> Optional[torch.Tensor]:
     return v if isinstance(v, torch.Tensor) else None
 
 
+def numel_hint(node: fx.Node) -> int:
+    """Elements of a node's value (-1 if unknown), symbolic sizes at their example value: read
+    without guarding on them (``int()`` of a symbolic size would specialize a dynamic batch)."""
+    v = val(node)
+    if v is None:
+        return -1
+    n = 1
+    for d in v.shape:
+        if isinstance(d, torch.SymInt):
+            d = d.node.hint if d.node.hint is not None else 1
+        n *= int(d)
+    return n
+
+
 # --- building nodes --------------------------------------------------------------------------
 
 

@@ -15,26 +15,12 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from graphpeft.graph import META_KEY, GraphBuilder, Provenance, val
+from graphpeft.graph import META_KEY, GraphBuilder, Provenance, numel_hint
 from graphpeft.infra import PassContext
 from graphpeft.registry import register_pass
 from graphpeft.rewrite import MatchResult, RewritePass, RewriteRule
 
 aten = torch.ops.aten
-
-
-def _numel(node: fx.Node) -> int:
-    """Elements of a node's value, symbolic sizes at their example value (read without
-    guarding on them: ``int()`` of a symbolic size would specialize a dynamic batch)."""
-    v = val(node)
-    if not isinstance(v, torch.Tensor):
-        return -1
-    n = 1
-    for d in v.shape:
-        if isinstance(d, torch.SymInt):
-            d = d.node.hint if d.node.hint is not None else 1
-        n *= int(d)
-    return n
 
 
 class ScaleOntoWeight(RewriteRule):
@@ -60,10 +46,10 @@ class ScaleOntoWeight(RewriteRule):
             return "the linear has a bias: the scale would have to go on both"
         if len(y.users) != 1:
             return "the unscaled product is used elsewhere"
-        if not isinstance(weight, fx.Node) or _numel(weight) < 0 or _numel(y) < 0:
+        if not isinstance(weight, fx.Node) or numel_hint(weight) < 0 or numel_hint(y) < 0:
             return "shapes unknown (no meta['val'])"
-        if _numel(weight) >= _numel(y):
-            return f"the weight ({_numel(weight)} elements) is not smaller than the product ({_numel(y)})"
+        if numel_hint(weight) >= numel_hint(y):
+            return f"the weight ({numel_hint(weight)} elements) is not smaller than the product ({numel_hint(y)})"
         return None
 
     def rewrite(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> None:

@@ -5,8 +5,9 @@ Each is a thin GEMM that reads all of ``x``; their backward adds three weight-gr
 ``x`` and three input-gradient GEMMs summed into one tensor. Concatenating the ``A`` factors
 (tiny) makes each of those one wider GEMM: ``x`` is read once, the input gradient needs no sums.
 
-Only trainable weights are fused (concatenating frozen base weights every step would copy them),
-only bias-free linears, and only when they read the very same node: adapters with dropout draw
+Only trainable weights smaller than the input they share are fused (adapter factors, not full
+base weights: concatenating those every step would copy more than it saves), only bias-free
+linears, and only when they read the very same node: adapters with dropout draw
 their own mask each, so they read different nodes and never fuse (the masks stay as they were).
 """
 
@@ -18,7 +19,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from graphpeft.graph import META_KEY, GraphBuilder, Provenance, roles, val
+from graphpeft.graph import META_KEY, GraphBuilder, Provenance, numel_hint, roles, val
 from graphpeft.infra import PassContext
 from graphpeft.registry import register_pass
 from graphpeft.rewrite import MatchResult, RewritePass, RewriteRule
@@ -57,6 +58,10 @@ class ConcatenateProjections(RewriteRule):
             return "weights are not 2-d tensors with known shapes"
         if len({(w.shape[1], w.dtype) for w in weights}) != 1:
             return "the projections differ in input size or dtype"
+        w_elems, x_elems = sum(int(w.numel()) for w in weights), numel_hint(match.node)
+        if w_elems >= x_elems:
+            return (f"the weights ({w_elems} elements) are not smaller than the shared input ({x_elems}): "
+                    "concatenating them every step would cost more than reading the input again")
         return None
 
     def rewrite(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> None:
