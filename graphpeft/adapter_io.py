@@ -12,11 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from .errors import AdapterFileError
-from .paths import check_output_folder
+from .paths import atomic_write, check_output_folder
 from .graph import adapter_name_of
 
 if TYPE_CHECKING:
@@ -26,21 +25,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "graphpeft-adapter"
 FORMAT_VERSION = 1
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_adapter(cm: "CompiledModel", folder: Union[str, os.PathLike],
@@ -79,8 +63,8 @@ def save_adapter(cm: "CompiledModel", folder: Union[str, os.PathLike],
     }
     weights_path = os.path.join(folder, WEIGHTS_NAME)
     config_path = os.path.join(folder, CONFIG_NAME)
-    _atomic_write(weights_path, blob)
-    _atomic_write(config_path, json.dumps(config, indent=2, sort_keys=True).encode())
+    atomic_write(weights_path, blob)
+    atomic_write(config_path, json.dumps(config, indent=2, sort_keys=True).encode())
     return {"weights": weights_path, "config": config_path}
 
 

@@ -219,15 +219,22 @@ class PassManager:
 def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
     """A new graph module over a copy of ``gm``'s graph that shares its tensors: passes may
     rewrite the copy (and register new tensors on it) without touching ``gm`` or copying its
-    weights. Node metadata is copied one level deep; graph metadata (roles, adapter records)
-    is copied too."""
+    weights. Node metadata is copied one level deep; so is graphpeft's graph metadata, with
+    its own role and adapter tables (a pass may add or drop entries); an analysis stored there
+    (the memory report) describes ``gm``, so the copy starts without it."""
+    from .graph import META_KEY
+
     graph = fx.Graph()
     out, old_output = graph.graph_copy(gm.graph, {}, return_output_node=True)
     new_output = graph.output(out)
     new_output.meta = copy.copy(old_output.meta)
     graph._codegen = copy.deepcopy(gm.graph._codegen)
     new = fx.GraphModule(gm, graph)
-    new.meta = copy.deepcopy({k: v for k, v in gm.meta.items()})
+    new.meta = dict(gm.meta)
+    if META_KEY in gm.meta:
+        meta = gm.meta[META_KEY]
+        new.meta[META_KEY] = {**meta, "roles": dict(meta.get("roles", {})), "adapters": dict(meta.get("adapters", {}))}
+        new.meta[META_KEY].pop("memory", None)
     return new
 
 

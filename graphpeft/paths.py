@@ -1,15 +1,37 @@
 """Checks of output paths, run by every public writer before it does any work, so that a bad
-path gives a typed error that says what to do, and nothing is half-written."""
+path gives a typed error that says what to do, and nothing is half-written; and the one atomic
+writer every output goes through (temporary file, fsync, rename)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable, Union
 
 from .errors import GraphPeftError
 
-__all__ = ["check_output_file", "check_output_folder"]
+__all__ = ["atomic_write", "check_output_file", "check_output_folder"]
+
+
+def atomic_write(path: str, content: Union[bytes, Callable[[str], None]]) -> None:
+    """Write ``path`` atomically: ``content`` (bytes, or a function that writes a file at the
+    path it is given) goes to a temporary file in the same folder, is fsynced and renamed into
+    place, so a reader sees the old file or the whole new one, never half of it."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(content, (bytes, bytearray)):
+                f.write(content)
+        if not isinstance(content, (bytes, bytearray)):
+            content(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _fspath(path: Any, what: str, error: type[GraphPeftError]) -> str:

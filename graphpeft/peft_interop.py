@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 
-from .adapter_io import _atomic_write
+from .paths import atomic_write
 from .errors import AdapterFileError, PlanError
 from .paths import check_output_folder
 from .graph import DEFAULT_ADAPTER, Layer, Role, adapter_name_of, adapters, find_layers
@@ -247,8 +247,8 @@ def export_peft(cm: "CompiledModel", folder: Union[str, os.PathLike],
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     weights_path, config_path = os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, CONFIG_NAME)
-    _atomic_write(weights_path, save(state, metadata={"format": "pt"}))
-    _atomic_write(config_path, json.dumps(config, indent=2, sort_keys=True).encode())
+    atomic_write(weights_path, save(state, metadata={"format": "pt"}))
+    atomic_write(config_path, json.dumps(config, indent=2, sort_keys=True).encode())
     return {"weights": weights_path, "config": config_path}
 
 

@@ -22,7 +22,6 @@ With ``external_data`` the weights go to a data file ``<stem>.ptd`` beside the p
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import logging
@@ -36,8 +35,8 @@ import torch
 import torch.fx as fx
 
 from graphpeft.errors import ExportError
-from graphpeft.graph import graph_meta
-from graphpeft.infra import PassContext, PassManager, Pipeline
+from graphpeft.paths import atomic_write
+from graphpeft.infra import PassContext, PassManager, Pipeline, copy_graph
 from graphpeft.registry import PASSES
 
 if TYPE_CHECKING:
@@ -114,16 +113,7 @@ def legalized_copy(gm: fx.GraphModule, *, training: bool, verifier: Optional[Cal
                    verify: bool = True) -> tuple[fx.GraphModule, dict[str, int]]:
     """A copy of the graph (tensors shared) run through ``legalize_executorch`` and dead-code
     removal, checked by ``verifier``."""
-    graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {}, return_output_node=True)
-    graph.output(out[0] if isinstance(out, tuple) else out)
-    graph._codegen = copy.copy(gm.graph._codegen)
-    new = fx.GraphModule(gm, graph)
-    meta = graph_meta(gm)
-    new.meta["graphpeft"] = {**meta, "roles": dict(meta["roles"]), "adapters": dict(meta.get("adapters", {}))}
-    new.meta["graphpeft"].pop("memory", None)
-    for node, src in zip(new.graph.nodes, gm.graph.nodes):  # own meta dicts: the pass edits them
-        node.meta = dict(src.meta)
+    new = copy_graph(gm)  # own node meta dicts: the pass edits them
     ctx = PassContext(verify=verify)
     pipeline = Pipeline("legalize_executorch", [PASSES["legalize_executorch"](training=training),
                                                 PASSES["remove_dead_code"]()])
@@ -238,17 +228,11 @@ def _atomic_save(program: Any, path: str, external_data: bool) -> tuple[Optional
             os.replace(src, data_path)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + base + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             program.write_to_file(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
     return data_path, data_bytes
 
 

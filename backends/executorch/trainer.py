@@ -19,14 +19,14 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from graphpeft.errors import ExportError, GraphPeftError, NonFiniteError
-from graphpeft.training import TrainingSignature, load_training_state, save_training_state
+from graphpeft.training import TrainerCheckpoints, TrainingSignature
 
 from .export import FORMAT, FORMAT_VERSION
 from .runner import load_method, load_program, read_meta
 from .train_export import INITIAL_METHOD
 
 
-class ExecuTorchTrainer:
+class ExecuTorchTrainer(TrainerCheckpoints):
     """Runs an exported training step (see ``TrainingStep.export_executorch``) in ExecuTorch.
 
     Args:
@@ -149,30 +149,6 @@ class ExecuTorchTrainer:
         self._values = new
         if "lr" in state:
             self.lr = float(state["lr"])
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained tensors under the model's (PEFT) key names: load them with
-        ``cm.load_adapter_state_dict``."""
-        return self.state_dict()["params"]
-
-    def save_checkpoint(self, path: Union[str, os.PathLike]) -> None:
-        """Write parameters, optimizer state, lr and step count to ``path`` (safetensors, atomic)."""
-        save_training_state(path, self.state_dict(), signature=self.signature, extra={"steps": self.steps})
-
-    def load_checkpoint(self, path: Union[str, os.PathLike]) -> None:
-        """Resume from a checkpoint written by :meth:`save_checkpoint` (or a ``TrainingStep``'s or
-        an ``OnnxTrainer``'s)."""
-        state, extra = load_training_state(path, signature=self.signature)
-        self.load_state_dict(state)
-        self.steps = int(extra.get("steps", 0))
-
-    @classmethod
-    def resume(cls, path: Union[str, os.PathLike], checkpoint: Union[str, os.PathLike],
-               **kwargs: Any) -> "ExecuTorchTrainer":
-        """A trainer for ``path`` that continues from ``checkpoint``."""
-        trainer = cls(path, **kwargs)
-        trainer.load_checkpoint(checkpoint)
-        return trainer
 
     def __repr__(self) -> str:
         return (f"ExecuTorchTrainer({self.path!r}, {len(self._param_specs)} trainable tensors, "

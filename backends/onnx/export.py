@@ -180,13 +180,9 @@ def _lowered(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """``gm`` after the forward lowering the training step gets too (LoRA scaling folded into
     ``B``, shared-input ``A`` factors as one MatMul): with the adapters as initializers,
     onnxruntime folds the scaled and concatenated weights once at load time."""
-    from graphpeft.infra import PassContext, PassManager, Pipeline, copy_graph
-    from graphpeft.registry import PASSES
-    from graphpeft.training.step import DEFAULT_FORWARD_LOWERING
-    from graphpeft.verify import verify
+    from graphpeft.training.step import TrainingOptions, lower_forward
 
-    pipeline = Pipeline("inference_lowering", [PASSES[n]() for n in DEFAULT_FORWARD_LOWERING])
-    return PassManager(verifier=verify).run(copy_graph(gm), pipeline, PassContext(verify=True)).gm
+    return lower_forward(gm, TrainingOptions())
 
 
 def _translate_graph(gm: torch.fx.GraphModule, input_names: list[str], output_names: list[str],

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from graphpeft.errors import ExportError
+from graphpeft.paths import atomic_write
 
 PathLike = Union[str, os.PathLike]
 
@@ -155,17 +156,7 @@ def write_onnx_adapter(path: PathLike, tensors: Mapping[str, Any], *, adapter_ve
     fmt.set_parameters(params)
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        fmt.export_adapter(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, fmt.export_adapter)
     return path
 
 

@@ -18,7 +18,6 @@ that model are removed afterwards.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import glob
 import json
@@ -34,8 +33,7 @@ import torch
 import torch.fx as fx
 
 from graphpeft.errors import ExportError
-from graphpeft.graph import graph_meta
-from graphpeft.infra import PassContext, PassManager, Pipeline
+from graphpeft.infra import PassContext, PassManager, Pipeline, copy_graph
 from graphpeft.registry import PASSES
 from graphpeft.training import TRAINING_META, TrainingSignature, signature_of, verify_training
 
@@ -72,14 +70,7 @@ def legalized_copy(gm: fx.GraphModule, verify: bool = True,
                    verifier: Callable[[fx.GraphModule], None] = verify_training) -> tuple[fx.GraphModule, dict[str, int]]:
     """A copy of the graph (tensors shared, not copied) run through ``legalize_onnx`` and
     dead-code removal, checked by ``verifier`` (the training verifier by default)."""
-    graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {}, return_output_node=True)
-    graph.output(out[0] if isinstance(out, tuple) else out)
-    graph._codegen = copy.copy(gm.graph._codegen)
-    new = fx.GraphModule(gm, graph)
-    meta = graph_meta(gm)
-    new.meta["graphpeft"] = {**meta, "roles": dict(meta["roles"]), "adapters": dict(meta.get("adapters", {}))}
-    new.meta["graphpeft"].pop("memory", None)
+    new = copy_graph(gm)
     ctx = PassContext(verify=verify)
     # upcast_low_precision: bf16 / fp16 ops computed in float32 between casts (onnxruntime's CPU
     # provider lacks their kernels); a no-op on float32 graphs

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from graphpeft.errors import ExportError, GraphPeftError, NonFiniteError
-from graphpeft.training import TrainingSignature, load_training_state, save_training_state
+from graphpeft.training import TrainerCheckpoints, TrainingSignature
 
 from .train_export import read_signature
 
@@ -72,7 +72,7 @@ def _value_tensor(value: Any) -> torch.Tensor:
     return torch.from_numpy(value.numpy().copy())
 
 
-class OnnxTrainer:
+class OnnxTrainer(TrainerCheckpoints):
     """Runs an exported training step (see ``TrainingStep.export_onnx``) in onnxruntime.
 
     Args:
@@ -263,28 +263,6 @@ class OnnxTrainer:
         self._set_values(arrays)
         if "lr" in state:
             self.lr = float(state["lr"])
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained tensors under the model's (PEFT) key names: load them with
-        ``cm.load_adapter_state_dict``."""
-        return self.state_dict()["params"]
-
-    def save_checkpoint(self, path: Union[str, os.PathLike]) -> None:
-        """Write parameters, optimizer state, lr and step count to ``path`` (safetensors, atomic)."""
-        save_training_state(path, self.state_dict(), signature=self.signature, extra={"steps": self.steps})
-
-    def load_checkpoint(self, path: Union[str, os.PathLike]) -> None:
-        """Resume from a checkpoint written by :meth:`save_checkpoint` (or ``TrainingStep``'s)."""
-        state, extra = load_training_state(path, signature=self.signature)
-        self.load_state_dict(state)
-        self.steps = int(extra.get("steps", 0))
-
-    @classmethod
-    def resume(cls, path: Union[str, os.PathLike], checkpoint: Union[str, os.PathLike], **kwargs: Any) -> "OnnxTrainer":
-        """A trainer for ``path`` that continues from ``checkpoint``."""
-        trainer = cls(path, **kwargs)
-        trainer.load_checkpoint(checkpoint)
-        return trainer
 
     def __repr__(self) -> str:
         return (f"OnnxTrainer({self.path!r}, {len(self._param_specs)} trainable tensors, "

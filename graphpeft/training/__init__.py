@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from . import losses, optim
 from .step import (MEMORY_CATEGORIES, ORDER_KEY, PHASES, TRAINING_META, UPDATE_PHASES, MemoryReport,
-                   TrainingOptions, TrainingSignature, TrainingStep, apply_after_update, compile_training,
+                   TrainerCheckpoints, TrainingOptions, TrainingSignature, TrainingStep, apply_after_update, compile_training,
                    load_training_state, phase_of, save_training_state, signature_of, trace_training_step,
                    verify_training)
 
 __all__ = ["MEMORY_CATEGORIES", "ORDER_KEY", "PHASES", "TRAINING_META", "UPDATE_PHASES", "MemoryReport",
-           "TrainingOptions", "TrainingSignature", "TrainingStep", "apply_after_update", "compile_training",
+           "TrainerCheckpoints", "TrainingOptions", "TrainingSignature", "TrainingStep", "apply_after_update", "compile_training",
            "load_training_state", "losses", "optim", "phase_of", "save_training_state", "signature_of",
            "trace_training_step", "verify_training"]

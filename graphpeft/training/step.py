@@ -853,7 +853,7 @@ def save_training_state(path: Union[str, os.PathLike], state: Mapping[str, Any],
 
     from safetensors.torch import save
 
-    from ..adapter_io import _atomic_write
+    from ..paths import atomic_write
 
     tensors = {f"param/{k}": v.detach().cpu().contiguous() for k, v in state["params"].items()}
     tensors.update({f"state/{k}": v.detach().cpu().contiguous() for k, v in state["optimizer"].items()})
@@ -866,7 +866,7 @@ def save_training_state(path: Union[str, os.PathLike], state: Mapping[str, Any],
     path = check_output_file(path, "save_checkpoint", GraphPeftError)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    _atomic_write(os.path.abspath(path), save(tensors, metadata=meta))
+    atomic_write(os.path.abspath(path), save(tensors, metadata=meta))
 
 
 def load_training_state(path: Union[str, os.PathLike], signature: Optional[TrainingSignature] = None
@@ -895,6 +895,45 @@ def load_training_state(path: Union[str, os.PathLike], signature: Optional[Train
              "optimizer": {k[len("state/"):]: v for k, v in tensors.items() if k.startswith("state/")},
              "lr": float(meta.get("lr", "0"))}
     return state, json.loads(meta.get("extra", "{}"))
+
+
+class TrainerCheckpoints:
+    """Checkpoint methods shared by the runtime trainers (``OnnxTrainer``, ``ExecuTorchTrainer``):
+    a trainer provides ``signature``, ``steps``, ``state_dict()`` and ``load_state_dict()``; the
+    files are :func:`save_training_state`'s, so torch, onnxruntime and ExecuTorch resume each
+    other's."""
+
+    signature: TrainingSignature
+    steps: int
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """The trained tensors under the model's (PEFT) key names: load them with
+        ``cm.load_adapter_state_dict``."""
+        return self.state_dict()["params"]
+
+    def save_checkpoint(self, path: Union[str, os.PathLike]) -> None:
+        """Write parameters, optimizer state, lr and step count to ``path`` (safetensors, atomic)."""
+        save_training_state(path, self.state_dict(), signature=self.signature, extra={"steps": self.steps})
+
+    def load_checkpoint(self, path: Union[str, os.PathLike]) -> None:
+        """Resume from a checkpoint written by :meth:`save_checkpoint` (or by a ``TrainingStep``
+        or another runtime's trainer)."""
+        state, extra = load_training_state(path, signature=self.signature)
+        self.load_state_dict(state)
+        self.steps = int(extra.get("steps", 0))
+
+    @classmethod
+    def resume(cls, path: Union[str, os.PathLike], checkpoint: Union[str, os.PathLike], **kwargs: Any) -> Any:
+        """A trainer for ``path`` that continues from ``checkpoint``."""
+        trainer = cls(path, **kwargs)  # type: ignore[call-arg]
+        trainer.load_checkpoint(checkpoint)
+        return trainer
 
 
 # --- the step -----------------------------------------------------------------------------------
@@ -1191,6 +1230,6 @@ def compile_training(cm: "CompiledModel", loss: LossSpec, optimizer: Union[Optim
     return TrainingStep(cm, loss, optimizer, TrainingOptions(**options))
 
 
-__all__ = ["DEFAULT_FORWARD_LOWERING", "DEFAULT_TRAINING_PASSES", "lower_forward", "IOSpec", "after_update_hooks", "apply_after_update", "load_training_state", "save_training_state", "MemoryReport", "TrainingOptions", "TrainingSignature",
+__all__ = ["TrainerCheckpoints", "DEFAULT_FORWARD_LOWERING", "DEFAULT_TRAINING_PASSES", "lower_forward", "IOSpec", "after_update_hooks", "apply_after_update", "load_training_state", "save_training_state", "MemoryReport", "TrainingOptions", "TrainingSignature",
            "TrainingStep", "compile_training", "phase_of", "signature_of", "trace_training_step",
            "verify_training"]
