@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import InputError, TraceError
 from .graph import Role, attach_tensor, graph_meta, roles
+from .linear_forms import canonicalize_linears
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +289,7 @@ def _finish(graph: fx.Graph, lifted: list[tuple[fx.Node, str]],
     gm = fx.GraphModule(root, graph)
     for target, (_, role) in tensors.items():
         roles(gm)[target] = role
+    canonicalize_linears(gm)  # x @ W.T, mm, einsum ... -> aten.linear: one form for every layer
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
