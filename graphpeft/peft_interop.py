@@ -17,8 +17,14 @@ Our tensor names are PEFT's module-relative names already; PEFT's file prefixes 
 tensor PEFT saves, frozen constants included (VeRA's projections, LoRA-FA's A, SHiRA's indices),
 and ``target_modules`` lists the adapted module paths, so PEFT adapts exactly the same layers.
 
-On import, every config entry graphpeft does not map must have its default value (no
-``bias``, ``modules_to_save``, ``layer_replication`` ...): anything else raises
+``modules_to_save`` (modules PEFT trains in full beside the adapter, e.g. a classification head)
+maps to a ``gp.Update(targets=..., part="module")`` rule: the module's own parameters train, and
+the folder holds them under their model names (``base_model.model.classifier.weight``, as PEFT
+saves its ``classifier.modules_to_save.default.weight``). graphpeft trains the model's tensors,
+not a per-adapter copy, so they belong to the model's first adapter ("default") only.
+
+On import, every other config entry graphpeft does not map must have its default value (no
+``bias``, ``layer_replication`` ...): anything else raises
 :class:`~graphpeft.errors.AdapterFileError` naming it, as does a config that does not fit the
 model (no layer matches, shapes differ). Writes are atomic, tensor file first.
 """
@@ -38,9 +44,10 @@ import torch
 from .paths import atomic_write
 from .errors import AdapterFileError, PlanError
 from .paths import check_output_folder
-from .graph import DEFAULT_ADAPTER, Layer, Role, adapter_name_of, adapters, find_layers
+from .graph import (DEFAULT_ADAPTER, Layer, Role, adapter_name_of, adapters, find_layers, get_tensor, graph_meta,
+                    register_tensor, roles)
 from .plan import Plan, Rule
-from .registry import METHODS, get_method, load_plugins
+from .registry import METHODS, RULES, get_method, load_plugins
 
 if TYPE_CHECKING:
     from .compiled import CompiledModel
@@ -60,6 +67,11 @@ IGNORED = {"peft_type", "peft_version", "auto_mapping", "base_model_name_or_path
            "inference_mode", "init_lora_weights", "init_ia3_weights", "init_weights", "megatron_core",
            "qalora_group_size", "fan_in_fan_out", "save_projection", "layers_pattern"}
 _DEFAULTISH = (None, False, "none", "")
+#: PEFT's file prefix of every model tensor
+PREFIX = "base_model.model."
+#: ``graph_meta`` key of the sparse-update records (``passes/update``'s ``UPDATES_META``); a
+#: record with a ``"module"`` came from ``Update(part="module")``: PEFT's modules_to_save
+_UPDATES_META = "updates"
 
 
 # --- choosing the method ----------------------------------------------------------------------
@@ -105,7 +117,7 @@ def plan_from_peft(config: dict[str, Any], layers: Sequence[Layer], method: Opti
     """
     m = method_for(config, method)
     known = (IGNORED | set(COMMON_OPTIONS.values()) | set(m.peft_options.values()) | set(m.peft_fixed)
-             | set(m.peft_patterns))
+             | set(m.peft_patterns) | {"modules_to_save"})
     unsupported = sorted(k for k, v in config.items()
                          if k not in known and v not in _DEFAULTISH and v != {} and v != [])
     if unsupported:
@@ -123,9 +135,10 @@ def plan_from_peft(config: dict[str, Any], layers: Sequence[Layer], method: Opti
         rule = m.rule.from_body(body)
     except PlanError as e:
         raise AdapterFileError(f"the PEFT config does not translate into a {m.name} rule: {e}") from e
+    saved = _modules_to_save_rule(config)
     patterns = {ours: config.get(theirs) or {} for theirs, ours in m.peft_patterns.items()}
     if not any(patterns.values()):
-        return Plan([rule])
+        return Plan([rule, *saved])
     groups: dict[tuple, list[str]] = collections.OrderedDict()
     for layer in layers:
         if rule.select(layer) is not None:
@@ -143,7 +156,31 @@ def plan_from_peft(config: dict[str, Any], layers: Sequence[Layer], method: Opti
             rules.append(dataclasses.replace(rule, targets=targets, exclude=None, layers=None, **dict(overrides)))
         except (PlanError, TypeError) as e:
             raise AdapterFileError(f"the PEFT config's per-layer values {dict(overrides)} do not fit: {e}") from e
-    return Plan(rules or [rule])
+    return Plan([*(rules or [rule]), *saved])
+
+
+def _modules_to_save_rule(config: dict[str, Any]) -> list[Rule]:
+    """``[Update(part="module")]`` for a config's ``modules_to_save`` (none: ``[]``). PEFT
+    wraps every module whose path ends with an entry (plain ``str.endswith``): the regex
+    ``.*<entry>`` matches the same paths."""
+    names = config.get("modules_to_save") or []
+    if isinstance(names, str):
+        names = [names]
+    if not names:
+        return []
+    load_plugins()
+    targets = "|".join(f".*{re.escape(n)}" for n in names)
+    return [RULES["update"].from_body({"targets": targets, "part": "module"})]
+
+
+def saved_modules(cm: "CompiledModel") -> dict[str, list[str]]:
+    """PEFT's ``modules_to_save`` of ``cm``: module path -> the graph tensors it trains
+    (from its ``Update(part="module")`` rules)."""
+    out: dict[str, set[str]] = {}
+    for rec in graph_meta(cm.graph_module).get(_UPDATES_META, {}).values():
+        if rec.get("module"):
+            out.setdefault(rec["module"], set()).update(rec["tensors"])
+    return {k: sorted(v) for k, v in sorted(out.items())}
 
 
 # --- reading and writing folders -----------------------------------------------------------------
@@ -213,7 +250,9 @@ def peft_config(cm: "CompiledModel", adapter_name: str = DEFAULT_ADAPTER) -> dic
                 raise AdapterFileError(f"adapter {adapter_name!r} uses {ours}={value!r} on {rec['layer']} but "
                                        f"{base_options[ours]!r} elsewhere; PEFT holds one {ours} per adapter")
             config.setdefault(pattern_of[ours], {})[re.escape(rec["layer"])] = value
+    modules = saved_modules(cm) if adapter_name == DEFAULT_ADAPTER else {}
     config.update({
+        "modules_to_save": sorted(modules) or None,
         "target_modules": [r["layer"] for r in recs],  # exactly our layers, whatever the rules said
         "fan_in_fan_out": any(r.get("fan_in_fan_out") for r in recs),
         "task_type": None,
@@ -238,9 +277,12 @@ def export_peft(cm: "CompiledModel", folder: Union[str, os.PathLike],
     config = peft_config(cm, adapter_name)
     m = get_method(_records_of(cm, adapter_name)[0]["method"])
     live = cm._live_tensors(adapter_name)
-    if any(r in (Role.TRAINABLE, Role.TRAINABLE_SLICE) for r in cm.roles().values()):
-        log.warning("the model also trains base weights (sparse updates): a PEFT adapter folder does not hold them")
+    saved = {t for ts in (saved_modules(cm) if adapter_name == DEFAULT_ADAPTER else {}).values() for t in ts}
+    if any(r in (Role.TRAINABLE, Role.TRAINABLE_SLICE) and n not in saved for n, r in cm.roles().items()):
+        log.warning("the model also trains base weights (sparse updates) outside modules_to_save: a PEFT adapter "
+                    "folder does not hold them")
     state = {m.peft_key(k): t.detach().contiguous() for k, (t, _) in live.items()}
+    state.update({PREFIX + n: get_tensor(cm.graph_module, n).detach().contiguous() for n in saved})
     # copies, not shared storage: safetensors refuses tensors that share memory
     state.update({alias: state[key].clone() for alias, key in _aliases(m, _records_of(cm, adapter_name)).items()
                   if key in state})
@@ -277,6 +319,11 @@ def import_peft(model: Union[torch.nn.Module, "CompiledModel"], folder: Union[st
     from .compiled import CompiledModel
 
     config, state = read_peft_folder(folder)
+    if config.get("modules_to_save") and (isinstance(model, CompiledModel) or adapter_name != DEFAULT_ADAPTER):
+        raise AdapterFileError(f"the PEFT adapter in {os.fspath(folder)} trains modules_to_save "
+                               f"{config['modules_to_save']}; graphpeft trains those modules' own tensors (not a copy "
+                               "per adapter), so import it as the model's first adapter: "
+                               "gp.import_peft(base_model, folder, example_inputs)")
     if isinstance(model, CompiledModel):
         cm = model
         plan = plan_from_peft(config, find_layers(cm.graph_module), method)
@@ -328,6 +375,7 @@ def _load(cm: "CompiledModel", adapter_name: str, state: dict[str, torch.Tensor]
     live = cm._live_tensors(adapter_name)
     by_peft_key = {m.peft_key(k): k for k in live}
     state = dict(state)
+    base = _pop_saved_modules(cm, state, where) if adapter_name == DEFAULT_ADAPTER else {}
     for alias, key in _aliases(m, recs).items():
         if alias not in state:
             continue
@@ -342,3 +390,41 @@ def _load(cm: "CompiledModel", adapter_name: str, state: dict[str, torch.Tensor]
                                f"{' ...' if len(unknown) > 5 else ''}; does its config fit this model?")
     # constants PEFT did not save (VeRA with save_projection=False) keep their regenerated values
     cm.load_adapter_state_dict({by_peft_key[k]: v for k, v in state.items()}, adapter_name=adapter_name)
+    _load_saved_modules(cm, base)
+
+
+def _pop_saved_modules(cm: "CompiledModel", state: dict[str, torch.Tensor],
+                       where: str) -> dict[str, torch.Tensor]:
+    """Take the modules_to_save tensors out of ``state`` (graph name -> value), checked: every
+    trained tensor of those modules present, shapes equal. Buffers of the modules (a norm's
+    running statistics) may be there too."""
+    modules = saved_modules(cm)
+    if not modules:
+        return {}
+    gm = cm.graph_module
+    wanted = {t for ts in modules.values() for t in ts}
+    buffers = {n for n, r in roles(gm).items() if r == Role.BUFFER and any(n.startswith(p + ".") for p in modules)}
+    out = {k[len(PREFIX):]: state.pop(k) for k in list(state)
+           if k.startswith(PREFIX) and k[len(PREFIX):] in wanted | buffers}
+    problems = [f"missing {n}" for n in sorted(wanted - set(out))]
+    problems += [f"{n} has shape {tuple(v.shape)}, the model needs {tuple(get_tensor(gm, n).shape)}"
+                 for n, v in out.items() if tuple(v.shape) != tuple(get_tensor(gm, n).shape)]
+    if problems:
+        raise AdapterFileError(f"{where}: the modules_to_save tensors do not fit this model (nothing was loaded): "
+                               + "; ".join(problems[:5]))
+    return out
+
+
+def _load_saved_modules(cm: "CompiledModel", values: dict[str, torch.Tensor]) -> None:
+    """Give the modules_to_save tensors the file's values: trained parameters in place (they are
+    the graph's private copies); a buffer gets a new tensor, as the frozen graph shares its
+    buffers with the user's model."""
+    gm = cm.graph_module
+    with torch.no_grad():
+        for name, value in values.items():
+            own = get_tensor(gm, name)
+            if roles(gm)[name] == Role.BUFFER:
+                if not torch.equal(own, value.to(own)):
+                    register_tensor(gm, name, value.to(own).clone(), Role.BUFFER)
+            else:
+                own.copy_(value.to(own.dtype))

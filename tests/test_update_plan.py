@@ -74,7 +74,7 @@ def test_fraction_outside_the_unit_interval(fraction):
 
 
 def test_bad_part_select_and_combinations():
-    with pytest.raises(gp.PlanError, match=r"unknown part 'weights'; use one of \['all', 'bias', 'norm'\]"):
+    with pytest.raises(gp.PlanError, match=r"unknown part 'weights'; use one of \['all', 'bias', 'norm', 'module'\]"):
         gp.Update(targets=".*", part="weights")
     with pytest.raises(gp.PlanError, match=r"unknown select 'random'; use one of \['first', 'magnitude', 'gradient'\]"):
         gp.Update(targets=".*", fraction=0.5, select="random")

@@ -6,6 +6,10 @@ Instead of adding adapters, a sparse-update scheme trains part of the model's ow
 * ``part="bias"`` — only the biases of matched layers (layers without a bias are skipped);
 * ``part="norm"`` — the affine weight (and bias) of matched norm modules (LayerNorm, RMSNorm,
   BatchNorm ...), found by module path (:func:`graphpeft.graph.find_norms`);
+* ``part="module"`` — every parameter of the matched modules, whatever they hold (PEFT's
+  ``modules_to_save``: a classification head trained in full). ``targets`` names modules, not
+  layers: a layer or norm inside a matched module (``classifier.dense`` under ``classifier``)
+  selects that module, and all its parameters train;
 * ``fraction=0.25`` — only a share of the output channels (rows) of each matched weight, chosen
   ``select="first"`` (rows ``0..k-1``), ``"magnitude"`` (largest row L2 norm) or
   ``"gradient"`` (largest gradient row norm on one probe batch). The weight is reparameterised
@@ -48,7 +52,7 @@ from graphpeft.rewrite import MatchResult, RewritePass, RewriteRule
 from .probe_gradients import ProbeGradients
 from .slice_rows import SliceRows, slices_layer
 
-PARTS = ("all", "bias", "norm")
+PARTS = ("all", "bias", "norm", "module")
 SELECTS = ("first", "magnitude", "gradient")
 
 #: ``gm.meta["graphpeft"]["updates"]``: layer path -> what an update rule made trainable there
@@ -65,7 +69,8 @@ class Update(Rule):
             module path, a list of name suffixes, or ``"all-linear"``.
         kind / layers / exclude: the usual selection options; ``layers`` accepts negative
             indices (``[-1]``: the deepest numbered block).
-        part: ``"all"`` (weight and bias), ``"bias"`` or ``"norm"``.
+        part: ``"all"`` (weight and bias), ``"bias"``, ``"norm"`` or ``"module"`` (every
+            parameter of the modules ``targets`` names: PEFT's ``modules_to_save``).
         fraction: train only this share (0, 1] of the output channels of each weight
             (``part="all"`` on linear and conv layers).
         select: which channels a ``fraction`` trains: ``"first"``, ``"magnitude"`` (row L2
@@ -101,7 +106,11 @@ class Update(Rule):
         super().__post_init__()
         if self.part not in PARTS:
             raise PlanError(f"update: unknown part {self.part!r}; use one of {list(PARTS)} "
-                            "(all: weight and bias, bias: biases only, norm: norm modules)")
+                            "(all: weight and bias, bias: biases only, norm: norm modules, "
+                            "module: every parameter of the named modules)")
+        if self.part == "module" and self.targets == "all-linear":
+            raise PlanError("update: part='module' trains whole modules named by targets (PEFT's modules_to_save); "
+                            "'all-linear' names layers: give module names, e.g. targets=['classifier']")
         if self.selection not in SELECTS:
             raise PlanError(f"update: unknown select {self.selection!r}; use one of {list(SELECTS)}")
         if self.fraction is not None:
@@ -144,7 +153,17 @@ class Update(Rule):
 
     @property
     def selects_norms(self) -> bool:
-        return self.part == "norm"
+        return self.part in ("norm", "module")
+
+    def module_of(self, layer: Layer) -> Optional[str]:
+        """For ``part="module"``: the outermost module on ``layer``'s path that ``targets``
+        names (the layer itself, or a module holding it), or None."""
+        parts = layer.path.split(".")
+        for i in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:i])
+            if self._path_matches(self.targets, dataclasses.replace(layer, path=prefix)):
+                return prefix
+        return None
 
     @property
     def sliced(self) -> bool:
@@ -152,6 +171,11 @@ class Update(Rule):
         return self.fraction is not None and float(self.fraction) < 1.0
 
     def select(self, layer: Layer) -> Optional[str]:
+        if self.part == "module":
+            module = self.module_of(layer)
+            if module is None:
+                return f"no module on its path matches targets {self.targets!r}"
+            return super().select(dataclasses.replace(layer, path=module))
         why = super().select(layer)
         if why is not None:
             return why
@@ -166,6 +190,9 @@ class Update(Rule):
         return None
 
     def check(self, layer: Layer) -> Optional[str]:
+        if self.part == "module" and layer.shared_with:
+            return (f"its weight {layer.weight} is shared with {layer.shared_with} (tied weights): training the module "
+                    "would change both (PEFT trains a copy); exclude this module")
         if not self.sliced:
             return None
         if layer.shared_with:
@@ -216,10 +243,22 @@ def tensors_to_train(rule: Update, layer: Layer) -> dict[str, Role]:
     slices belongs to :mod:`slice_rows` instead)."""
     if rule.part == "bias":
         return {layer.bias: Role.TRAINABLE} if layer.bias else {}
+    if rule.part == "module":
+        return dict.fromkeys(module_parameters(layer.node.graph.owning_module, rule.module_of(layer)), Role.TRAINABLE)
     out = {layer.weight: Role.TRAINABLE}
     if layer.bias:
         out[layer.bias] = Role.TRAINABLE
     return out
+
+
+def module_parameters(gm: fx.GraphModule, module: Optional[str]) -> list[str]:
+    """The base parameters (frozen or already trained; not adapters, not buffers) under the
+    module path ``module``: what PEFT's ``modules_to_save`` copies and trains."""
+    if module is None:
+        return []
+    prefix = module + "."
+    return sorted(n for n, r in roles(gm).items() if n.startswith(prefix) and r in (Role.FROZEN, Role.TRAINABLE)
+                  and get_tensor(gm, n).is_floating_point())
 
 
 class UpdateRolesRewrite(RewriteRule):
@@ -264,6 +303,8 @@ class UpdateRolesRewrite(RewriteRule):
             layer.path, {"kind": layer.kind, "rules": [], "tensors": []})
         rec["rules"].append(self.rule.name)
         rec["tensors"] = sorted(set(rec["tensors"]) | set(tensors))
+        if self.rule.part == "module":  # PEFT interop saves these as modules_to_save
+            rec["module"] = self.rule.module_of(layer)
 
 
 @register_pass
