@@ -54,6 +54,11 @@ class NonFiniteError(GraphPeftError, FloatingPointError):
     ``nonfinite="raise"``; the tensors were left unchanged."""
 
 
+class DistributedError(GraphPeftError, RuntimeError):
+    """A data-parallel training step cannot run: no initialized ``torch.distributed`` process
+    group, or the ranks disagree (different frozen weights)."""
+
+
 class GraphPeftWarning(UserWarning):
     """Something graphpeft accepts but a user may not mean (e.g. a LoRA rank larger than the
     layer, which PEFT allows too)."""

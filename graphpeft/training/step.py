@@ -49,6 +49,8 @@ from ..graph import META_KEY, Provenance, Role, adapters, attach_tensor, get_ten
 from ..infra import PassContext, PassHook, PassManager, Pipeline, TimingHook, copy_graph
 from .losses import Loss, LossSpec, make_loss
 from .optim import STEP_KEY, Optimizer, make_optimizer
+from .distributed import (COMMUNICATION_META, CommunicationReport, ProcessGroupInfo, barrier, broadcast_from_rank0,
+                          check_same_frozen, data_parallel_graph, is_main_process, process_group)
 from ..registry import PASSES, get_backend, get_method, load_plugins
 
 from ..method import AdapterMethod
@@ -80,7 +82,8 @@ DEFAULT_FORWARD_LOWERING: tuple[str, ...] = (
 )
 
 #: phases of a training graph, in the order they are traced
-PHASES = ("input", "forward", "loss", "backward", "accumulate", "clip", "optimizer", "check")
+PHASES = ("input", "forward", "loss", "backward", "accumulate", "clip", "optimizer", "check",
+          "communicate")  # communicate: data-parallel collectives (passes/training/allreduce_gradients.py)
 #: phases that make up the update (what ``reorder_updates`` moves next to the gradients)
 UPDATE_PHASES = ("accumulate", "clip", "optimizer")
 
@@ -330,6 +333,17 @@ class TrainingOptions:
             finite flag inside the graph, so the exported step does the same) and is counted
             in ``step.skipped_steps`` (``OnnxTrainer.skipped_steps``); ``"skip"`` (default)
             goes on, ``"raise"`` raises :class:`~graphpeft.errors.NonFiniteError` after it.
+        data_parallel: train data-parallel in the initialized ``torch.distributed`` process group
+            (launch with ``torchrun``; gloo on CPU, nccl on GPU): each rank calls the step on its
+            part of the batch; the graph all-reduces the trainable tensors' gradients (only
+            those) and the loss, so every rank applies the same averaged update and gets the
+            global mean loss (the mean of the ranks' mean losses: the whole batch's mean when
+            the ranks' batches hold equally many loss elements). Rank 0's trainable tensors and
+            optimizer state are broadcast before the first step; frozen weights must already
+            agree (checked). Exports write the single-device graph. See
+            :mod:`graphpeft.training.distributed`.
+        bucket_cap_mb: with ``data_parallel``, the most gradient MiB one all-reduce carries
+            (gradients are bucketed in the order the backward produces them; DDP's default 25).
     """
 
     accumulation_steps: int = 1
@@ -343,6 +357,8 @@ class TrainingOptions:
     memory_budget: Optional[int] = None
     nonfinite: str = "skip"
     fuse_optimizer: Union[bool, str] = "auto"
+    data_parallel: bool = False
+    bucket_cap_mb: float = 25.0
 
     def __post_init__(self) -> None:
         if self.nonfinite not in NONFINITE:
@@ -359,6 +375,11 @@ class TrainingOptions:
             raise PlanError(f"accumulation_steps must be a positive integer, got {self.accumulation_steps!r}")
         if self.clip_grad_norm is not None and not float(self.clip_grad_norm) > 0:
             raise PlanError(f"clip_grad_norm must be > 0 (or None), got {self.clip_grad_norm!r}")
+        if not isinstance(self.data_parallel, bool):
+            raise PlanError(f"data_parallel must be True or False, got {self.data_parallel!r}")
+        if isinstance(self.bucket_cap_mb, bool) or not isinstance(self.bucket_cap_mb, (int, float)) \
+                or not self.bucket_cap_mb > 0:
+            raise PlanError(f"bucket_cap_mb must be a positive number of MiB, got {self.bucket_cap_mb!r}")
 
 
 def _inductor(gm: fx.GraphModule) -> Callable[..., Any]:
@@ -973,6 +994,11 @@ class TrainingStep:
         self.ctx: Optional[PassContext] = None
         #: steps skipped because the loss, a gradient or the lr was not finite (tensors unchanged)
         self.skipped_steps = 0
+        # data parallelism: the process group, the graphs with collectives (per batch shape), and
+        # whether rank 0's tensors were broadcast yet
+        self._dp: Optional[ProcessGroupInfo] = process_group() if self.options.data_parallel else None
+        self._dp_graphs: dict[tuple, fx.GraphModule] = {}
+        self._dp_synced = False
         batch = self.options.example_batch
         if batch is None:
             batch = self._default_batch()
@@ -1050,9 +1076,14 @@ class TrainingStep:
         return [*params, *[self._state[s] for s in sig.state], torch.tensor(self.lr, dtype=torch.float32), *batch]
 
     def __call__(self, *batch: Tensor) -> Tensor:
-        """Run one training step on ``batch``; returns the loss (a detached scalar)."""
+        """Run one training step on ``batch``; returns the loss (a detached scalar; with
+        ``data_parallel``, this rank's part of the batch and the global mean loss)."""
         gm = self.graph_for(*batch)
         sig = signature_of(gm)
+        if self._dp is not None:
+            gm = self._distributed_graph(_batch_key(batch), gm)
+            if not self._dp_synced:
+                self._sync_ranks()
         inputs = self.flat_inputs(*batch)
         run = self._runner(_batch_key(batch), gm)
         with torch.no_grad():
@@ -1071,6 +1102,37 @@ class TrainingStep:
         return out[0].detach()
 
     step = __call__
+
+    # -- data parallelism (graphpeft.training.distributed) -------------------------------------
+
+    def _distributed_graph(self, key: tuple, gm: fx.GraphModule) -> fx.GraphModule:
+        """The graph with collectives for this batch shape (built from ``gm`` on first use)."""
+        if key not in self._dp_graphs:
+            assert self._dp is not None
+            self._dp_graphs[key] = data_parallel_graph(gm, self._dp, self.options)
+        return self._dp_graphs[key]
+
+    def _sync_ranks(self) -> None:
+        """Before the first step (and after a load): every rank takes rank 0's trainable tensors
+        and optimizer state; frozen tensors must already agree."""
+        check_same_frozen(self.graph_module)
+        broadcast_from_rank0([get_tensor(self.cm.graph_module, n) for n in self.param_names]
+                             + list(self._state.values()))
+        self._dp_synced = True
+
+    @property
+    def distributed_graph_module(self) -> fx.GraphModule:
+        """The graph a ``data_parallel`` step runs (its single-device ``graph_module`` plus the
+        collectives) for the first compiled batch shape."""
+        if self._dp is None:
+            raise GraphPeftError("this step is not data-parallel: compile it with data_parallel=True")
+        key = next(k for k, g in self._graphs.items() if g is self.graph_module)
+        return self._distributed_graph(key, self.graph_module)
+
+    def communication_report(self) -> "CommunicationReport":
+        """What a ``data_parallel`` step all-reduces per step (the trainable gradients and the
+        loss) against what full fine-tuning would: ``print(step.communication_report())``."""
+        return graph_meta(self.distributed_graph_module)[COMMUNICATION_META]
 
     def _runner(self, key: tuple, gm: fx.GraphModule) -> Callable[..., Any]:
         run = self._runners.get(key)
@@ -1115,11 +1177,17 @@ class TrainingStep:
         self._state = {k: opt[k].clone().to(v.dtype) for k, v in self._state.items()}
         if "lr" in state:
             self.lr = float(state["lr"])
+        self._dp_synced = False  # data-parallel: the next step starts every rank from rank 0's state
 
     def save_checkpoint(self, path: Union[str, os.PathLike]) -> None:
         """Write trainable tensors, optimizer state and lr to ``path`` (safetensors, atomic);
-        an ``OnnxTrainer`` of the exported step can resume from it, and vice versa."""
-        save_training_state(path, self.state_dict(), signature=self._signature_or_none())
+        an ``OnnxTrainer`` of the exported step can resume from it, and vice versa. With
+        ``data_parallel`` only rank 0 writes (the state is the same on every rank) and every
+        rank returns once the file is complete; a step of any world size resumes from it."""
+        if is_main_process():
+            save_training_state(path, self.state_dict(), signature=self._signature_or_none())
+        if self._dp is not None:
+            barrier()
 
     def load_checkpoint(self, path: Union[str, os.PathLike]) -> None:
         """Resume from a checkpoint written by :meth:`save_checkpoint` (or an ``OnnxTrainer``)."""
@@ -1195,6 +1263,7 @@ class TrainingStep:
         state["_graphs"] = {key: graph_module_state(gm) for key, gm in self._graphs.items()}
         state["_main"] = next((key for key, gm in self._graphs.items() if gm is self._main), None)
         state["_runners"] = {}  # executors (torch.compile ...) are rebuilt on the next call
+        state["_dp_graphs"], state["_dp_synced"] = {}, False  # rebuilt in the process group of the next call
         state["ctx"] = None
         return state
 

@@ -1,1 +1,2 @@
-"""Passes over training-step graphs: gradient-flow check and the backward report."""
+"""Passes over training-step graphs: gradient-flow check, the backward report, and the
+gradient all-reduce of data-parallel steps."""

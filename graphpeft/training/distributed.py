@@ -1,0 +1,184 @@
+"""Data-parallel training steps on ``torch.distributed`` (the core side).
+
+    torch.distributed.init_process_group("gloo")       # launched by torchrun; "nccl" on GPUs
+    step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-3), data_parallel=True)
+    loss = step(local_batch)                            # the global mean loss; ranks stay identical
+
+A compiled step knows exactly which tensors train, so data parallelism is a graph rewrite: the
+``allreduce_gradients`` pass (``passes/training/``) sums the trainable tensors' gradients and the
+loss across ranks with torch.distributed's functional collectives, bucketed by size, and divides
+by the world size. The optimizer then sees the same averaged gradients on every rank, so ranks
+that start equal (rank 0's tensors are broadcast before the first step) stay bit-identical.
+
+The step keeps two graphs per batch shape: the single-device graph (what ``graph_module``,
+the memory and backward reports and every export see) and a copy with the collectives, which
+is what runs. Checkpoints are written by rank 0 only; the state is replicated, so any world
+size resumes from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..errors import DistributedError, GraphPeftError
+from ..graph import Role, get_tensor, roles
+from ..infra import PassContext, PassManager, Pipeline, copy_graph
+from ..registry import PASSES
+
+if TYPE_CHECKING:
+    from .step import TrainingOptions
+
+log = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+
+#: the pass that inserts the collectives (``passes/training/allreduce_gradients.py``)
+ALLREDUCE_PASS = "allreduce_gradients"
+#: where that pass stores its :class:`CommunicationReport` in ``gm.meta["graphpeft"]``
+COMMUNICATION_META = "communication"
+#: the phase of the nodes it creates (see :data:`graphpeft.training.PHASES`)
+COMMUNICATE_PHASE = "communicate"
+#: roles whose bytes full fine-tuning would all-reduce (the base model's own weights)
+BASE_WEIGHT_ROLES = (Role.FROZEN, Role.TRAINABLE, Role.TRAINABLE_SLICE)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessGroupInfo:
+    """The process group a data-parallel step communicates in."""
+
+    group_name: str
+    world_size: int
+    rank: int
+    backend: str
+
+
+def process_group() -> ProcessGroupInfo:
+    """The default (world) process group; raises :class:`DistributedError` if there is none."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise DistributedError("data_parallel=True needs torch.distributed, which this torch build lacks")
+    if not dist.is_initialized():
+        raise DistributedError(
+            "data_parallel=True needs an initialized torch.distributed process group: launch with "
+            "`torchrun --nproc_per_node=N script.py` and call torch.distributed.init_process_group('gloo') "
+            "(CPU) or ('nccl') (GPU) before compile_training; or compile without data_parallel")
+    group = dist.group.WORLD
+    return ProcessGroupInfo(group.group_name, dist.get_world_size(), dist.get_rank(), str(dist.get_backend()))
+
+
+def is_main_process() -> bool:
+    """True on rank 0, or when no process group is initialized (the process that writes files)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing without a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+@dataclasses.dataclass
+class CommunicationReport:
+    """What a data-parallel step sends per step, filled by the ``allreduce_gradients`` pass.
+
+    ``gradient_bytes`` is the payload all-reduced per step (the trainable tensors' gradients;
+    adapters only), ``full_finetune_bytes`` what DDP over the whole model would all-reduce (the
+    base weights' bytes as stored), ``wire_bytes_per_rank`` what a ring all-reduce sends from
+    each rank (``2 (world - 1) / world`` × payload)."""
+
+    world_size: int
+    backend: str
+    gradient_bytes: int
+    loss_bytes: int
+    full_finetune_bytes: int
+    #: (tensors, bytes) per bucket, in the order the buckets are issued
+    buckets: list[tuple[int, int]]
+    bucket_cap_bytes: int
+
+    @property
+    def bytes_per_step(self) -> int:
+        return self.gradient_bytes + self.loss_bytes
+
+    @property
+    def wire_bytes_per_rank(self) -> int:
+        return int(2 * (self.world_size - 1) / max(self.world_size, 1) * self.bytes_per_step)
+
+    @property
+    def fraction_of_full_finetune(self) -> float:
+        return self.gradient_bytes / self.full_finetune_bytes if self.full_finetune_bytes else float("nan")
+
+    def __str__(self) -> str:
+        mib = 1 / (1 << 20)
+        return (f"data-parallel communication per step ({self.world_size} ranks, {self.backend}): "
+                f"{self.bytes_per_step * mib:.3f} MiB all-reduced in {len(self.buckets)} bucket(s) "
+                f"(gradients {self.gradient_bytes * mib:.3f} MiB + loss), {self.wire_bytes_per_rank * mib:.3f} MiB "
+                f"sent per rank; full fine-tuning would all-reduce {self.full_finetune_bytes * mib:.3f} MiB "
+                f"({self.fraction_of_full_finetune:.2%} of it)")
+
+
+def data_parallel_graph(gm: fx.GraphModule, group: ProcessGroupInfo, options: "TrainingOptions") -> fx.GraphModule:
+    """A copy of the single-device training graph ``gm`` (sharing its tensors) with the
+    collectives inserted by the ``allreduce_gradients`` pass; ``gm`` is unchanged."""
+    from .step import verify_training
+
+    if ALLREDUCE_PASS not in PASSES:
+        raise GraphPeftError(f"no {ALLREDUCE_PASS} pass is registered (import graphpeft.passes)")
+    dp = copy_graph(gm)
+    p = PASSES[ALLREDUCE_PASS](group_name=group.group_name, world_size=group.world_size, backend=group.backend,
+                               bucket_cap_bytes=int(options.bucket_cap_mb * (1 << 20)))
+    ctx = PassContext(verify=options.verify, hooks=list(options.hooks))
+    return PassManager(verifier=verify_training).run(dp, Pipeline("data_parallel", [p]), ctx).gm
+
+
+def broadcast_from_rank0(tensors: Sequence[Tensor]) -> None:
+    """Overwrite ``tensors`` in place with rank 0's (one broadcast each)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in tensors:
+            if t.device.type != "meta":
+                dist.broadcast(t, src=0)
+
+
+def check_same_frozen(gm: fx.GraphModule) -> None:
+    """Raise :class:`DistributedError` when the ranks hold different frozen tensors: a float64
+    sum per tensor, compared by all-reducing its maximum and minimum (one pass over the weights)."""
+    import torch.distributed as dist
+
+    names, sums = [], []
+    for name, role in roles(gm).items():
+        t = get_tensor(gm, name)
+        if role.trainable or t.device.type == "meta":
+            continue
+        try:
+            sums.append(torch.sum(t.detach(), dtype=torch.float64).reshape(()))
+        except (RuntimeError, TypeError):  # a packed or exotic tensor type: not compared
+            continue
+        names.append(name)
+    if not sums:
+        return
+    high = torch.stack(sums).nan_to_num(nan=0.0)
+    low = -high
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MAX)
+    differ = [n for n, hi, lo in zip(names, high.tolist(), (-low).tolist()) if hi != lo]
+    if differ:
+        raise DistributedError(
+            f"the ranks hold different frozen weights ({', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}): "
+            "load the same base weights on every rank (same checkpoint, or the same seed before building "
+            "the model) before the first data-parallel step")
+
+
+__all__ = ["ALLREDUCE_PASS", "COMMUNICATE_PHASE", "COMMUNICATION_META", "CommunicationReport", "ProcessGroupInfo",
+           "barrier", "broadcast_from_rank0", "check_same_frozen", "data_parallel_graph",
+           "is_main_process", "process_group"]

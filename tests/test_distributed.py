@@ -1,0 +1,199 @@
+"""Data-parallel training steps (issue 15) with real gloo process groups on loopback.
+
+Two ranks are spawned as subprocesses (this file run as a script; a file store in a temporary
+folder, so no port is taken; a bounded timeout, so a hang fails instead of blocking), each
+trains on half the batch; the parent trains one process on the whole batch and compares. The
+halves hold the same number of loss elements, so the mean of the ranks' mean losses is the
+whole batch's mean and the averaged gradient is the whole batch's gradient.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import torch
+
+import graphpeft as gp
+from graphpeft.errors import DistributedError
+from graphpeft.graph import META_KEY
+
+WORLD = 2
+STEPS = 3
+TIMEOUT_S = 120  # the whole two-process run; a deadlock fails the test instead of hanging CI
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+
+
+def _compiled(x: torch.Tensor) -> gp.CompiledModel:
+    return gp.compile(_model(), gp.Plan([gp.LoRA(targets=["0", "2"], r=2, init="random")]), (x,))
+
+
+def _optimizer() -> gp.optim.AdamW:
+    return gp.optim.AdamW(lr=1e-2, weight_decay=0.01)
+
+
+def _params(step: gp.TrainingStep) -> dict[str, torch.Tensor]:
+    """Trainable tensors and optimizer state (AdamW's update barely depends on the gradient's
+    scale, its first moment is proportional to it: both are compared)."""
+    state = step.state_dict()
+    return {**state["params"], **{f"opt/{k}": v for k, v in state["optimizer"].items()}}
+
+
+# --- the rank processes --------------------------------------------------------------------------
+
+
+def _worker(rank: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    x, y = _batch()
+    half = x.shape[0] // WORLD
+    xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+    cm = _compiled(xs)
+    if rank:  # rank 1 starts elsewhere: the first step must take rank 0's adapters
+        cm.load_adapter_state_dict({k: v + 1 for k, v in cm.adapter_state_dict().items()})
+    step = cm.compile_training("mse", _optimizer(), data_parallel=True, bucket_cap_mb=1e-4)
+    record: dict[str, Any] = {"losses": [], "params": []}
+    for i in range(STEPS):
+        record["losses"].append(step(xs, ys))
+        record["params"].append(_params(step))
+        if i == 1:
+            step.save_checkpoint(os.path.join(out, f"ckpt_{rank}.safetensors"))
+    bad = ys.clone()
+    if rank == 1:  # a NaN on one rank only: every rank must skip the step
+        bad[0, 0] = float("nan")
+    step(xs, bad)
+    record["skipped"] = step.skipped_steps
+    record["after_skip"] = _params(step)
+    report = step.communication_report()
+    record["report"] = (report.gradient_bytes, report.full_finetune_bytes, len(report.buckets), report.world_size)
+    torch.save(record, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _spawn(out: str) -> list[subprocess.Popen]:
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    return [subprocess.Popen([sys.executable, __file__, str(r), out], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
+
+
+def _join(procs: list[subprocess.Popen]) -> None:
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log[-3000:]}"
+
+
+# --- tests ------------------------------------------------------------------------------------------
+
+
+def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in b)
+
+
+def test_two_gloo_ranks_match_one_process_on_the_whole_batch(tmp_path: Any) -> None:
+    out = str(tmp_path)
+    procs = _spawn(out)  # the ranks run while this process trains the reference
+    try:
+        x, y = _batch()
+        cm = _compiled(x[: x.shape[0] // WORLD])
+        step = cm.compile_training("mse", _optimizer())
+        losses, params = [], []
+        for _ in range(STEPS):
+            losses.append(step(x, y))
+            params.append(_params(step))
+    finally:
+        _join(procs)
+    r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD))
+    for i in range(STEPS):  # ranks bit-identical, and the whole batch's step to 1e-5
+        assert all(torch.equal(r0["params"][i][k], r1["params"][i][k]) for k in r0["params"][i])
+        assert torch.equal(r0["losses"][i], r1["losses"][i])
+        assert _rel(r0["params"][i], params[i]) < 1e-5
+        assert abs(float(r0["losses"][i] - losses[i])) <= 1e-5 * abs(float(losses[i]))
+    # a NaN on rank 1 only: both ranks skipped, tensors unchanged and still identical
+    assert r0["skipped"] == r1["skipped"] == 1
+    assert all(torch.equal(r0["after_skip"][k], r0["params"][-1][k]) for k in r0["after_skip"])
+    assert all(torch.equal(r0["after_skip"][k], r1["after_skip"][k]) for k in r0["after_skip"])
+    # only rank 0 wrote its checkpoint; one process resumes from it (another world size)
+    assert os.path.exists(os.path.join(out, "ckpt_0.safetensors"))
+    assert not os.path.exists(os.path.join(out, "ckpt_1.safetensors"))
+    step.load_checkpoint(os.path.join(out, "ckpt_0.safetensors"))
+    step(x, y)
+    assert _rel(_params(step), r0["params"][2]) < 1e-5
+    # adapters only: the gradient bytes are the trainable tensors', against the base weights'
+    grad_bytes, full_bytes, buckets, world = r0["report"]
+    assert grad_bytes == sum(v.numel() * v.element_size() for k, v in params[0].items() if not k.startswith("opt/"))
+    assert full_bytes == sum(p.numel() * p.element_size() for p in _model().parameters())
+    assert buckets > 1 and world == WORLD
+
+
+def test_data_parallel_without_a_process_group_raises() -> None:
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    x, _ = _batch()
+    with pytest.raises(DistributedError, match="init_process_group"):
+        _compiled(x).compile_training("mse", _optimizer(), data_parallel=True)
+
+
+@pytest.fixture
+def world_of_one(tmp_path: Any) -> Any:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1,
+                            timeout=timedelta(seconds=30))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _collectives(gm: torch.fx.GraphModule) -> list[str]:
+    return [n.name for n in gm.graph.nodes if n.op == "call_function" and "c10d" in str(n.target)]
+
+
+def test_export_of_a_data_parallel_step_is_single_device(world_of_one: Any, tmp_path: Any) -> None:
+    import onnx
+
+    from graphpeft.backends.onnx import OnnxTrainer
+
+    x, y = _batch()
+    cm = _compiled(x)
+    step = cm.compile_training("mse", _optimizer(), data_parallel=True, clip_grad_norm=1.0)
+    assert _collectives(step.distributed_graph_module)  # what runs
+    assert not _collectives(step.graph_module)  # what exports and reports see
+    prov = [n.meta[META_KEY] for n in step.distributed_graph_module.graph.nodes
+            if n.name in _collectives(step.distributed_graph_module)]
+    assert all(p["pass_name"] == "allreduce_gradients" and p["part"] == "communicate" for p in prov)
+    loss = step(x, y)
+    step.export_onnx(tmp_path / "step.onnx")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "step.onnx")).graph.node}
+    assert not {o for o in ops if "reduce" in o.lower() and "all" in o.lower()}
+    trainer = OnnxTrainer(tmp_path / "step.onnx")
+    assert torch.isfinite(torch.as_tensor(trainer.step(x, y)))
+    assert torch.isfinite(loss)
+
+
+if __name__ == "__main__":  # one rank of the two-process test
+    _worker(int(sys.argv[1]), sys.argv[2])
