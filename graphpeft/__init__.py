@@ -63,6 +63,12 @@ from .errors import GraphPeftWarning, InputError, NonFiniteError  # noqa: E402
 
 __all__ += ["GraphPeftWarning", "InputError", "NonFiniteError"]
 
+# data-parallel training steps on torch.distributed (issue 15)
+from .errors import DistributedError  # noqa: E402
+from .training.distributed import CommunicationReport, is_main_process  # noqa: E402
+
+__all__ += ["CommunicationReport", "DistributedError", "is_main_process"]
+
 # quantized base weights, QLoRA-style (issue 12)
 from .passes import Quantize  # noqa: E402
 

@@ -1,0 +1,137 @@
+"""Data-parallel LoRA step: 2 gloo processes against 1 process, on this machine.
+
+    python -m benchmarks.distributed            # benchmark Llama (hidden 256, 4 layers), global batch 4 x 128
+    python -m benchmarks.distributed --quick    # 2 layers, 4 x 64, fewer steps
+
+Every configuration trains the same global batch per step with LoRA r=8 on all linear layers
+and AdamW, each in fresh processes run one configuration at a time:
+
+* ``1 proc, N threads`` — the plain compiled step on the whole batch, torch using every core;
+* ``1 proc, 1 thread`` — the same with one thread (what each rank gets below);
+* ``1 proc, data_parallel`` — a world of one: the step with its collectives (their overhead);
+* ``2 procs, data_parallel`` — two gloo ranks on loopback, half the batch each, one thread each.
+
+Reported: median step time (per rank; ranks are in lock-step), global samples per second, the
+ratio to one process, and what one step all-reduces. On a 2-core machine the two ranks share
+the same cores a single process would use, so the figure shows the collectives' cost and
+overlap, not a scaling result. Writes ``benchmarks/results/distributed.json`` atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results", "distributed.json")
+
+
+def _worker(cfg: dict[str, Any]) -> None:
+    """One process of one configuration: compile, warm up, time; rank 0 writes its figures."""
+    import torch.distributed as dist
+
+    import graphpeft as gp
+
+    from .cases import llama_case
+
+    torch.set_num_threads(cfg["threads"])
+    rank, world = cfg["rank"], cfg["world"]
+    if cfg["data_parallel"]:
+        dist.init_process_group("gloo", init_method=f"file://{cfg['store']}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=600))
+    case = llama_case(quick=cfg["quick"])
+    ids = case.batch[0]
+    per_rank = ids.shape[0] // world
+    local = ids[rank * per_rank:(rank + 1) * per_rank]
+    t0 = time.perf_counter()
+    cm = gp.compile(case.build().eval(), gp.Plan([gp.LoRA(targets=case.targets, r=8, alpha=16)]), (local,),
+                    dict(case.kwargs))
+    step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-3), data_parallel=cfg["data_parallel"])
+    for _ in range(2):  # warm-up (the first call also builds the data-parallel graph)
+        step(local)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(cfg["steps"]):
+        if cfg["data_parallel"]:
+            dist.barrier()
+        start = time.perf_counter()
+        step(local)
+        times.append(time.perf_counter() - start)
+    if rank == 0:
+        out = {"median_ms": statistics.median(times) * 1000, "times_ms": [t * 1000 for t in times],
+               "compile_and_warmup_s": compile_s}
+        if cfg["data_parallel"]:
+            report = step.communication_report()
+            out["communication"] = {"bytes_per_step": report.bytes_per_step, "buckets": len(report.buckets),
+                                    "full_finetune_bytes": report.full_finetune_bytes}
+        with open(cfg["out"], "w", encoding="utf-8") as f:
+            json.dump(out, f)
+    if cfg["data_parallel"]:
+        dist.destroy_process_group()
+
+
+def _run(name: str, world: int, threads: int, data_parallel: bool, quick: bool, steps: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rank0.json")
+        env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS=str(threads))
+        procs = []
+        for rank in range(world):
+            cfg = {"rank": rank, "world": world, "threads": threads, "data_parallel": data_parallel, "quick": quick,
+                   "steps": steps, "store": os.path.join(tmp, "store"), "out": out}
+            procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.distributed", "--worker", json.dumps(cfg)],
+                                          env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        for p in procs:
+            if p.wait(timeout=1800) != 0:
+                raise SystemExit(f"{name}: a process failed (exit {p.returncode})")
+        with open(out, encoding="utf-8") as f:
+            result = json.load(f)
+    result.update(name=name, processes=world, threads_per_process=threads, data_parallel=data_parallel)
+    print(f"  {name}: {result['median_ms']:.1f} ms per step", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 10, quick 5)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        _worker(json.loads(args.worker))
+        return
+    steps = args.steps or (5 if args.quick else 10)
+    cores = os.cpu_count() or 1
+    configs = [(f"1 proc, {cores} threads", 1, cores, False), ("1 proc, 1 thread", 1, 1, False),
+               ("1 proc, data_parallel", 1, cores, True), ("2 procs, data_parallel", 2, 1, True)]
+    print(f"data-parallel LoRA step on {cores} cores ({'quick' if args.quick else 'full'}):", flush=True)
+    rows = [_run(name, world, threads, dp, args.quick, steps) for name, world, threads, dp in configs]
+    base = rows[0]["median_ms"]
+    batch = 4
+    print("\n| configuration | step ms (median) | samples/s | vs 1 proc |\n|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['name']} | {r['median_ms']:.1f} | {batch / r['median_ms'] * 1000:.1f} | {r['median_ms'] / base:.2f}x |")
+    comm = rows[-1].get("communication", {})
+    if comm:
+        print(f"\nall-reduced per step: {comm['bytes_per_step'] / 2**20:.3f} MiB in {comm['buckets']} bucket(s); "
+              f"full fine-tuning would all-reduce {comm['full_finetune_bytes'] / 2**20:.1f} MiB")
+    print(f"(the 2 ranks share the machine's {cores} cores: this measures the collectives' cost, not scaling; "
+          "figures taken while other work loads the machine are not comparable)")
+    from graphpeft.paths import atomic_write
+
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    payload = {"cores": cores, "quick": args.quick, "steps": steps, "torch": torch.__version__, "rows": rows,
+               "load_average": os.getloadavg()}
+    atomic_write(RESULTS, json.dumps(payload, indent=1).encode())
+
+
+if __name__ == "__main__":
+    main()
