@@ -12,18 +12,22 @@ Shapes and names follow PEFT so state dicts are interchangeable: linear ``lora_A
 ``(r, in)`` and ``lora_B.weight`` ``(out, r)``; conv ``(r, in, kh, kw)`` and ``(out, r, 1, 1)``;
 embedding ``lora_embedding_A`` ``(r, num)`` and ``lora_embedding_B`` ``(dim, r)``. Scaling is
 ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``). A is Kaiming-uniform and B zero (for
-embeddings A zero and B normal), so a fresh adapter leaves outputs unchanged.
+embeddings A zero and B normal), so a fresh adapter leaves outputs unchanged. ``lora_bias=True``
+(PEFT's option) gives B a bias ``lora_B.bias`` ``(out,)``, zero at init; the branch is
+``scaling * (B(A(x)) + b_B)`` and merge adds ``scaling * b_B`` to the layer's bias.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 import torch.fx as fx
 
+from graphpeft.errors import GraphPeftWarning, PassError, PlanError
 from graphpeft.graph import Layer, Role, get_tensor, op_args, scoped_tensor_name
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
@@ -54,6 +58,8 @@ class LoRA(Rule):
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
         init: ``"default"`` (A Kaiming-uniform, B zero), ``"gaussian"`` (A normal with
             std ``1/r``, B zero) or ``"random"`` (both random: a non-identity start, for tests).
+        lora_bias: give B a trainable bias (PEFT's ``lora_bias``); merging adds it, scaled,
+            to the layer's bias. Linear and conv layers; plain LoRA only.
     """
 
     key: ClassVar[str] = "lora"
@@ -64,14 +70,17 @@ class LoRA(Rule):
     dropout: float = 0.0
     use_rslora: bool = False
     init: str = "default"
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int(self, "r")
         check_number(self, "alpha", "dropout")
         check_probability(self, "dropout")
-        check_bool(self, "use_rslora")
+        check_bool(self, "use_rslora", "lora_bias")
         check_choice(self, "init", INITS)
+        if self.lora_bias and self.key != "lora":
+            raise PlanError(f"{self.key}: lora_bias is an option of plain LoRA (PEFT has it for LoRA only, not DoRA)")
 
     @property
     def scaling(self) -> float:
@@ -82,6 +91,12 @@ class LoRA(Rule):
         reason = tied_weights_reason(layer)
         if reason is None and layer.kind == "conv" and op_args(layer.node).get("groups", 1) != 1:
             reason = "grouped convolutions are not supported by LoRA"
+        if reason is None and self.lora_bias:
+            if layer.kind == "embedding":
+                reason = "lora_bias is not supported on embedding layers (PEFT refuses it too)"
+            elif layer.bias is None:
+                warnings.warn(f"lora: lora_bias=True on {layer.path}, which has no bias: the adapter trains and "
+                              "exports, but cannot be merged (as in PEFT)", GraphPeftWarning, stacklevel=2)
         return reason
 
 
@@ -98,6 +113,7 @@ class LoRARewrite(LayerRewrite):
         rule = self.rule
         weight = get_tensor(gm, layer.weight)
         a, b = _init_factors(layer, weight, rule, ctx.seed)
+        b_bias = _init_bias(layer, weight, rule, ctx.seed) if rule.lora_bias else None
         # several named adapters may adapt one layer: the id and tensor names carry the name, and
         # out is y or the last adapter joined onto it
         aid, out, g = branch_builder(gm, layer, ctx, InsertLoRA.name, rule)
@@ -105,6 +121,11 @@ class LoRARewrite(LayerRewrite):
         names = {k: scoped_tensor_name(v, ctx.adapter_name) for k, v in _tensor_names(layer).items()}
         a_node = g.param(names["A"], a, Role.ADAPTER)
         b_node = g.param(names["B"], b, Role.ADAPTER)
+        tensors = {"A": names["A"], "B": names["B"]}
+        bias_node = None
+        if b_bias is not None:
+            tensors["B_bias"] = scoped_tensor_name(f"{layer.path}.lora_B.bias", ctx.adapter_name)
+            bias_node = g.param(tensors["B_bias"], b_bias, Role.ADAPTER)
         if layer.kind == "embedding":
             a_t = g.call(aten.t.default, a_node)
             low = g.call(aten.embedding.default, a_t, y.args[1], op_args(y)["padding_idx"])
@@ -115,20 +136,30 @@ class LoRARewrite(LayerRewrite):
                 conv = y.target
                 c = op_args(y)
                 low = g.call(conv, x, a_node, None, c["stride"], c["padding"], c["dilation"], 1)
-                up = g.call(conv, low, b_node)
+                up = g.call(conv, low, b_node, *([bias_node] if bias_node is not None else []))
             else:
                 low = g.call(aten.linear.default, x, a_node)
-                up = g.call(aten.linear.default, low, b_node)
+                up = g.call(aten.linear.default, low, b_node, *([bias_node] if bias_node is not None else []))
         scaled = g.call(aten.mul.Tensor, up, rule.scaling)
         joined = join_output(g, out, scaled)
-        record_adapter(gm, aid, layer, ctx, rule, LoRAMethod.name, {"A": names["A"], "B": names["B"]}, joined,
-                       scaling=rule.scaling)
+        extra = {"bias": layer.bias} if b_bias is not None else {}
+        record_adapter(gm, aid, layer, ctx, rule, LoRAMethod.name, tensors, joined, scaling=rule.scaling, **extra)
 
 
 def _tensor_names(layer: Layer) -> dict[str, str]:
     if layer.kind == "embedding":
         return {"A": f"{layer.path}.lora_embedding_A", "B": f"{layer.path}.lora_embedding_B"}
     return {"A": f"{layer.path}.lora_A.weight", "B": f"{layer.path}.lora_B.weight"}
+
+
+def _init_bias(layer: Layer, weight: torch.Tensor, rule: LoRA, seed: int) -> torch.Tensor:
+    """B's bias (``lora_bias``): zero, as PEFT; ``init="random"``: nn.Linear's uniform(±1/sqrt(r))."""
+    bias = torch.zeros(layer.out_features)
+    if rule.init == "random":
+        gen = layer_generator(seed + 1, layer)  # its own stream: A and B stay as without a bias
+        bound = 1 / math.sqrt(rule.r)
+        bias.uniform_(-bound, bound, generator=gen)
+    return bias.to(weight.dtype).to(weight.device)
 
 
 def _init_factors(layer: Layer, weight: torch.Tensor, rule: LoRA, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,12 +196,27 @@ class LoRAMethod(AdapterMethod):
     name = "lora"
     rule = LoRA
     peft_type = "LORA"
-    peft_options = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "use_rslora": "use_rslora"}
+    peft_options = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "use_rslora": "use_rslora",
+                    "lora_bias": "lora_bias"}
     peft_fixed = {"use_dora": False}
     peft_patterns = {"rank_pattern": "r", "alpha_pattern": "alpha"}
 
     def make_pass(self, rules: Sequence[Rule]) -> InsertLoRA:
         return InsertLoRA([r for r in rules if r.key == LoRA.key])  # DoRA, LoRA-FA subclass LoRA
+
+    def merged_tensors(self, gm: fx.GraphModule, record: dict[str, Any]) -> dict[str, torch.Tensor]:
+        merged = super().merged_tensors(gm, record)
+        if "B_bias" in record["tensors"]:
+            bias = _base_bias(record)
+            b = get_tensor(gm, bias).detach()
+            merged[bias] = b + record["scaling"] * get_tensor(gm, record["tensors"]["B_bias"]).detach().to(b.dtype)
+        return merged
+
+    def add_delta_(self, gm: fx.GraphModule, record: dict[str, Any], alpha: float = 1.0) -> None:
+        if "B_bias" in record["tensors"]:
+            b = get_tensor(gm, _base_bias(record))
+            b.add_(get_tensor(gm, record["tensors"]["B_bias"]).detach().to(b.dtype), alpha=record["scaling"] * alpha)
+        self._add_weight_delta_(gm, record, alpha)
 
     def delta_weight(self, gm: fx.GraphModule, record: dict[str, Any]) -> torch.Tensor:
         a = get_tensor(gm, record["tensors"]["A"]).detach()
@@ -184,7 +230,7 @@ class LoRAMethod(AdapterMethod):
         delta = (b @ a) * s
         return delta.T if record["fan_in_fan_out"] else delta
 
-    def add_delta_(self, gm: fx.GraphModule, record: dict[str, Any], alpha: float = 1.0) -> None:
+    def _add_weight_delta_(self, gm: fx.GraphModule, record: dict[str, Any], alpha: float = 1.0) -> None:
         if record["kind"] != "linear":
             return super().add_delta_(gm, record, alpha)
         # one GEMM accumulated into W: no (out x in) temporary for ΔW
@@ -201,6 +247,8 @@ class LoRAMethod(AdapterMethod):
 
     def combined_rule_body(self, bodies: Sequence[Sequence[dict[str, Any]]], combination_type: str,
                            svd_rank: Optional[int] = None, **options: Any) -> dict[str, Any]:
+        if any(b.get("lora_bias") for adapter in bodies for b in adapter):
+            raise ValueError("adapters with lora_bias cannot be combined (PEFT has no rule for their biases)")
         ranks = [max(b.get("r", LoRA.r) for b in adapter) for adapter in bodies]
         if combination_type in COMBINATIONS:
             if len(set(ranks)) != 1:
@@ -256,6 +304,14 @@ class LoRAMethod(AdapterMethod):
         opts = dict(density=density, majority_sign_method=majority_sign_method, generator=generator)
         return {"A": combine_tensors(combination_type, As, w_a, **opts).to(As[0].dtype),  # type: ignore[arg-type]
                 "B": combine_tensors(combination_type, Bs, w_b, **opts).to(Bs[0].dtype)}  # type: ignore[arg-type]
+
+
+def _base_bias(record: dict[str, Any]) -> str:
+    """The layer bias a ``lora_bias`` adapter folds into (PassError when the layer has none)."""
+    if not record.get("bias"):
+        raise PassError("merge_adapters", f"the LoRA adapter on {record['layer']} has lora_bias=True but the layer has "
+                        "no bias to add it to (PEFT cannot merge it either); export it with merged=False")
+    return record["bias"]
 
 
 #: PEFT's combinations that work on ΔW and factor it again by SVD
