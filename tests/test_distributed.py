@@ -195,5 +195,48 @@ def test_export_of_a_data_parallel_step_is_single_device(world_of_one: Any, tmp_
     assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("options", [dict(accumulation_steps=2, clip_grad_norm=0.5, fuse_optimizer=False),
+                                     dict(fuse_optimizer=True)], ids=["accumulate_clip_per_tensor", "fused"])
+def test_a_world_of_one_trains_exactly_like_the_plain_step(world_of_one: Any, options: dict) -> None:
+    """Sum over one rank and division by 1 are exact: the rewritten graph (collectives, new
+    order, consumers rewired) must give the plain step's numbers bit for bit."""
+    x, y = _batch()
+    results = []
+    for dp in (False, True):
+        step = _compiled(x).compile_training("mse", _optimizer(), data_parallel=dp, bucket_cap_mb=1e-4, **options)
+        losses = [step(x, y) for _ in range(2)]
+        results.append((losses, _params(step)))
+    (plain_losses, plain), (dp_losses, dp) = results
+    assert all(torch.equal(a, b) for a, b in zip(plain_losses, dp_losses))
+    assert all(torch.equal(plain[k], dp[k]) for k in plain)
+
+
+def test_collectives_are_bucketed_and_overlap_the_backward(world_of_one: Any) -> None:
+    from graphpeft.training import phase_of
+
+    x, y = _batch()
+    step = _compiled(x).compile_training("mse", _optimizer(), data_parallel=True, bucket_cap_mb=1e-4)
+    nodes = list(step.distributed_graph_module.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    issues = [n for n in nodes if "all_reduce" in str(n.target)]
+    waits = [n for n in nodes if "wait_tensor" in str(n.target)]
+    last_backward = max(pos[n] for n in nodes if n.op == "call_function" and phase_of(n) == "backward")
+    report = step.communication_report()
+    assert len(issues) == len(report.buckets) + 1  # the gradient buckets and the loss
+    assert sum(n for n, _ in report.buckets) == len(step.param_names) == len(waits) - 1
+    assert all(b <= 1e-4 * (1 << 20) or n == 1 for n, b in report.buckets)  # the cap holds
+    assert sum(pos[n] < last_backward for n in issues) >= 2  # issued while the backward still runs
+    assert all(pos[w] > last_backward for w in waits)  # waited for only when the update needs it
+    assert "1 ranks" in str(report) and report.fraction_of_full_finetune < 1
+
+
+def test_bad_data_parallel_options_raise() -> None:
+    x, _ = _batch()
+    with pytest.raises(gp.PlanError, match="bucket_cap_mb"):
+        _compiled(x).compile_training("mse", _optimizer(), data_parallel=True, bucket_cap_mb=0)
+    with pytest.raises(gp.PlanError, match="data_parallel"):
+        _compiled(x).compile_training("mse", _optimizer(), data_parallel="yes")
+
+
 if __name__ == "__main__":  # one rank of the two-process test
     _worker(int(sys.argv[1]), sys.argv[2])
