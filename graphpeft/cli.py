@@ -4,6 +4,7 @@
 
     graphpeft plan validate PLAN.yaml|PLAN.json [--format yaml|json]
     graphpeft adapter inspect DIR
+    graphpeft export MODEL --plan PLAN.yaml --target onnx|ort|executorch --out DIR [--train] [--adapter DIR]
     graphpeft version
 
 Exit status: 0 on success, 2 on bad input (a malformed plan, a missing or corrupted adapter,
@@ -106,6 +107,17 @@ def cmd_adapter_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Compile MODEL with a plan, export it for a runtime, run it there and compare with torch."""
+    from .cli_export import CliInputError, run_export
+    from .errors import GraphPeftError
+
+    try:
+        return run_export(args)
+    except (CliInputError, GraphPeftError) as e:
+        return _error(str(e))
+
+
 # --- parser -----------------------------------------------------------------------------------
 
 
@@ -134,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_inspect = adapter_sub.add_parser("inspect", help="check an adapter folder and list its tensors")
     p_inspect.add_argument("folder", help="the folder save_adapter() wrote")
     p_inspect.set_defaults(func=cmd_adapter_inspect)
+
+    from .cli_export import add_parser as add_export_parser
+
+    add_export_parser(sub, cmd_export)
     return parser
 
 

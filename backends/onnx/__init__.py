@@ -21,6 +21,7 @@ class _OnnxBackend:
     runner = OnnxRunner
     export_training = staticmethod(export_training)
     trainer = OnnxTrainer
+    to_ort = staticmethod(to_ort)
 
 
 register_backend("onnx", _OnnxBackend())

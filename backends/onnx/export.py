@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import tempfile
 import time
 import warnings
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 import torch
 
 from graphpeft.errors import ExportError
+from graphpeft.paths import atomic_write
 
 if TYPE_CHECKING:
     from graphpeft.compiled import CompiledModel
@@ -136,9 +136,7 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool 
     model_bytes = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
     if external_data is None:
         external_data = model_bytes > 1_500_000_000
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    def write(tmp: str) -> None:
         program.save(tmp, external_data=external_data)
         if external_data:
             # external data is named after the temporary file: rewrite it to the final name
@@ -149,11 +147,8 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool 
             for f in os.listdir(folder):
                 if f.startswith(os.path.basename(tmp)) and f != os.path.basename(tmp):
                     os.unlink(os.path.join(folder, f))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
     seconds = time.perf_counter() - start
     num_nodes = len(program.model.graph) if hasattr(program, "model") else -1
     log.info("exported %s: %d nodes in %.1f s", path, num_nodes, seconds)

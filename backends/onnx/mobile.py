@@ -64,16 +64,7 @@ def add_adapter_defaults(onnx_path: PathLike, adapter_inputs: Sequence[str], out
             raise ExportError(f"adapter input {name} has a symbolic shape; cannot give it a default")
         dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
         proto.graph.initializer.append(numpy_helper.from_array(np.zeros(dims, dtype=dtype), name=name))
-    folder = os.path.dirname(dst)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(dst) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        onnx.save_model(proto, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(dst, lambda tmp: onnx.save_model(proto, tmp))
     return dst
 
 

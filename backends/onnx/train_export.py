@@ -23,7 +23,6 @@ import glob
 import json
 import logging
 import os
-import tempfile
 import time
 import uuid
 import warnings
@@ -33,6 +32,7 @@ import torch
 import torch.fx as fx
 
 from graphpeft.errors import ExportError
+from graphpeft.paths import atomic_write
 from graphpeft.infra import PassContext, PassManager, Pipeline, copy_graph
 from graphpeft.registry import PASSES
 from graphpeft.training import TRAINING_META, TrainingSignature, signature_of, verify_training
@@ -97,19 +97,20 @@ def _atomic_save(model: Any, path: str, external_data: bool) -> Optional[str]:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     base = os.path.basename(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + base + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
     data_name: Optional[str] = f"{base}.{uuid.uuid4().hex[:12]}.data" if external_data else None
-    try:
+    data_path = os.path.join(folder, data_name) if data_name else None
+
+    def write(tmp: str) -> None:
         ir.save(model, tmp, external_data=data_name, size_threshold_bytes=1024)
-        for p in [tmp] + ([os.path.join(folder, data_name)] if data_name else []):
-            with open(p, "rb") as f:
+        if data_path:
+            with open(data_path, "rb") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+
+    try:
+        atomic_write(path, write)
     except BaseException:
-        for p in [tmp] + ([os.path.join(folder, data_name)] if data_name else []):
-            if os.path.exists(p):
-                os.unlink(p)
+        if data_path and os.path.exists(data_path):
+            os.unlink(data_path)
         raise
     for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(base) + ".*.data")):
         if data_name is None or os.path.basename(stale) != data_name:

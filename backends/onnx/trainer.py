@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -81,6 +81,9 @@ class OnnxTrainer(TrainerCheckpoints):
         threads: intra-op threads (0: onnxruntime's default).
         io_binding: keep parameters and state in onnxruntime buffers between steps.
         session_options: an ``onnxruntime.SessionOptions`` to start from.
+        session_path: run this file instead (the ``.ort`` conversion of ``path``, see
+            :func:`~graphpeft.backends.onnx.to_ort`); the signature and the initial values are
+            read from ``path``, which ORT-format files do not carry in a readable form.
 
     Attributes:
         signature: the training signature stored in the file.
@@ -92,7 +95,8 @@ class OnnxTrainer(TrainerCheckpoints):
     """
 
     def __init__(self, path: Union[str, os.PathLike], *, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: int = 0, io_binding: bool = True, session_options: Any = None) -> None:
+                 threads: int = 0, io_binding: bool = True, session_options: Any = None,
+                 session_path: Optional[Union[str, os.PathLike]] = None) -> None:
         import onnx
         import onnxruntime as ort
         from onnx import numpy_helper
@@ -126,10 +130,11 @@ class OnnxTrainer(TrainerCheckpoints):
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
+        run_path = os.fspath(session_path) if session_path is not None else self.path
         try:
-            self.session = ort.InferenceSession(self.path, opts, providers=list(providers))
+            self.session = ort.InferenceSession(run_path, opts, providers=list(providers))
         except Exception as e:  # noqa: BLE001
-            raise ExportError(f"onnxruntime could not load {self.path}: {e}") from e
+            raise ExportError(f"onnxruntime could not load {run_path}: {e}") from e
         self._ort = ort
         self.io_binding = io_binding
         self.lr = float(initial[sig.inputs[[s.kind for s in sig.inputs].index("lr")].name])
