@@ -130,6 +130,21 @@ def test_lowered_step_trains_exactly_like_the_plain_one() -> None:
     assert not calls(b.graph_module, aten.cat.default, "fuse_shared_input_linears")  # cm untouched
 
 
+@pytest.mark.parametrize("lowering", [None, ()], ids=["lowered", "plain"])
+def test_step_of_a_model_compiled_in_eval_mode_keeps_adapter_dropout(lowering: Any) -> None:
+    """The step is traced in training mode whatever mode ``cm`` is in, lowered copy included
+    (the copy was once taken before switching, so eval-mode compiles lost their dropout)."""
+    cm = compiled(dropout=0.5)
+    cm.eval()
+    options = {} if lowering is None else {"lowering": lowering}
+    step = cm.compile_training("causal_lm", gp.optim.SGD(lr=0.1), **options)
+    random = [n for n in step.graph_module.graph.nodes
+              if n.op == "call_function" and torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ())]
+    assert random, "adapter dropout missing from the training step"
+    assert not cm.training and all(not n.args[2] for n in cm.graph_module.graph.nodes
+                                   if (n.meta.get(META_KEY) or {}).get("part") == "dropout")  # mode restored
+
+
 def test_unknown_lowering_pass_is_a_plan_error() -> None:
     with pytest.raises(gp.PlanError, match="unknown lowering pass"):
         compiled().compile_training("causal_lm", gp.optim.SGD(lr=0.1), lowering=["no_such_pass"])

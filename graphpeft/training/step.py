@@ -603,7 +603,12 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
     from torch._decomp import core_aten_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    src = lower_forward(cm.graph_module, options)
+    was_training = cm.training
+    cm.train(True)  # adapter dropout on in the graph the step is traced from (a lowered copy)
+    try:
+        src = lower_forward(cm.graph_module, options)
+    finally:
+        cm.train(was_training)
     role_map = roles(src)
     param_names = [n for n, r in role_map.items() if r.trainable]
     const_names = [n for n, r in role_map.items() if not r.trainable]
