@@ -50,6 +50,7 @@ from .quantize.quantize_weights import Quantize, QuantizeMethod, QuantizeWeights
 from .quantize.rematerialize_dequantized import RematerializeDequantized
 from .quantize.requantize_merged import RequantizeMerged
 from .training.allreduce_gradients import AllReduceGradients
+from .training.shard_frozen_weights import ShardFrozenWeights
 from .training.check_gradient_flow import CheckGradientFlow
 from .training.report_backward import ReportBackward
 from .update.freeze import Freeze
@@ -67,4 +68,4 @@ __all__ = ["CheckGradientFlow", "DoRA", "DoRAMethod", "EliminateCommonSubexpress
 __all__ += ["LegalizeExecuTorch"]
 __all__ += ["DequantizeForMerge", "Quantize", "QuantizeMethod", "QuantizeWeights", "RequantizeMerged",
             "RematerializeDequantized", "UpcastLowPrecision"]
-__all__ += ["AllReduceGradients"]
+__all__ += ["AllReduceGradients", "ShardFrozenWeights"]

@@ -81,8 +81,27 @@ def _worker(rank: int, out: str) -> None:
     record["after_skip"] = _params(step)
     report = step.communication_report()
     record["report"] = (report.gradient_bytes, report.full_finetune_bytes, len(report.buckets), report.world_size)
+    record["sharded"] = _sharded_run(rank, xs, ys)
     torch.save(record, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+def _sharded_run(rank: int, xs: torch.Tensor, ys: torch.Tensor) -> dict[str, Any]:
+    """The same training with frozen weights sharded (FSDP-style): what the graph stores, and
+    the trained tensors after each step."""
+    from graphpeft.graph import Role, get_tensor, roles
+
+    cm = _compiled(xs)
+    step = cm.compile_training("mse", _optimizer(), data_parallel=True, bucket_cap_mb=1e-4, shard_frozen=True)
+    gm = step.distributed_graph_module
+    stored = {n: tuple(get_tensor(gm, n).shape) for n, r in roles(gm).items() if r == Role.FROZEN}
+    params = []
+    for _ in range(STEPS):
+        step(xs, ys)
+        params.append(_params(step))
+    report = step.communication_report()
+    return {"stored": stored, "params": params, "shard_bytes": report.frozen_shard_bytes,
+            "gathers": sum("all_gather" in str(n.target) for n in gm.graph.nodes)}
 
 
 def _spawn(out: str) -> list[subprocess.Popen]:
@@ -112,9 +131,12 @@ def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in b)
 
 
-def test_two_gloo_ranks_match_one_process_on_the_whole_batch(tmp_path: Any) -> None:
-    out = str(tmp_path)
-    procs = _spawn(out)  # the ranks run while this process trains the reference
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: Any) -> dict[str, Any]:
+    """One two-rank run shared by the tests below, and one process on the whole batch, trained
+    here while the ranks run."""
+    out = str(tmp_path_factory.mktemp("ranks"))
+    procs = _spawn(out)
     try:
         x, y = _batch()
         cm = _compiled(x[: x.shape[0] // WORLD])
@@ -125,7 +147,13 @@ def test_two_gloo_ranks_match_one_process_on_the_whole_batch(tmp_path: Any) -> N
             params.append(_params(step))
     finally:
         _join(procs)
-    r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD))
+    ranks = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
+    return {"out": out, "ranks": ranks, "step": step, "losses": losses, "params": params, "batch": (x, y)}
+
+
+def test_two_gloo_ranks_match_one_process_on_the_whole_batch(two_ranks: dict[str, Any]) -> None:
+    out, (r0, r1), step = two_ranks["out"], two_ranks["ranks"], two_ranks["step"]
+    losses, params, (x, y) = two_ranks["losses"], two_ranks["params"], two_ranks["batch"]
     for i in range(STEPS):  # ranks bit-identical, and the whole batch's step to 1e-5
         assert all(torch.equal(r0["params"][i][k], r1["params"][i][k]) for k in r0["params"][i])
         assert torch.equal(r0["losses"][i], r1["losses"][i])
@@ -146,6 +174,21 @@ def test_two_gloo_ranks_match_one_process_on_the_whole_batch(tmp_path: Any) -> N
     assert grad_bytes == sum(v.numel() * v.element_size() for k, v in params[0].items() if not k.startswith("opt/"))
     assert full_bytes == sum(p.numel() * p.element_size() for p in _model().parameters())
     assert buckets > 1 and world == WORLD
+
+
+def test_sharded_frozen_weights_store_half_and_train_the_same(two_ranks: dict[str, Any]) -> None:
+    """FSDP-style: each of the 2 ranks stores half of every frozen weight (padded: the biases
+    have odd sizes), all-gathers it before use, and trains bit for bit like the unsharded step."""
+    ranks = two_ranks["ranks"]
+    whole = {n: p.numel() for n, p in _model().named_parameters()}
+    for r in ranks:
+        sharded = r["sharded"]
+        assert {n[:-len("_shard")]: shape for n, shape in sharded["stored"].items()} == \
+            {n: (-(-numel // WORLD),) for n, numel in whole.items()}
+        assert sharded["shard_bytes"] == 4 * sum(-(-numel // WORLD) for numel in whole.values())
+        assert sharded["gathers"] >= len(whole)  # forward uses, and the backward's re-gathers
+        for i in range(STEPS):
+            assert all(torch.equal(sharded["params"][i][k], r["params"][i][k]) for k in r["params"][i])
 
 
 def test_data_parallel_without_a_process_group_raises() -> None:
@@ -196,14 +239,16 @@ def test_export_of_a_data_parallel_step_is_single_device(world_of_one: Any, tmp_
 
 
 @pytest.mark.parametrize("options", [dict(accumulation_steps=2, clip_grad_norm=0.5, fuse_optimizer=False),
-                                     dict(fuse_optimizer=True)], ids=["accumulate_clip_per_tensor", "fused"])
+                                     dict(fuse_optimizer=True), dict(shard_frozen=True, clip_grad_norm=1.0)],
+                         ids=["accumulate_clip_per_tensor", "fused", "sharded_frozen"])
 def test_a_world_of_one_trains_exactly_like_the_plain_step(world_of_one: Any, options: dict) -> None:
     """Sum over one rank and division by 1 are exact: the rewritten graph (collectives, new
     order, consumers rewired) must give the plain step's numbers bit for bit."""
     x, y = _batch()
     results = []
     for dp in (False, True):
-        step = _compiled(x).compile_training("mse", _optimizer(), data_parallel=dp, bucket_cap_mb=1e-4, **options)
+        opts = options if dp else {k: v for k, v in options.items() if k != "shard_frozen"}
+        step = _compiled(x).compile_training("mse", _optimizer(), data_parallel=dp, bucket_cap_mb=1e-4, **opts)
         losses = [step(x, y) for _ in range(2)]
         results.append((losses, _params(step)))
     (plain_losses, plain), (dp_losses, dp) = results
@@ -236,6 +281,8 @@ def test_bad_data_parallel_options_raise() -> None:
         _compiled(x).compile_training("mse", _optimizer(), data_parallel=True, bucket_cap_mb=0)
     with pytest.raises(gp.PlanError, match="data_parallel"):
         _compiled(x).compile_training("mse", _optimizer(), data_parallel="yes")
+    with pytest.raises(gp.PlanError, match="data_parallel=True"):
+        _compiled(x).compile_training("mse", _optimizer(), shard_frozen=True)
 
 
 if __name__ == "__main__":  # one rank of the two-process test

@@ -39,6 +39,8 @@ Tensor = torch.Tensor
 
 #: the pass that inserts the collectives (``passes/training/allreduce_gradients.py``)
 ALLREDUCE_PASS = "allreduce_gradients"
+#: the pass that shards frozen weights (``shard_frozen=True``)
+SHARD_PASS = "shard_frozen_weights"
 #: where that pass stores its :class:`CommunicationReport` in ``gm.meta["graphpeft"]``
 COMMUNICATION_META = "communication"
 #: the phase of the nodes it creates (see :data:`graphpeft.training.PHASES`)
@@ -104,6 +106,11 @@ class CommunicationReport:
     #: (tensors, bytes) per bucket, in the order the buckets are issued
     buckets: list[tuple[int, int]]
     bucket_cap_bytes: int
+    #: with ``shard_frozen``: the frozen bytes this rank stores (its shards), the bytes it
+    #: all-gathers per step, and the frozen tensors kept whole (name -> why)
+    frozen_shard_bytes: int = 0
+    gathered_bytes: int = 0
+    frozen_whole: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def bytes_per_step(self) -> int:
@@ -123,7 +130,9 @@ class CommunicationReport:
                 f"{self.bytes_per_step * mib:.3f} MiB all-reduced in {len(self.buckets)} bucket(s) "
                 f"(gradients {self.gradient_bytes * mib:.3f} MiB + loss), {self.wire_bytes_per_rank * mib:.3f} MiB "
                 f"sent per rank; full fine-tuning would all-reduce {self.full_finetune_bytes * mib:.3f} MiB "
-                f"({self.fraction_of_full_finetune:.2%} of it)")
+                f"({self.fraction_of_full_finetune:.2%} of it)"
+                + (f"; frozen weights sharded: {self.frozen_shard_bytes * mib:.3f} MiB stored on this rank, "
+                   f"{self.gathered_bytes * mib:.3f} MiB all-gathered per step" if self.frozen_shard_bytes else ""))
 
 
 def data_parallel_graph(gm: fx.GraphModule, group: ProcessGroupInfo, options: "TrainingOptions") -> fx.GraphModule:
@@ -131,13 +140,17 @@ def data_parallel_graph(gm: fx.GraphModule, group: ProcessGroupInfo, options: "T
     collectives inserted by the ``allreduce_gradients`` pass; ``gm`` is unchanged."""
     from .step import verify_training
 
-    if ALLREDUCE_PASS not in PASSES:
-        raise GraphPeftError(f"no {ALLREDUCE_PASS} pass is registered (import graphpeft.passes)")
+    names = [ALLREDUCE_PASS] + ([SHARD_PASS] if options.shard_frozen else [])
+    missing = [n for n in names if n not in PASSES]
+    if missing:
+        raise GraphPeftError(f"no {', '.join(missing)} pass is registered (import graphpeft.passes)")
     dp = copy_graph(gm)
-    p = PASSES[ALLREDUCE_PASS](group_name=group.group_name, world_size=group.world_size, backend=group.backend,
-                               bucket_cap_bytes=int(options.bucket_cap_mb * (1 << 20)))
+    passes = [PASSES[ALLREDUCE_PASS](group_name=group.group_name, world_size=group.world_size, backend=group.backend,
+                                     bucket_cap_bytes=int(options.bucket_cap_mb * (1 << 20)))]
+    if options.shard_frozen:
+        passes.append(PASSES[SHARD_PASS](group_name=group.group_name, world_size=group.world_size, rank=group.rank))
     ctx = PassContext(verify=options.verify, hooks=list(options.hooks))
-    return PassManager(verifier=verify_training).run(dp, Pipeline("data_parallel", [p]), ctx).gm
+    return PassManager(verifier=verify_training).run(dp, Pipeline("data_parallel", passes), ctx).gm
 
 
 def broadcast_from_rank0(tensors: Sequence[Tensor]) -> None:
@@ -179,6 +192,6 @@ def check_same_frozen(gm: fx.GraphModule) -> None:
             "the model) before the first data-parallel step")
 
 
-__all__ = ["ALLREDUCE_PASS", "COMMUNICATE_PHASE", "COMMUNICATION_META", "CommunicationReport", "ProcessGroupInfo",
+__all__ = ["ALLREDUCE_PASS", "COMMUNICATE_PHASE", "COMMUNICATION_META", "CommunicationReport", "ProcessGroupInfo", "SHARD_PASS",
            "barrier", "broadcast_from_rank0", "check_same_frozen", "data_parallel_graph",
            "is_main_process", "process_group"]

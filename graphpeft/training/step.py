@@ -344,6 +344,10 @@ class TrainingOptions:
             :mod:`graphpeft.training.distributed`.
         bucket_cap_mb: with ``data_parallel``, the most gradient MiB one all-reduce carries
             (gradients are bucketed in the order the backward produces them; DDP's default 25).
+        shard_frozen: with ``data_parallel``, the graph that runs stores only this rank's
+            ``1/world`` of every frozen floating-point weight and all-gathers a weight right
+            before its forward and backward uses (FSDP-style; the same numbers). The
+            single-device graph (exports) and the compiled model keep the whole weights.
     """
 
     accumulation_steps: int = 1
@@ -359,6 +363,7 @@ class TrainingOptions:
     fuse_optimizer: Union[bool, str] = "auto"
     data_parallel: bool = False
     bucket_cap_mb: float = 25.0
+    shard_frozen: bool = False
 
     def __post_init__(self) -> None:
         if self.nonfinite not in NONFINITE:
@@ -380,6 +385,9 @@ class TrainingOptions:
         if isinstance(self.bucket_cap_mb, bool) or not isinstance(self.bucket_cap_mb, (int, float)) \
                 or not self.bucket_cap_mb > 0:
             raise PlanError(f"bucket_cap_mb must be a positive number of MiB, got {self.bucket_cap_mb!r}")
+        if self.shard_frozen and not self.data_parallel:
+            raise PlanError("shard_frozen=True shards frozen weights across data-parallel ranks: "
+                            "compile with data_parallel=True too")
 
 
 def _inductor(gm: fx.GraphModule) -> Callable[..., Any]:
