@@ -73,3 +73,9 @@ __all__ += ["CommunicationReport", "DistributedError", "is_main_process"]
 from .passes import Quantize  # noqa: E402
 
 __all__ += ["Quantize"]
+
+# big models: compile on the meta device, then load the base weights (issue 15)
+from .errors import WeightsError  # noqa: E402
+from .weights import LoadReport  # noqa: E402
+
+__all__ += ["LoadReport", "WeightsError"]

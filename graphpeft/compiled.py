@@ -49,6 +49,7 @@ class CompiledModel(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat = self.flat_inputs(*args, **kwargs)
+        self._check_materialized(flat)
         out = self.graph_module(*flat)
         return pytree.tree_unflatten(list(out), self._traced.out_spec)
 
@@ -120,6 +121,57 @@ class CompiledModel(torch.nn.Module):
                 raise InputError(f"input {name} has {problem}, but the model was compiled for {text} (compiled "
                                  f"signature: {self.input_signature()}; s* are dynamic sizes). Convert the input "
                                  "(e.g. .to(dtype)) or compile again for it")
+
+    # -- base weights (graphpeft.weights) --------------------------------------------------------
+
+    def load_base_weights(self, path: Union[str, os.PathLike], *, strict: bool = True, key_map: Any = None,
+                          extra: Optional[dict[str, torch.Tensor]] = None, cast: bool = False,
+                          init_adapters: bool = True, device: Union[str, torch.device] = "cpu") -> Any:
+        """Load the base weights from safetensors (a file, or a folder as ``save_pretrained``
+        writes it, sharded or not) into the graph, one memory-mapped tensor at a time: the way to
+        fill a model compiled on the meta device (also overwrites real weights in place).
+
+        Every header is checked first (names, shapes, dtypes; with ``strict``, no missing and no
+        unexpected key): on a mismatch :class:`~graphpeft.errors.WeightsError` names the tensors
+        and nothing is loaded. Quantized weights (``gp.Quantize``) are quantized as they are read.
+        Adapters still on meta are initialized from their layer's loaded weight
+        (``init_adapters``), as a compile from real weights would initialize them.
+
+        Args:
+            path: a ``.safetensors`` file or a checkpoint folder.
+            strict: refuse missing and unexpected keys (else they are reported and skipped).
+            key_map: renames checkpoint keys to graph names (a dict, or a function; None drops
+                a key), e.g. for a checkpoint saved without the ``model.`` prefix.
+            extra: graph name -> tensor for what a checkpoint does not hold (non-persistent
+                buffers of a model built under ``torch.device("meta")``).
+            cast: accept float tensors of another float dtype (cast on load).
+            device: where the loaded tensors live.
+
+        Returns a :class:`~graphpeft.weights.LoadReport`."""
+        from .weights import load_base_weights
+
+        return load_base_weights(self, path, strict=strict, key_map=key_map, extra=extra, cast=cast,
+                                 init_adapters=init_adapters, device=device)
+
+    def meta_tensors(self) -> list[str]:
+        """Names of the graph's tensors that are still on the meta device (no values yet)."""
+        gm = self.graph_module
+        return [n for n in roles(gm) if get_tensor(gm, n).is_meta]
+
+    def _weights_changed(self) -> None:
+        self.__dict__.pop("_meta_cache", None)
+
+    def _check_materialized(self, flat: list[Any]) -> None:
+        """A model holding meta tensors runs only on meta inputs (shape inference)."""
+        meta = self.__dict__.get("_meta_cache")
+        if meta is None:
+            meta = self.__dict__["_meta_cache"] = self.meta_tensors()
+        if meta and not all(getattr(x, "is_meta", False) for x in flat):
+            from .errors import WeightsError
+
+            raise WeightsError(f"the model holds {len(meta)} tensors on the meta device (e.g. {meta[:3]}): it was "
+                               "compiled without weights. Load them first: cm.load_base_weights(checkpoint) for the "
+                               "base, cm.load_adapter(...) for adapters it could not initialize")
 
     @property
     def example_inputs(self) -> tuple:
@@ -228,9 +280,15 @@ class CompiledModel(torch.nn.Module):
         if problems:
             raise AdapterFileError("adapter does not fit this model (nothing was loaded): " + "; ".join(problems)
                                    + ". Was it saved from a model compiled with the same plan?")
+        from .weights import set_tensor
+
         with torch.no_grad():
             for k in allowed & set(state):
-                live[k][0].copy_(state[k].to(live[k][0].dtype))
+                if live[k][0].is_meta:  # an adapter of a meta compile: the file gives it its values
+                    set_tensor(self.graph_module, _graph_name(self, k, adapter_name), state[k].to(live[k][0].dtype))
+                else:
+                    live[k][0].copy_(state[k].to(live[k][0].dtype))
+        self._weights_changed()
 
     def save_adapter(self, folder: Union[str, os.PathLike], adapter_name: Optional[str] = None) -> None:
         """Write ``adapter_model.safetensors`` and ``adapter_config.json`` (atomically), constants
@@ -417,6 +475,13 @@ class CompiledModel(torch.nn.Module):
     def __repr__(self) -> str:
         return (f"CompiledModel({len(adapters(self.graph_module))} adapters, "
                 f"{self.num_parameters(True):,} trainable parameters, {op_count(self.graph_module)} ops)")
+
+
+def _graph_name(cm: CompiledModel, key: str, adapter_name: Optional[str]) -> str:
+    """The graph name of an adapter tensor that ``_live_tensors`` lists under ``key``."""
+    from .graph import scoped_tensor_name
+
+    return key if adapter_name is None else scoped_tensor_name(key, adapter_name)
 
 
 def _strip_peft_prefix(key: str) -> str:

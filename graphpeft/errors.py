@@ -59,6 +59,12 @@ class DistributedError(GraphPeftError, RuntimeError):
     group, or the ranks disagree (different frozen weights)."""
 
 
+class WeightsError(GraphPeftError, ValueError):
+    """Base weights cannot be loaded (a checkpoint that does not fit the compiled graph: names,
+    shapes, dtypes), or a model still holds meta-device tensors when it is run; see
+    ``CompiledModel.load_base_weights``."""
+
+
 class GraphPeftWarning(UserWarning):
     """Something graphpeft accepts but a user may not mean (e.g. a LoRA rank larger than the
     layer, which PEFT allows too)."""

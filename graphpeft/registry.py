@@ -26,6 +26,12 @@ MERGE_STEPS: list[str] = []
 #: names of passes ``CompiledModel.merge`` runs before ``merge_adapters``: they give weights
 #: stored in another form their float form back (e.g. a quantized base weight)
 MERGE_PREPARE_STEPS: list[str] = []
+#: stored forms of base weights (a quantized weight): name -> an object with
+#: ``records(gm) -> {float weight name: {"shape", "dtype" (torch), "tensors": [stored tensor
+#: names], "outputs": [names of the nodes that decode it]}}``, ``encode(gm, weight name, float
+#: tensor) -> {stored tensor name: tensor}`` and ``describe(gm, weight name) -> str``;
+#: ``CompiledModel.load_base_weights`` converts a checkpoint's float weight with it as it loads
+WEIGHT_FORMATS: dict[str, Any] = {}
 
 _plugins_loaded = False
 
@@ -51,6 +57,11 @@ def register_merge_step(name: str, *, before: bool = False) -> None:
     steps = MERGE_PREPARE_STEPS if before else MERGE_STEPS
     if name not in steps:
         steps.append(name)
+
+
+def register_weight_format(name: str, fmt: Any) -> None:
+    """Register a stored form of base weights (see :data:`WEIGHT_FORMATS`)."""
+    WEIGHT_FORMATS[name] = fmt
 
 
 def register_method(name: str, method: Any) -> None:

@@ -38,6 +38,7 @@ from .cleanup.simplify_algebra import SimplifyAlgebra
 from .legalize.legalize_executorch import LegalizeExecuTorch
 from .legalize.legalize_onnx import LegalizeOnnx
 from .legalize.lift_adapter_tensors import LiftAdapterTensors
+from .legalize.retarget_device import RetargetDevice
 from .legalize.upcast_low_precision import UpcastLowPrecision
 from .lower.fold_linear_scale import FoldLinearScale
 from .lower.fuse_shared_input_linears import FuseSharedInputLinears

@@ -637,6 +637,15 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
     out_spec = cm._traced.out_spec
     params = [get_tensor(src, n).detach() for n in param_names]
     consts = [get_tensor(src, n).detach() for n in const_names]
+    if any(t.is_meta for t in params + consts):
+        # a model compiled on the meta device (its memory report): trace every tensor on meta,
+        # real ones (buffers of accelerate.init_empty_weights, the batch) included, as fake
+        # tensors must share one device
+        from ..weights import retarget
+
+        params, consts = [t.to("meta") for t in params], [t.to("meta") for t in consts]
+        batch = [t.to("meta") if isinstance(t, Tensor) else t for t in batch]
+        src = retarget(copy_graph(src), "meta", source=None, fake_values=False)
     state = optimizer.init_state(dict(zip(param_names, params)))
     lr_value = float(optimizer.lr if lr is None else lr)
     # methods with a step of their own after the optimizer's (SoRA's proximal L1 step)
@@ -716,6 +725,8 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
 
     lr_example = torch.tensor(lr_value, dtype=torch.float32)
     example_state = [state[s] for s in state_names]
+    if params and params[0].is_meta:  # a meta trace (above): every input on meta
+        lr_example, example_state = lr_example.to("meta"), [t.to("meta") for t in example_state]
     was_training = cm.training
     cm.train(True)  # adapter dropout on in the training graph
     try:
@@ -974,7 +985,15 @@ class TrainerCheckpoints:
 
 
 def _batch_key(batch: Sequence[Any]) -> tuple:
-    return tuple((tuple(t.shape), t.dtype) if isinstance(t, Tensor) else (type(t).__name__,) for t in batch)
+    # the device is part of the key: a step traced on the meta device (a model compiled without
+    # weights, for its memory report) is traced again for real tensors once weights are loaded
+    return tuple((tuple(t.shape), t.dtype, t.device.type) if isinstance(t, Tensor) else (type(t).__name__,)
+                 for t in batch)
+
+
+def _on_meta(cm: "CompiledModel") -> bool:
+    """Whether ``cm`` holds tensors on the meta device (compiled without weights)."""
+    return any(t.is_meta for t in cm.graph_module.parameters()) or any(t.is_meta for t in cm.graph_module.buffers())
 
 
 class TrainingStep:
@@ -1023,6 +1042,8 @@ class TrainingStep:
         inputs = list(self.cm.example_inputs)
         if not inputs:
             return None
+        if _on_meta(self.cm):
+            inputs = [t.to("meta") for t in inputs]
         with torch.no_grad():
             flat = self.cm.graph_module(*inputs)
         outputs = pytree.tree_unflatten(list(flat), self.cm._traced.out_spec)
@@ -1036,6 +1057,8 @@ class TrainingStep:
 
     def compile(self, *batch: Tensor) -> fx.GraphModule:
         """Compile (or fetch from the cache) the graph for this batch's shapes."""
+        if _on_meta(self.cm):  # no weights yet: the step is traced (and cached) for meta tensors
+            batch = tuple(t.to("meta") if isinstance(t, Tensor) else t for t in batch)
         key = _batch_key(batch)
         if key in self._graphs:
             return self._graphs[key]
@@ -1084,6 +1107,7 @@ class TrainingStep:
 
     def flat_inputs(self, *batch: Tensor) -> list[Tensor]:
         """The graph's flat inputs for one call: trainable tensors, state, lr, batch."""
+        self._check_weights(batch)
         sig = signature_of(self.graph_for(*batch))
         params = [get_tensor(self.cm.graph_module, n).detach() for n in sig.params]
         return [*params, *[self._state[s] for s in sig.state], torch.tensor(self.lr, dtype=torch.float32), *batch]
@@ -1091,6 +1115,7 @@ class TrainingStep:
     def __call__(self, *batch: Tensor) -> Tensor:
         """Run one training step on ``batch``; returns the loss (a detached scalar; with
         ``data_parallel``, this rank's part of the batch and the global mean loss)."""
+        self._check_weights(batch)
         gm = self.graph_for(*batch)
         sig = signature_of(gm)
         if self._dp is not None:
@@ -1115,6 +1140,29 @@ class TrainingStep:
         return out[0].detach()
 
     step = __call__
+
+    # -- base weights (a model compiled on the meta device) --------------------------------------
+
+    def load_base_weights(self, path: Union[str, os.PathLike], **options: Any) -> Any:
+        """Load the model's base weights (:meth:`CompiledModel.load_base_weights`, same options)
+        and make the step ready to run on them: the optimizer state of a meta compile is
+        created again (zeros) and the next real batch traces the step for real tensors (graphs
+        traced on meta stay cached for their memory reports)."""
+        report = self.cm.load_base_weights(path, **options)
+        self._reinit_meta_state()
+        return report
+
+    def _reinit_meta_state(self) -> None:
+        if any(t.is_meta for t in self._state.values()) and not any(
+                get_tensor(self.cm.graph_module, n).is_meta for n in self.param_names):
+            self._state = self.optimizer.init_state({n: get_tensor(self.cm.graph_module, n) for n in self.param_names})
+
+    def _check_weights(self, batch: Sequence[Any]) -> None:
+        """Real batches need real weights: a clear error for a model still on the meta device."""
+        if all(getattr(t, "is_meta", False) for t in batch):
+            return
+        self.cm._check_materialized(list(batch))
+        self._reinit_meta_state()
 
     # -- data parallelism (graphpeft.training.distributed) -------------------------------------
 

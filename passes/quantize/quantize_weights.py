@@ -31,13 +31,13 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from graphpeft.errors import PlanError
+from graphpeft.errors import PlanError, WeightsError
 from graphpeft.graph import (GraphBuilder, Layer, Provenance, Role, find_layers, get_tensor, graph_meta,
                              remove_tensor, roles)
 from graphpeft.infra import PassContext, PassResult
 from graphpeft.method import AdapterMethod
 from graphpeft.plan import Rule, check_choice, check_positive_int
-from graphpeft.registry import register_method, register_pass, register_rule
+from graphpeft.registry import register_method, register_pass, register_rule, register_weight_format
 from graphpeft.rewrite import MatchResult, RewritePass, RewriteRule
 
 from .formats import DTYPES, FLOAT_DTYPES, PACKED, dequantize, layout_problem, quantize
@@ -264,3 +264,30 @@ def dequantized_weight(gm: fx.GraphModule, name: str) -> torch.Tensor:
     tensors = {k: get_tensor(gm, n).detach() for k, n in rec["tensors"].items()}
     return dequantize(EagerOps(), tensors, rec["dtype"], tuple(rec["shape"]), rec["group_size"],
                       getattr(torch, rec["float_dtype"]))
+
+
+class QuantizedWeights:
+    """The stored form ``CompiledModel.load_base_weights`` converts a checkpoint's float weights
+    to, one weight at a time (so the float model never exists in full): each quantized weight of
+    the graph is read in float and quantized with its record's format."""
+
+    def records(self, gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
+        return {w: {"shape": tuple(r["shape"]), "dtype": getattr(torch, r["float_dtype"]),
+                    "tensors": list(r["tensors"].values()), "outputs": list(r.get("outputs", []))}
+                for w, r in quantized(gm).items()}
+
+    def encode(self, gm: fx.GraphModule, name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        rec = quantized(gm)[name]
+        out = {rec["tensors"][k]: t for k, t in quantize(w, rec["dtype"], rec["group_size"]).items()}
+        for n, t in out.items():
+            want = get_tensor(gm, n)
+            if tuple(t.shape) != tuple(want.shape) or t.dtype != want.dtype:
+                raise WeightsError(f"quantizing {name} gave {n} as {t.dtype}{list(t.shape)}, the graph holds "
+                                   f"{want.dtype}{list(want.shape)}; compile again with this torchao version")
+        return out
+
+    def describe(self, gm: fx.GraphModule, name: str) -> str:
+        return quantized(gm)[name]["dtype"]
+
+
+register_weight_format("quantize", QuantizedWeights())
