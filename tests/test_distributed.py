@@ -82,6 +82,7 @@ def _worker(rank: int, out: str) -> None:
     report = step.communication_report()
     record["report"] = (report.gradient_bytes, report.full_finetune_bytes, len(report.buckets), report.world_size)
     record["sharded"] = _sharded_run(rank, xs, ys)
+    record["mismatch"] = _different_bases(rank, xs, ys)
     torch.save(record, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -102,6 +103,22 @@ def _sharded_run(rank: int, xs: torch.Tensor, ys: torch.Tensor) -> dict[str, Any
     report = step.communication_report()
     return {"stored": stored, "params": params, "shard_bytes": report.frozen_shard_bytes,
             "gathers": sum("all_gather" in str(n.target) for n in gm.graph.nodes)}
+
+
+def _different_bases(rank: int, xs: torch.Tensor, ys: torch.Tensor) -> str:
+    """Rank 1's base differs: the first step must refuse on every rank."""
+    from graphpeft.graph import get_tensor
+
+    cm = _compiled(xs)
+    if rank:
+        with torch.no_grad():
+            get_tensor(cm.graph_module, "0.weight").add_(1.0)
+    step = cm.compile_training("mse", _optimizer(), data_parallel=True)
+    try:
+        step(xs, ys)
+    except DistributedError as e:
+        return str(e)
+    return ""
 
 
 def _spawn(out: str) -> list[subprocess.Popen]:
@@ -174,6 +191,8 @@ def test_two_gloo_ranks_match_one_process_on_the_whole_batch(two_ranks: dict[str
     assert grad_bytes == sum(v.numel() * v.element_size() for k, v in params[0].items() if not k.startswith("opt/"))
     assert full_bytes == sum(p.numel() * p.element_size() for p in _model().parameters())
     assert buckets > 1 and world == WORLD
+    # different frozen weights on the ranks: both refuse, naming the tensor
+    assert all("0.weight" in r["mismatch"] and "different frozen weights" in r["mismatch"] for r in (r0, r1))
 
 
 def test_sharded_frozen_weights_store_half_and_train_the_same(two_ranks: dict[str, Any]) -> None:

@@ -153,14 +153,29 @@ def data_parallel_graph(gm: fx.GraphModule, group: ProcessGroupInfo, options: "T
     return PassManager(verifier=verify_training).run(dp, Pipeline("data_parallel", passes), ctx).gm
 
 
-def broadcast_from_rank0(tensors: Sequence[Tensor]) -> None:
-    """Overwrite ``tensors`` in place with rank 0's (one broadcast each)."""
+def _comm_device() -> torch.device:
+    """Where eager collectives take their tensors: the current GPU under nccl, else the CPU."""
     import torch.distributed as dist
 
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_from_rank0(tensors: Sequence[Tensor]) -> None:
+    """Overwrite ``tensors`` in place with rank 0's (one broadcast each; a tensor on another
+    device than the backend's, e.g. the CPU step counter under nccl, travels through a copy)."""
+    import torch.distributed as dist
+
+    device = _comm_device()
     with torch.no_grad():
         for t in tensors:
-            if t.device.type != "meta":
-                dist.broadcast(t, src=0)
+            if t.device.type == "meta":
+                continue
+            buf = t if t.device == device else t.to(device)
+            dist.broadcast(buf, src=0)
+            if buf is not t:
+                t.copy_(buf)
 
 
 def check_same_frozen(gm: fx.GraphModule) -> None:
@@ -180,7 +195,7 @@ def check_same_frozen(gm: fx.GraphModule) -> None:
         names.append(name)
     if not sums:
         return
-    high = torch.stack(sums).nan_to_num(nan=0.0)
+    high = torch.stack([v.to(_comm_device()) for v in sums]).nan_to_num(nan=0.0)
     low = -high
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     dist.all_reduce(low, op=dist.ReduceOp.MAX)
