@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import DistributedError, GraphPeftError
-from ..graph import Role, get_tensor, roles
+from ..graph import Role, get_tensor, graph_meta, roles
 from ..infra import PassContext, PassManager, Pipeline, copy_graph
 from ..registry import PASSES
 
@@ -150,7 +150,9 @@ def data_parallel_graph(gm: fx.GraphModule, group: ProcessGroupInfo, options: "T
     if options.shard_frozen:
         passes.append(PASSES[SHARD_PASS](group_name=group.group_name, world_size=group.world_size, rank=group.rank))
     ctx = PassContext(verify=options.verify, hooks=list(options.hooks))
-    return PassManager(verifier=verify_training).run(dp, Pipeline("data_parallel", passes), ctx).gm
+    dp = PassManager(verifier=verify_training).run(dp, Pipeline("data_parallel", passes), ctx).gm
+    log.info("%s", graph_meta(dp).get(COMMUNICATION_META))
+    return dp
 
 
 def _comm_device() -> torch.device:

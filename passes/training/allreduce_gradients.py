@@ -124,7 +124,7 @@ class AllReduceGradients(PassBase):
             raise VerificationError("cannot all-reduce the gradients of " + "; ".join(problems[:5]))
         nodes = list(gm.graph.nodes)
         output = nodes[-1]
-        place: dict[fx.Node, tuple[float, int]] = {}  # new node -> where it goes in the start order
+        place: dict[fx.Node, tuple[int, int]] = {}  # new node -> where it goes in the start order
         buckets = self._buckets(grads, {n: i for i, n in enumerate(nodes)})
         waits_at = self._end_of_backward(nodes)
         for b, bucket in enumerate(buckets):
@@ -165,15 +165,15 @@ class AllReduceGradients(PassBase):
                     and phase_of(n) in ("forward", "loss", "backward")), default=0)
 
     def _reduce(self, gm: fx.GraphModule, values: list[fx.Node], origins: dict[fx.Node, str], rule: str,
-                place: dict[fx.Node, tuple[float, int]], waits_at: int, nodes: list[fx.Node]) -> None:
+                place: dict[fx.Node, tuple[int, int]], waits_at: int, nodes: list[fx.Node]) -> None:
         """One collective over ``values``, issued right after the last of them; each result is
         waited for and averaged before its first consumer, which then reads the average."""
         pos = {n: i for i, n in enumerate(nodes)}
         issue_at = max(pos[v] for v in values)
         graph = gm.graph
-        new: list[tuple[fx.Node, float]] = []
+        new: list[tuple[fx.Node, int]] = []
 
-        def make(target: Any, args: tuple, origin: str, val: Any, at: float, sub_rule: str) -> fx.Node:
+        def make(target: Any, args: tuple, origin: str, val: Any, at: int, sub_rule: str) -> fx.Node:
             with graph.inserting_before(nodes[-1]):
                 n = graph.call_function(target, args)
             prov = Provenance(self.name, rule=f"{rule}:{sub_rule}", origin=origin, part=COMMUNICATE_PHASE).as_dict()
@@ -203,7 +203,7 @@ class AllReduceGradients(PassBase):
             place[n] = (at, len(place))
 
     @staticmethod
-    def _start_order(nodes: list[fx.Node], place: dict[fx.Node, tuple[float, int]]) -> list[fx.Node]:
+    def _start_order(nodes: list[fx.Node], place: dict[fx.Node, tuple[int, int]]) -> list[fx.Node]:
         """The graph's order with each new node right after the position it was placed at
         (``schedule`` then moves the updates after the averages they read)."""
         after: dict[int, list[fx.Node]] = {}
