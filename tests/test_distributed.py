@@ -304,5 +304,20 @@ def test_bad_data_parallel_options_raise() -> None:
         _compiled(x).compile_training("mse", _optimizer(), shard_frozen=True)
 
 
+def test_the_rules_decline_with_a_reason() -> None:
+    from graphpeft.passes.training.allreduce_gradients import check_gradient
+    from graphpeft.passes.training.shard_frozen_weights import check_shardable, shard_of
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    assert "placeholder" in check_gradient(x)
+    assert "not floating point" in check_shardable(torch.zeros(4, dtype=torch.int8))
+    assert "meta" in check_shardable(torch.zeros(4, device="meta"))
+    assert check_shardable(torch.zeros(4)) is None
+    w = torch.arange(5.0)  # 5 elements on 2 ranks: padded to 6, 3 each
+    assert torch.equal(torch.cat([shard_of(w, r, 2) for r in range(2)])[:5], w)
+    assert shard_of(w, 1, 2).tolist() == [3.0, 4.0, 0.0]
+
+
 if __name__ == "__main__":  # one rank of the two-process test
     _worker(int(sys.argv[1]), sys.argv[2])
