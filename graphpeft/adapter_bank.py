@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 
 from .errors import AdapterError
-from .graph import (META_KEY, Role, adapter_name_of, adapters, check_adapter_name, get_tensor,
+from .graph import (META_KEY, Role, adapter_joins, adapter_name_of, adapters, check_adapter_name, get_tensor,
                     register_tensor, remove_tensor, roles, unscoped_tensor_name)
 from .registry import get_method
 
@@ -120,8 +120,9 @@ class AdapterBank:
         nodes = {n.name: n for n in g.nodes}
         gone = {k for k, r in self.records.items() if adapter_name_of(r) in excluded}
         for aid in gone:
-            join = nodes[self.records[aid]["join"]]
-            join.replace_all_uses_with(join.args[0])
+            for name in adapter_joins(self.records[aid]):
+                join = nodes[name]
+                join.replace_all_uses_with(join.args[0])
         for node in reversed(list(g.nodes)):
             prov = node.meta.get(META_KEY)
             if prov and prov.get("adapter") in gone:

@@ -304,11 +304,20 @@ class Layer:
     module_class: str
     # Weight stored as (in, out) like GPT-2's Conv1D; PEFT calls this fan_in_fan_out.
     fan_in_fan_out: bool = False
-    #: other layers that read the same weight (tied weights, e.g. GPT-2's lm_head and wte)
+    #: other layers that read the same weight (tied weights, e.g. GPT-2's lm_head and wte); a
+    #: module called several times lists its own path once per other call
     shared_with: list[str] = dataclasses.field(default_factory=list)
+    #: when the module is called several times with this weight (ALBERT's shared layers): the
+    #: op node of every call, in graph order (``node`` is one of them); else empty
+    calls: list[fx.Node] = dataclasses.field(default_factory=list)
     #: the largest :attr:`layer_index` of the graph (None if no path is numbered); lets a plan
     #: say "the last k layers" with negative indices (``layers=[-1]``)
     deepest_index: Optional[int] = None
+
+    @property
+    def tied_to(self) -> list[str]:
+        """Other modules reading this layer's weight (tied weights), without its own other calls."""
+        return [p for p in self.shared_with if p != self.path]
 
     @property
     def layer_index(self) -> Optional[int]:
@@ -354,6 +363,8 @@ def find_layers(gm: fx.GraphModule) -> list[Layer]:
             layers.append(layer)
     for layer in layers:
         layer.shared_with = [o.path for o in layers if o.weight == layer.weight and o is not layer]
+        calls = [o.node for o in layers if o.weight == layer.weight and o.path == layer.path]
+        layer.calls = calls if len(calls) > 1 else []
     _set_deepest(layers)
     return layers
 
@@ -445,6 +456,12 @@ def _as_layer(gm: fx.GraphModule, node: fx.Node) -> Optional[Layer]:
         path, cls = _module_of(node, w)
         return Layer(path, "linear", node, w, b, in_f, out_f, cls, fan_in_fan_out=True)
     return None
+
+
+def adapter_joins(record: dict[str, Any]) -> list[str]:
+    """Names of the join nodes of one adapter record: one per call of its layer (a module called
+    several times has a branch at each call), the first being ``record["join"]``."""
+    return list(record.get("joins") or [record["join"]])
 
 
 def op_args(node: fx.Node) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from graphpeft.errors import GraphPeftWarning, PassError, PlanError
-from graphpeft.graph import Layer, Role, get_tensor, op_args, scoped_tensor_name
+from graphpeft.graph import GraphBuilder, Layer, Role, get_tensor, op_args, scoped_tensor_name
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
 from graphpeft.plan import Rule, check_bool, check_choice, check_number, check_positive_int, check_probability
@@ -36,7 +36,7 @@ from graphpeft.registry import register_method, register_pass, register_rule
 from graphpeft.rewrite import MatchResult
 from graphpeft.task_arithmetic import COMBINATIONS, combine as combine_tensors
 
-from .layer_rewrite import (LayerRewrite, LayerRewritePass, adapter_dropout, branch_builder, join_output,
+from .layer_rewrite import (LayerRewrite, LayerRewritePass, adapter_dropout, branch_builder, join_output, layer_calls,
                             layer_generator, layer_input, record_adapter, tied_weights_reason, warn_large_rank)
 
 aten = torch.ops.aten
@@ -88,7 +88,7 @@ class LoRA(Rule):
 
     def check(self, layer: Layer) -> Optional[str]:
         warn_large_rank(self.key, self.r, layer)  # PEFT allows r > min(in, out): a warning, not a refusal
-        reason = tied_weights_reason(layer)
+        reason = tied_weights_reason(layer, calls_ok=True)  # a module called twice: a branch at each call
         if reason is None and layer.kind == "conv" and op_args(layer.node).get("groups", 1) != 1:
             reason = "grouped convolutions are not supported by LoRA"
         if reason is None and self.lora_bias:
@@ -104,7 +104,10 @@ class LoRARewrite(LayerRewrite):
     """Rewrites one layer op ``y = op(x, W)`` into ``y + scaling * B(A(dropout(x)))``.
 
     ``LayerRewrite`` supplies match (the layer ops the rule selects, with the reason for the
-    others) and check (no second adapter of the same name, float weights, ``LoRA.check``)."""
+    others) and check (no second adapter of the same name, float weights, ``LoRA.check``). A
+    module called several times (ALBERT's shared layers) gets one adapter, as in PEFT: the same
+    ``A`` and ``B`` in a branch at every call (each with its own dropout), one record whose
+    ``joins`` lists them all."""
 
     rule: LoRA
 
@@ -114,36 +117,44 @@ class LoRARewrite(LayerRewrite):
         weight = get_tensor(gm, layer.weight)
         a, b = _init_factors(layer, weight, rule, ctx.seed)
         b_bias = _init_bias(layer, weight, rule, ctx.seed) if rule.lora_bias else None
-        # several named adapters may adapt one layer: the id and tensor names carry the name, and
-        # out is y or the last adapter joined onto it
-        aid, out, g = branch_builder(gm, layer, ctx, InsertLoRA.name, rule)
-        y = layer.node
         names = {k: scoped_tensor_name(v, ctx.adapter_name) for k, v in _tensor_names(layer).items()}
-        a_node = g.param(names["A"], a, Role.ADAPTER)
-        b_node = g.param(names["B"], b, Role.ADAPTER)
         tensors = {"A": names["A"], "B": names["B"]}
-        bias_node = None
         if b_bias is not None:
             tensors["B_bias"] = scoped_tensor_name(f"{layer.path}.lora_B.bias", ctx.adapter_name)
-            bias_node = g.param(tensors["B_bias"], b_bias, Role.ADAPTER)
-        if layer.kind == "embedding":
-            a_t = g.call(aten.t.default, a_node)
-            low = g.call(aten.embedding.default, a_t, y.args[1], op_args(y)["padding_idx"])
-            up = g.call(aten.linear.default, low, b_node)
+        values = {"A": a, "B": b, "B_bias": b_bias}
+        joins = []
+        for i, call in enumerate(layer_calls(layer)):
+            # several named adapters may adapt one layer: the id and tensor names carry the name,
+            # and out is y or the last adapter joined onto it
+            aid, out, g = branch_builder(gm, call, ctx, InsertLoRA.name, rule)
+            nodes = {k: g.param(n, values[k], Role.ADAPTER) if i == 0 else g.attr(n) for k, n in tensors.items()}
+            joins.append(_branch(g, call, out, nodes, rule))
+        extra: dict[str, Any] = {"bias": layer.bias} if b_bias is not None else {}
+        if len(joins) > 1:
+            extra["joins"] = [j.name for j in joins]
+        record_adapter(gm, aid, layer, ctx, rule, LoRAMethod.name, tensors, joins[0], scaling=rule.scaling, **extra)
+
+
+def _branch(g: GraphBuilder, layer: Layer, out: fx.Node, nodes: dict[str, fx.Node], rule: LoRA) -> fx.Node:
+    """``out + scaling * B(A(dropout(x)))`` at one call of ``layer`` (B with its bias under
+    ``lora_bias``); returns the join."""
+    y = layer.node
+    a_node, b_node = nodes["A"], nodes["B"]
+    bias = [nodes["B_bias"]] if "B_bias" in nodes else []
+    if layer.kind == "embedding":
+        a_t = g.call(aten.t.default, a_node)
+        low = g.call(aten.embedding.default, a_t, y.args[1], op_args(y)["padding_idx"])
+        up = g.call(aten.linear.default, low, b_node)
+    else:
+        x = adapter_dropout(g, layer_input(layer), rule.dropout)
+        if layer.kind == "conv":
+            c = op_args(y)
+            low = g.call(y.target, x, a_node, None, c["stride"], c["padding"], c["dilation"], 1)
+            up = g.call(y.target, low, b_node, *bias)
         else:
-            x = adapter_dropout(g, layer_input(layer), rule.dropout)
-            if layer.kind == "conv":
-                conv = y.target
-                c = op_args(y)
-                low = g.call(conv, x, a_node, None, c["stride"], c["padding"], c["dilation"], 1)
-                up = g.call(conv, low, b_node, *([bias_node] if bias_node is not None else []))
-            else:
-                low = g.call(aten.linear.default, x, a_node)
-                up = g.call(aten.linear.default, low, b_node, *([bias_node] if bias_node is not None else []))
-        scaled = g.call(aten.mul.Tensor, up, rule.scaling)
-        joined = join_output(g, out, scaled)
-        extra = {"bias": layer.bias} if b_bias is not None else {}
-        record_adapter(gm, aid, layer, ctx, rule, LoRAMethod.name, tensors, joined, scaling=rule.scaling, **extra)
+            low = g.call(aten.linear.default, x, a_node)
+            up = g.call(aten.linear.default, low, b_node, *bias)
+    return join_output(g, out, g.call(aten.mul.Tensor, up, rule.scaling))
 
 
 def _tensor_names(layer: Layer) -> dict[str, str]:

@@ -11,6 +11,7 @@ shared by the rules' ``check`` (rank larger than the layer, tied weights).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 import zlib
@@ -30,7 +31,7 @@ from graphpeft.rewrite import MatchResult, RewritePass, RewriteRule
 
 __all__ = ["LayerRewrite", "LayerRewritePass", "SharedTensorsMethod", "SharedTensorsPass", "adapter_dropout",
            "branch_builder", "check_rank_and_tying", "join_output", "layer_bias", "layer_generator", "layer_input",
-           "layer_output", "layer_weight", "rank_limit", "rank_reason", "record_adapter", "tied_weights_reason",
+           "layer_calls", "layer_output", "layer_weight", "rank_limit", "rank_reason", "record_adapter", "tied_weights_reason",
            "warn_large_rank"]
 
 aten = torch.ops.aten
@@ -52,6 +53,8 @@ class LayerRewrite(RewriteRule):
         layer = self._layers.get(node)
         if layer is None:
             return None  # not a layer op: not worth a reason
+        if layer.calls and node is not layer.calls[0]:
+            return None  # a module called several times is matched (and adapted) at its first call
         why = self.rule.select(layer)
         if why is not None:
             return MatchResult.fail(self.name, node, why, layer.path)
@@ -203,14 +206,29 @@ def warn_large_rank(method: str, r: Optional[int], layer: Layer, option: str = "
                       f"use {option} <= {limit} to save parameters", GraphPeftWarning, stacklevel=2)
 
 
-def tied_weights_reason(layer: Layer, consequence: Optional[str] = "merging would change both") -> Optional[str]:
+def tied_weights_reason(layer: Layer, consequence: Optional[str] = "merging would change both",
+                        calls_ok: bool = False) -> Optional[str]:
     """Why ``layer`` cannot take the adapter when its weight is tied to other layers' (GPT-2's
     ``lm_head`` and ``wte``), or None when it is not tied. ``consequence`` says what would go
-    wrong (None: say nothing, for adapters that are never merged)."""
-    if not layer.shared_with:
-        return None
-    because = f": {consequence}" if consequence is not None else ""
-    return f"its weight {layer.weight} is shared with {layer.shared_with} (tied weights){because}; exclude this layer"
+    wrong (None: say nothing, for adapters that are never merged). A module called several
+    times (ALBERT's shared layers, :attr:`Layer.calls`) is refused too unless ``calls_ok``: the
+    method's rewrite must put a branch at every call (LoRA's does, with :func:`layer_calls`)."""
+    if layer.tied_to:
+        because = f": {consequence}" if consequence is not None else ""
+        return f"its weight {layer.weight} is shared with {layer.tied_to} (tied weights){because}; exclude this layer"
+    if layer.calls and not calls_ok:
+        return (f"the module is called {len(layer.calls)} times (shared layers, as in ALBERT); only LoRA puts one "
+                "adapter used at every call: use LoRA or exclude this layer")
+    return None
+
+
+def layer_calls(layer: Layer) -> list[Layer]:
+    """One :class:`Layer` per call of ``layer``'s module (just ``layer`` when it is called once):
+    a rewrite that supports modules called several times builds its branch at each, reading the
+    same adapter tensors, as PEFT's one adapter module does."""
+    if not layer.calls:
+        return [layer]
+    return [dataclasses.replace(layer, node=call) for call in layer.calls]
 
 
 def check_rank_and_tying(r: Optional[int], layer: Layer) -> Optional[str]:

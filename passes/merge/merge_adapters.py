@@ -15,8 +15,8 @@ import torch
 import torch.fx as fx
 
 from graphpeft.errors import PassError
-from graphpeft.graph import (META_KEY, adapters, get_tensor, graph_meta, iter_created, register_tensor,
-                             remove_tensor, roles)
+from graphpeft.graph import (META_KEY, adapter_joins, adapters, get_tensor, graph_meta, iter_created,
+                             register_tensor, remove_tensor, roles)
 from graphpeft.infra import PassBase, PassContext, PassResult
 from graphpeft.registry import get_method, register_pass
 
@@ -84,8 +84,9 @@ class MergeAdapters(PassBase):
     @staticmethod
     def _remove_branch(gm: fx.GraphModule, adapter_id: str, rec: dict) -> None:
         nodes = {n.name: n for n in gm.graph.nodes}
-        join = nodes[rec["join"]]
-        join.replace_all_uses_with(join.args[0])
+        for name in adapter_joins(rec):  # one per call of a module called several times
+            join = nodes[name]
+            join.replace_all_uses_with(join.args[0])
         created = list(iter_created(gm, adapter_id))
         for node in reversed(created):
             if node.users:

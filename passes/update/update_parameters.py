@@ -190,8 +190,8 @@ class Update(Rule):
         return None
 
     def check(self, layer: Layer) -> Optional[str]:
-        if self.part == "module" and layer.shared_with:
-            return (f"its weight {layer.weight} is shared with {layer.shared_with} (tied weights): training the module "
+        if self.part == "module" and layer.tied_to:  # a module called several times is one module: fine
+            return (f"its weight {layer.weight} is shared with {layer.tied_to} (tied weights): training the module "
                     "would change both (PEFT trains a copy); exclude this module")
         if not self.sliced:
             return None
