@@ -198,10 +198,9 @@ def _map_keys(keys: Mapping[str, str], key_map: Optional[KeyMap]) -> dict[str, t
     """graph name -> (checkpoint key, file)."""
     if key_map is None:
         return {k: (k, f) for k, f in keys.items()}
-    fn = key_map.get if isinstance(key_map, Mapping) else key_map
     out: dict[str, tuple[str, str]] = {}
     for key, file in keys.items():
-        name = fn(key) if not isinstance(key_map, Mapping) else key_map.get(key, key)
+        name = key_map.get(key, key) if isinstance(key_map, Mapping) else key_map(key)
         if name is not None:
             out[name] = (key, file)
     return out
