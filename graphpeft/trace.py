@@ -256,8 +256,20 @@ def _trace_export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bo
                 raise TraceError(f"the constant input {node.name}={leaf!r} is used as a graph value")
             graph.erase_node(node)
     gm = _finish(graph, lifted, tensors, gm_src)
+    _record_aliases(gm, ep.state_dict, canonical)
     return TracedModel(gm, in_spec, mask, [None if t else c for t, c in zip(mask, leaves)],
                        ep.call_spec.out_spec, "export", tuple(_ordered_kwargs(kwargs, ep.call_spec.in_spec)))
+
+
+#: ``graph_meta`` key: the other names of tied tensors (``lm_head.weight`` -> ``transformer.wte.weight``),
+#: so a checkpoint that stores a tied tensor under another of its names still loads
+ALIASES_KEY = "aliases"
+
+
+def _record_aliases(gm: fx.GraphModule, state: dict[str, Any], canonical: dict[int, str]) -> None:
+    aliases = {k: canonical[id(v)] for k, v in state.items() if canonical.get(id(v), k) != k}
+    if aliases:
+        graph_meta(gm)[ALIASES_KEY] = aliases
 
 
 def _ordered_kwargs(kwargs: dict, in_spec: pytree.TreeSpec) -> dict:
@@ -347,6 +359,7 @@ def _trace_fx(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) 
     flat_out = out_node.args[0]
     out_node.args = (tuple(flat_out) if isinstance(flat_out, (list, tuple)) else (flat_out,),)
     gm = _finish(graph, lifted, tensors, traced)
+    _record_aliases(gm, named, canonical)
     # name the graph inputs after forward's arguments (as torch.export does), not arg1_1 ...
     for node, name in zip([n for n in gm.graph.nodes if n.op == "placeholder"], flat_names):
         node._rename(name)

@@ -41,6 +41,7 @@ import torch.fx as fx
 
 from .errors import WeightsError
 from .graph import Role, adapter_name_of, adapters, attach_tensor, find_layers, get_tensor, graph_meta, roles
+from .trace import ALIASES_KEY
 from .registry import PASSES, WEIGHT_FORMATS, get_method, load_plugins
 
 if TYPE_CHECKING:
@@ -216,6 +217,11 @@ def _plan(gm: fx.GraphModule, keys: Mapping[str, tuple[str, str]], extra: Mappin
     todo: list[tuple[_Target, Any]] = []
     seen: set[str] = set()
     sources: dict[str, Any] = {**{n: ("file", *v) for n, v in keys.items()}, **{n: ("extra", t) for n, t in extra.items()}}
+    # a tied tensor (GPT-2's lm_head / wte) is one graph tensor: its other names load into it
+    for alias, name in graph_meta(gm).get(ALIASES_KEY, {}).items():
+        if alias in sources:
+            src = sources.pop(alias)
+            sources.setdefault(name, src)
     unexpected = []
     for name, src in sources.items():
         target = targets.get(name)
@@ -250,6 +256,9 @@ def _plan(gm: fx.GraphModule, keys: Mapping[str, tuple[str, str]], extra: Mappin
                 "need values: build the model with accelerate.init_empty_weights() (parameters on meta, "
                 "buffers real) or pass extra={name: tensor}." if any(roles(gm).get(n) == Role.BUFFER for n in metas)
                 else "")
+        if any(not targets[n].fmt and roles(gm).get(n) != Role.BUFFER for n in missing):
+            hint += (" A tied weight (an lm_head sharing the embeddings) is stored once: call model.tie_weights() "
+                     "on the model without weights before compiling it.")
         problems.append(f"missing from the checkpoint: {_some(missing)}.{hint}")
     if strict and unexpected:
         problems.append(f"unexpected checkpoint keys (no graph tensor of that name): {_some(unexpected)}; "

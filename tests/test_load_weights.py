@@ -172,3 +172,27 @@ def test_reloading_a_real_model_keeps_its_training_step(real, tmp_path):
     _close(ref(IDS).logits, cm(IDS).logits)
     s_ref = ref.compile_training("causal_lm", gp.optim.SGD(lr=0.1))
     _close(s_ref(IDS, IDS), step(IDS, IDS))
+
+
+def test_tied_weights_load_under_any_of_their_names(tmp_path):
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import GPT2LMHeadModel
+
+    from models import tiny_gpt2
+
+    real = tiny_gpt2(layers=1)
+    plan = [gp.LoRA(targets=["c_attn"], r=4, init="random")]  # GPT-2's Conv1D: addmm with W as (in, out)
+    with init_empty_weights():
+        skeleton = GPT2LMHeadModel(real.config).eval()
+    untied = gp.compile(skeleton, plan, **KW)
+    real.save_pretrained(tmp_path / "hf")  # the tied lm_head is stored once, as transformer.wte.weight
+    with pytest.raises(gp.WeightsError, match=r"lm_head\.weight.*tie_weights"):
+        untied.load_base_weights(tmp_path / "hf")
+    skeleton.tie_weights()  # as from_pretrained does: one tensor, so one graph tensor
+    cm = gp.compile(skeleton, plan, **KW)
+    state = {("lm_head.weight" if k == "transformer.wte.weight" else k): v.contiguous()
+             for k, v in real.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, tmp_path / "other_name.safetensors")  # stored under its other name
+    cm.load_base_weights(tmp_path / "other_name.safetensors")
+    _close(gp.compile(real, plan, **KW)(IDS).logits, cm(IDS).logits)
