@@ -10,6 +10,9 @@ STAMP   := $(VENV)/.graphpeft-installed
 # torch is pinned here (not in pyproject): a range admitting newer releases pulls a CUDA build.
 TORCH   := torch==2.13.*
 TORCH_INDEX ?=
+# test processes (pytest-xdist): the suite is mostly single-threaded tracing, so 2 workers on
+# 2 cores nearly halve it; TEST_WORKERS=0 runs it in one process
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo test fuzz bench bench-quick clean
 
@@ -26,7 +29,7 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n $(TEST_WORKERS)
 
 # the long property-based run (random models x plans; make test runs a few examples)
 fuzz: $(STAMP)

@@ -24,6 +24,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import models as M  # noqa: E402
 
+# under pytest-xdist (make test runs -n 2) each worker takes its share of the cores: torch's
+# default of one thread per core in every worker oversubscribes them
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 @dataclasses.dataclass
 class Arch:
@@ -118,6 +123,29 @@ _PARITY = ParityLog()
 @pytest.fixture(scope="session")
 def parity() -> ParityLog:
     return _PARITY
+
+
+class _WorkerParity:
+    """Brings the parity figures of xdist workers to the controller, which prints them."""
+
+    @pytest.hookimpl
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        import json
+
+        _PARITY.rows.extend(json.loads(getattr(node, "workeroutput", {}).get("graphpeft_parity", "[]")))
+
+
+def pytest_configure(config: Any) -> None:
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_WorkerParity(), "graphpeft-worker-parity")
+
+
+def pytest_sessionfinish(session: Any) -> None:
+    output = getattr(session.config, "workeroutput", None)  # set on xdist workers only
+    if output is not None:
+        import json
+
+        output["graphpeft_parity"] = json.dumps(_PARITY.rows)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -81,6 +81,45 @@ def _need_target(name: str, targets: Sequence[Tensor]) -> Tensor:
     return targets[0]
 
 
+class _LeanCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``(N, C)`` float logits with a hand-written backward that holds two
+    ``(N, C)`` tensors at most, where autograd's ``nll_loss``/``log_softmax`` backward holds three
+    (a zero-filled one-hot gradient, the scatter into it, and the saved ``log_softmax``): the
+    logits-sized tensors of a language model's step are its largest. The values are the same
+    formulas: ``loss = -mean(log_softmax[label])``, ``grad = (softmax - onehot) / count``. No
+    ``nll_loss`` op reaches the graph, so its ONNX trap (DESIGN.md) cannot apply."""
+
+    @staticmethod
+    def forward(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, ...]:
+        lsm = torch.log_softmax(logits, dim=-1)
+        valid = labels != ignore_index
+        safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(1)
+        count = valid.sum().to(logits.dtype)
+        picked = lsm.gather(1, safe).squeeze(1)
+        return -(picked * valid).sum() / count, lsm, safe, valid, count
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:  # functorch (make_fx) needs it apart
+        ctx.save_for_backward(*output[1:])
+        ctx.mark_non_differentiable(*output[1:])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, *_unused: Any) -> tuple[Optional[Tensor], None, None]:
+        lsm, safe, valid, count = ctx.saved_tensors
+        scale = (valid * (grad / count)).unsqueeze(1)  # (N, 1): 0 on ignored rows
+        probs = torch.exp(lsm) * scale  # lsm dies here: two (N, C) tensors live at once
+        return probs.scatter_add(1, safe, -scale), None, None
+
+
+def lean_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """``F.cross_entropy(logits, labels, ignore_index=...)`` (mean) for ``(N, C)`` logits, with
+    the lean backward of :class:`_LeanCrossEntropy`; falls back to ``F.cross_entropy`` for
+    anything else."""
+    if logits.dim() != 2 or labels.dim() != 1 or not logits.dtype.is_floating_point:
+        return F.cross_entropy(logits, labels, ignore_index=ignore_index)
+    return _LeanCrossEntropy.apply(logits, labels, ignore_index)[0]
+
+
 class CrossEntropy(Loss):
     """Mean cross-entropy over every non-ignored label."""
 
@@ -92,8 +131,8 @@ class CrossEntropy(Loss):
     def __call__(self, outputs: Any, model_inputs: Sequence[Tensor], targets: Sequence[Tensor]) -> Tensor:
         logits = primary_output(outputs)
         labels = _need_target(self.name, targets)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                               ignore_index=self.ignore_index)
+        return lean_cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                  self.ignore_index)
 
     def weight(self, model_inputs: Sequence[Tensor], targets: Sequence[Tensor]) -> Tensor:
         return (_need_target(self.name, targets) != self.ignore_index).sum().float()
@@ -130,8 +169,8 @@ class CausalLM(Loss):
         if tuple(labels.shape) != tuple(logits.shape[:-1]):
             raise PlanError(f"causal_lm: labels of shape {tuple(labels.shape)} do not match logits of shape "
                             f"{tuple(logits.shape)}; give (batch, sequence) labels for (batch, sequence, vocab) logits")
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                               ignore_index=self.ignore_index)
+        return lean_cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                  self.ignore_index)
 
     def weight(self, model_inputs: Sequence[Tensor], targets: Sequence[Tensor]) -> Tensor:
         return (self._labels(model_inputs, targets) != self.ignore_index).sum().float()
@@ -191,4 +230,4 @@ def make_loss(spec: LossSpec) -> Loss:
 
 
 __all__ = ["CallableLoss", "CausalLM", "CrossEntropy", "IGNORE_INDEX", "Loss", "MSE", "NAMED_LOSSES",
-           "make_loss", "primary_output"]
+           "lean_cross_entropy", "make_loss", "primary_output"]

@@ -4,6 +4,12 @@ A training graph traced through autograd repeats work the forward already did (t
 transpose of a weight in forward and backward, the same mask or scale); this pass keeps the
 first occurrence and points every user of a duplicate at it. Random ops, ops that write to an
 input, ops whose result something writes to, and uninitialised allocations are never merged.
+
+One exception keeps training steps lean: a pointwise op the backward recomputes (``sigmoid`` in
+``silu``'s backward) is not merged into its forward twin when that twin has no backward reader
+yet and the recompute's inputs are alive in the backward anyway. Merging would keep the forward
+value alive from the forward to the backward (a saved activation) to spare one elementwise op;
+torch's min-cut partitioner makes the same trade.
 """
 
 from __future__ import annotations
@@ -67,6 +73,28 @@ def _signature(node: fx.Node) -> Optional[Hashable]:
         return None
 
 
+def _phase(node: fx.Node) -> str:
+    if node.op in ("placeholder", "get_attr"):
+        return "input"
+    return (node.meta.get(META_KEY) or {}).get("part") or "forward"
+
+
+def _saved(node: fx.Node) -> bool:
+    """A forward value some later phase reads (alive into the backward anyway)."""
+    return any(_phase(u) != "forward" for u in node.users)
+
+
+def keeps_recompute(dup: fx.Node, first: fx.Node) -> Optional[str]:
+    """Why ``dup`` (a backward recompute of ``first``) should stay, or None to merge."""
+    if _phase(first) != "forward" or _phase(dup) == "forward" or _saved(first):
+        return None
+    if not isinstance(dup.target, torch._ops.OpOverload) or torch.Tag.pointwise not in dup.target.tags:
+        return None
+    if all(_phase(a) != "forward" or _saved(a) for a in dup.all_input_nodes):
+        return "a pointwise backward recompute whose inputs are saved anyway: merging would save its output too"
+    return None
+
+
 def _keep_tags(dup: fx.Node, first: fx.Node) -> None:
     """Gradient marks of a removed duplicate move to the node that replaces it."""
     src = dup.meta.get(META_KEY) or {}
@@ -87,7 +115,7 @@ class EliminateCommonSubexpressions(PassBase):
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         seen: dict[Hashable, fx.Node] = {}
-        removed = 0
+        removed = kept = 0
         for node in list(gm.graph.nodes):
             if node.op == "get_attr":
                 sig: Optional[Hashable] = ("get_attr", node.target)
@@ -101,10 +129,14 @@ class EliminateCommonSubexpressions(PassBase):
             if first is None:
                 seen[sig] = node
                 continue
+            if keeps_recompute(node, first):
+                kept += 1
+                continue
             _keep_tags(node, first)
             node.replace_all_uses_with(first)
             gm.graph.erase_node(node)
             removed += 1
         ctx.options.setdefault("cse_removed", 0)
         ctx.options["cse_removed"] += removed
+        ctx.options["cse_kept_recomputes"] = ctx.options.get("cse_kept_recomputes", 0) + kept
         return PassResult(gm, removed > 0)
