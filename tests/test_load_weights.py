@@ -70,6 +70,7 @@ def test_meta_compile_then_load_matches_real_compile(real, sharded):
     ref_step = ref.compile_training("causal_lm", gp.optim.SGD(lr=0.1))
     _close(ref_step(IDS, IDS), step(IDS, IDS))
     _trainables_close(ref, cm)
+    _close(ref.merge()(IDS).logits, cm.merge()(IDS).logits)
 
 
 def test_everything_on_meta_needs_the_buffers_a_checkpoint_lacks(real, sharded):
@@ -140,10 +141,8 @@ def test_quantized_base_is_quantized_as_it_loads(real, sharded):
     assert not report.still_meta and len(report.adapters_initialized) == 2
     for name in gp.passes.quantize.quantize_weights.quantized(cm.graph_module):
         assert name not in cm.roles()  # the float weight never entered the graph
+    _trainables_close(ref, cm)  # adapters as initialized by the real compile
     _close(ref(IDS).logits, cm(IDS).logits)
-    s_ref, s = (m.compile_training("causal_lm", gp.optim.SGD(lr=0.1)) for m in (ref, cm))
-    _close(s_ref(IDS, IDS), s(IDS, IDS))
-    _trainables_close(ref, cm)
 
 
 def test_adapter_left_on_meta_is_loaded_with_adapter_io(real, sharded):
@@ -169,9 +168,11 @@ def test_reloading_a_real_model_keeps_its_training_step(real, tmp_path):
     assert all(torch.equal(before[n], t) for n, t in cm.trainable_parameters().items())  # adapters kept
     ref = gp.compile(other, LORA, **KW)
     ref.load_adapter_state_dict(cm.adapter_state_dict())
-    _close(ref(IDS).logits, cm(IDS).logits)
-    s_ref = ref.compile_training("causal_lm", gp.optim.SGD(lr=0.1))
-    _close(s_ref(IDS, IDS), step(IDS, IDS))
+    logits = ref(IDS).logits
+    _close(logits, cm(IDS).logits)
+    # the step compiled before the reload trains on the new weights: its loss is theirs
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), IDS[:, 1:].reshape(-1))
+    _close(step(IDS, IDS), expected, 1e-5)
 
 
 def test_tied_weights_load_under_any_of_their_names(tmp_path):
