@@ -317,7 +317,7 @@ def load_base_weights(cm: "CompiledModel", path: Union[str, os.PathLike], *, str
         if cast and value.dtype != target.dtype:
             value = value.to(target.dtype)
         if pending.get(target.name):
-            report.adapters_initialized += _init_adapters(cm, target.name, value, pending.pop(target.name))
+            report.adapters_initialized += _init_adapters(cm, target.name, value, pending.pop(target.name), device)
         if target.fmt is not None:
             stored = WEIGHT_FORMATS[target.fmt].encode(gm, target.name, value.to(device))
             for n, t in stored.items():
@@ -373,7 +373,7 @@ def _pending_adapters(gm: fx.GraphModule) -> dict[str, list[tuple[str, dict[str,
 
 
 def _init_adapters(cm: "CompiledModel", weight: str, value: torch.Tensor,
-                   pending: list[tuple[str, dict[str, Any]]]) -> list[str]:
+                   pending: list[tuple[str, dict[str, Any]]], device: torch.device) -> list[str]:
     """Initialize the meta adapters on ``weight``'s layer from its real value: the method's own
     rewrite, run on a graph of that one layer, gives the tensors a compile from real weights
     gives (same rule, same seed); they are copied into ``cm``'s graph by name."""
@@ -388,7 +388,7 @@ def _init_adapters(cm: "CompiledModel", weight: str, value: torch.Tensor,
         gm = cm.graph_module
         for name, t in tensors.items():
             if name in roles(gm) and tuple(get_tensor(gm, name).shape) == tuple(t.shape):
-                set_tensor(gm, name, t)
+                set_tensor(gm, name, t.to(device))
         done.append(aid)
     return done
 
