@@ -423,6 +423,16 @@ def find_norms(gm: fx.GraphModule) -> list[Layer]:
     return norms
 
 
+#: the convolution ops a layer can be (``padding="same"``/``"valid"`` give the ``.padding`` forms)
+CONV_OPS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+            aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)
+
+
+def conv_groups(node: fx.Node) -> int:
+    """The ``groups`` of a convolution op node (1 when not given)."""
+    return int(node.args[6]) if len(node.args) > 6 else int(node.kwargs.get("groups", 1))
+
+
 def _as_layer(gm: fx.GraphModule, node: fx.Node) -> Optional[Layer]:
     t = node.target
     if t == aten.linear.default:
@@ -432,14 +442,15 @@ def _as_layer(gm: fx.GraphModule, node: fx.Node) -> Optional[Layer]:
         out_f, in_f = get_tensor(gm, w).shape
         path, cls = _module_of(node, w)
         return Layer(path, "linear", node, w, b, in_f, out_f, cls)
-    if t in (aten.conv2d.default, aten.conv1d.default):
+    if t in CONV_OPS:
         w = _attr_name(node.args[1])
         if w is None:
             return None
         b = _attr_name(node.args[2]) if len(node.args) > 2 else None
         weight = get_tensor(gm, w)
         path, cls = _module_of(node, w)
-        return Layer(path, "conv", node, w, b, weight.shape[1], weight.shape[0], cls)
+        # in_features counts every input channel (weight dim 1 holds in/groups of a grouped conv)
+        return Layer(path, "conv", node, w, b, weight.shape[1] * conv_groups(node), weight.shape[0], cls)
     if t == aten.embedding.default:
         w = _attr_name(node.args[0])
         if w is None:

@@ -6,10 +6,13 @@ input is scaled instead, ``y = op(x * l, W, b)`` (one entry per input feature). 
 output scaling on keys and values and input scaling on the second feed-forward layer.
 
 Tensor (PEFT name and shape, so state dicts are interchangeable): ``<path>.ia3_l``; linear
-``(out, 1)``, or ``(1, in)`` on a feed-forward layer; conv ``(1, out, 1, 1)`` / ``(1, in, 1, 1)``.
+``(out, 1)``, or ``(1, in)`` on a feed-forward layer; conv ``(1, out, 1, 1)`` / ``(1, in, 1, 1)``
+(one trailing 1 per spatial axis: Conv1d, Conv2d, Conv3d; grouped ones too).
 Init: ones (a fresh adapter leaves outputs unchanged). Merge is exact and multiplicative:
-``W <- W ⊙ l`` along the scaled axis, and for output scaling also ``b <- b ⊙ l`` (PEFT does the
-same), so :class:`IA3Method` overrides ``merged_tensors`` rather than ``delta_weight``.
+``W <- W ⊙ l`` along the scaled axis (a grouped convolution's input vector laid out per group,
+as PEFT does), and for output scaling also ``b <- b ⊙ l`` (PEFT does the same), so
+:class:`IA3Method` overrides ``merged_tensors`` rather than ``delta_weight``. PEFT's IA3 has no
+``nn.Conv1d`` layer: such adapters work here but do not export to a PEFT folder.
 """
 
 from __future__ import annotations
@@ -20,9 +23,8 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from graphpeft.errors import PlanError
-from graphpeft.graph import (GraphBuilder, Layer, Provenance, Role, adapter_id, get_tensor, op_args,
-                             scoped_tensor_name)
+from graphpeft.errors import AdapterFileError, PlanError
+from graphpeft.graph import GraphBuilder, Layer, Provenance, Role, adapter_id, conv_groups, get_tensor, scoped_tensor_name
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
 from graphpeft.plan import Rule, Targets, check_choice
@@ -72,17 +74,16 @@ class IA3(Rule):
         return self.feedforward_modules is not None and self._path_matches(self.feedforward_modules, layer)
 
     def check(self, layer: Layer) -> Optional[str]:
-        reason = tied_weights_reason(layer)
-        if reason is None and layer.kind == "conv" and op_args(layer.node).get("groups", 1) != 1:
-            reason = "grouped convolutions are not supported by IA3"
-        return reason
+        return tied_weights_reason(layer)
 
 
 def vector_shape(layer: Layer, feedforward: bool) -> tuple[int, ...]:
-    """PEFT's shape of ``ia3_l`` for a layer."""
+    """PEFT's shape of ``ia3_l`` for a layer (a convolution's: ``(1, C, 1, ...)``, one 1 per
+    spatial axis)."""
     n = layer.in_features if feedforward else layer.out_features
     if layer.kind == "conv":
-        return (1, n, 1, 1)
+        gm = layer.node.graph.owning_module
+        return (1, n) + (1,) * (get_tensor(gm, layer.weight).dim() - 2)
     return (1, n) if feedforward else (n, 1)
 
 
@@ -121,7 +122,9 @@ class IA3Rewrite(LayerRewrite):
             out.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not joined)
         # the join is the node whose first argument it replaces: merge re-points its users there
         joined.meta["graphpeft"]["part"] = "join"
-        record_adapter(gm, aid, layer, ctx, rule, IA3Method.name, {"l": name}, joined, bias=layer.bias, feedforward=ff)
+        extra = {"groups": conv_groups(y), "spatial_dims": weight.dim() - 2} if layer.kind == "conv" else {}
+        record_adapter(gm, aid, layer, ctx, rule, IA3Method.name, {"l": name}, joined, bias=layer.bias, feedforward=ff,
+                       **extra)
 
     @staticmethod
     def _broadcastable(g: GraphBuilder, vec: fx.Node, layer: Layer) -> fx.Node:
@@ -130,6 +133,17 @@ class IA3Rewrite(LayerRewrite):
         if layer.kind == "conv":
             return vec
         return g.call(aten.view.default, vec, [-1])
+
+
+def _grouped_input_factor(vec: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """Input scaling ``(1, in, 1...)`` laid out against a convolution weight ``(out, in/groups, k...)``:
+    output channel ``o`` of group ``j`` reads input channels ``j·in/groups ...`` (PEFT's expand)."""
+    if groups == 1:
+        return vec
+    out, per_group = weight.shape[0], weight.shape[1]
+    spatial = vec.shape[2:]
+    v = vec.reshape(groups, 1, per_group, *spatial).expand(groups, out // groups, per_group, *spatial)
+    return v.reshape(out, per_group, *spatial)
 
 
 @register_pass
@@ -157,8 +171,8 @@ class IA3Method(AdapterMethod):
         weight = get_tensor(gm, record["weight"]).detach()
         ff = record["feedforward"]
         if record["kind"] == "conv":
-            # weight (out, in, kh, kw): input scaling along axis 1, output scaling along axis 0
-            factor = vec if ff else vec.transpose(0, 1)
+            # weight (out, in/groups, k...): input scaling along axis 1, output scaling along axis 0
+            factor = _grouped_input_factor(vec, weight, record.get("groups", 1)) if ff else vec.transpose(0, 1)
         else:
             # (out, 1) or (1, in) against W (out, in); Conv1D stores W as (in, out)
             factor = vec.T if record["fan_in_fan_out"] else vec
@@ -174,6 +188,10 @@ class IA3Method(AdapterMethod):
         return self.merged_tensors(gm, record)[record["weight"]] - weight
 
     def peft_export_config(self, config: dict[str, Any], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        conv1d = [r["layer"] for r in records if r["kind"] == "conv" and r.get("spatial_dims") == 1]
+        if conv1d:
+            raise AdapterFileError(f"PEFT's IA3 has no nn.Conv1d layer ({conv1d}): PEFT could not load this adapter; "
+                                   "save it with cm.save_adapter, or leave those layers out")
         # PEFT wants feedforward_modules within target_modules, which the core writes as paths
         config["feedforward_modules"] = [r["layer"] for r in records if r["feedforward"]]
         return config

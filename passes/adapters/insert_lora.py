@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from graphpeft.errors import GraphPeftWarning, PassError, PlanError
-from graphpeft.graph import GraphBuilder, Layer, Role, get_tensor, op_args, scoped_tensor_name
+from graphpeft.graph import GraphBuilder, Layer, Role, conv_groups, get_tensor, op_args, scoped_tensor_name
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
 from graphpeft.plan import Rule, check_bool, check_choice, check_number, check_positive_int, check_probability
@@ -37,7 +37,8 @@ from graphpeft.rewrite import MatchResult
 from graphpeft.task_arithmetic import COMBINATIONS, combine as combine_tensors
 
 from .layer_rewrite import (LayerRewrite, LayerRewritePass, adapter_dropout, branch_builder, join_output, layer_calls,
-                            layer_generator, layer_input, record_adapter, tied_weights_reason, warn_large_rank)
+                            layer_generator, layer_input, plain_conv, record_adapter, tied_weights_reason,
+                            warn_large_rank)
 
 aten = torch.ops.aten
 
@@ -89,8 +90,10 @@ class LoRA(Rule):
     def check(self, layer: Layer) -> Optional[str]:
         warn_large_rank(self.key, self.r, layer)  # PEFT allows r > min(in, out): a warning, not a refusal
         reason = tied_weights_reason(layer, calls_ok=True)  # a module called twice: a branch at each call
-        if reason is None and layer.kind == "conv" and op_args(layer.node).get("groups", 1) != 1:
-            reason = "grouped convolutions are not supported by LoRA"
+        groups = conv_groups(layer.node) if layer.kind == "conv" else 1
+        if reason is None and self.r % groups:
+            reason = (f"the convolution has groups={groups} and r={self.r} is not a multiple of it (PEFT's lora_B "
+                      f"is a grouped convolution too); use r = {groups * max(1, self.r // groups)} or another multiple")
         if reason is None and self.lora_bias:
             if layer.kind == "embedding":
                 reason = "lora_bias is not supported on embedding layers (PEFT refuses it too)"
@@ -148,9 +151,14 @@ def _branch(g: GraphBuilder, layer: Layer, out: fx.Node, nodes: dict[str, fx.Nod
     else:
         x = adapter_dropout(g, layer_input(layer), rule.dropout)
         if layer.kind == "conv":
+            # PEFT: A is a convolution like the layer's (kernel, stride, padding) but ungrouped,
+            # B a 1x1 convolution with the layer's groups
             c = op_args(y)
             low = g.call(y.target, x, a_node, None, c["stride"], c["padding"], c["dilation"], 1)
-            up = g.call(y.target, low, b_node, *bias)
+            nd = get_tensor(g.gm, layer.weight).dim() - 2
+            ones = [1] * nd
+            up = g.call(plain_conv(y.target), low, b_node, bias[0] if bias else None, ones, [0] * nd, ones,
+                        c["groups"])
         else:
             low = g.call(aten.linear.default, x, a_node)
             up = g.call(aten.linear.default, low, b_node, *bias)
@@ -184,7 +192,9 @@ def _init_factors(layer: Layer, weight: torch.Tensor, rule: LoRA, seed: int) -> 
             torch.nn.init.normal_(a, generator=gen)
     else:
         a_shape = (r, layer.in_features, *weight.shape[2:]) if layer.kind == "conv" else (r, layer.in_features)
-        b_shape = (layer.out_features, r, *([1] * (weight.dim() - 2))) if layer.kind == "conv" else (layer.out_features, r)
+        groups = conv_groups(layer.node) if layer.kind == "conv" else 1
+        b_shape = ((layer.out_features, r // groups, *([1] * (weight.dim() - 2))) if layer.kind == "conv"
+                   else (layer.out_features, r))
         a, b = torch.empty(a_shape), torch.zeros(b_shape)
         if rule.init == "gaussian":
             torch.nn.init.normal_(a, std=1 / r, generator=gen)
@@ -237,6 +247,10 @@ class LoRAMethod(AdapterMethod):
             return (b @ a).T * s
         if record["kind"] == "conv":
             w = get_tensor(gm, record["weight"])
+            if b.shape[1] != a.shape[0]:  # B grouped: ΔW reads every input channel, W only its group's
+                raise PassError("merge_adapters", f"the LoRA adapter on {record['layer']} is on a grouped "
+                                "convolution: its update cannot be folded into the grouped weight (PEFT cannot merge "
+                                "it either); export it with merged=False")
             return (b.flatten(1) @ a.flatten(1)).reshape(w.shape) * s
         delta = (b @ a) * s
         return delta.T if record["fan_in_fan_out"] else delta

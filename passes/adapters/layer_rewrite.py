@@ -31,8 +31,8 @@ from graphpeft.rewrite import MatchResult, RewritePass, RewriteRule
 
 __all__ = ["LayerRewrite", "LayerRewritePass", "SharedTensorsMethod", "SharedTensorsPass", "adapter_dropout",
            "branch_builder", "check_rank_and_tying", "join_output", "layer_bias", "layer_generator", "layer_input",
-           "layer_calls", "layer_output", "layer_weight", "rank_limit", "rank_reason", "record_adapter", "tied_weights_reason",
-           "warn_large_rank"]
+           "layer_calls", "layer_output", "layer_weight", "plain_conv", "rank_limit", "rank_reason", "record_adapter",
+           "tied_weights_reason", "warn_large_rank"]
 
 aten = torch.ops.aten
 
@@ -160,7 +160,8 @@ class SharedTensorsMethod(AdapterMethod):
 
 
 def _fan_in(layer: Layer) -> int:
-    # a convolution's input count includes its kernel (in_channels/groups · kh · kw)
+    # a convolution's input count includes its kernel (in_channels · kh · kw: PEFT's lora_A reads
+    # every channel, also of a grouped layer)
     fan_in = layer.in_features
     if layer.kind == "conv":
         gm = layer.node.graph.owning_module
@@ -254,6 +255,12 @@ def layer_output(layer: Layer) -> fx.Node:
         if nxt is None:
             return node
         node = nxt
+
+
+def plain_conv(target: Any) -> Any:
+    """The ``.default`` form of a convolution op (``conv2d.padding``, for ``padding="same"``,
+    becomes ``conv2d.default``): for a branch's own convolutions, given numeric padding."""
+    return getattr(aten, target.overloadpacket.__name__).default
 
 
 def layer_weight(layer: Layer) -> fx.Node:

@@ -15,8 +15,8 @@ Rules, each a rewrite with provenance on every node it makes:
 * ``conv_backward`` — ``aten.convolution_backward`` (a core ATen op with no ONNX translation
   and no decomposition) becomes convolutions: the input gradient a transposed convolution of
   the output gradient with the weight, the weight gradient a convolution of the input with the
-  output gradient (batch and channel axes swapped, stride and dilation exchanged), the bias
-  gradient a sum.
+  output gradient (batch and channel axes swapped, stride and dilation exchanged; for a grouped
+  convolution the groups' batches side by side, one group each), the bias gradient a sum.
 * ``squeeze`` — ``aten.squeeze.dims`` (no direct translation: the exporter would re-trace and
   decompose the whole graph for it) becomes a ``view`` to its recorded static shape.
 * ``inline_grad_regions`` — ``wrap_with_set_grad_enabled`` regions (``torch.no_grad()`` blocks
@@ -27,7 +27,8 @@ Rules, each a rewrite with provenance on every node it makes:
   decompose the whole graph (seconds): ``to.dtype`` / ``to.dtype_layout`` / ``to.device`` ->
   ``_to_copy`` (a pure device move is dropped),
   ``__and__`` / ``__or__`` -> ``bitwise_and`` / ``bitwise_or``, first-order ``diff`` -> a
-  difference of two slices (of the concatenation with ``prepend`` / ``append``) (inference graphs of HF models have all of these).
+  difference of two slices (of the concatenation with ``prepend`` / ``append``) (inference graphs of HF models have all of these),
+  ``conv3d`` without a bias -> ``convolution`` (torchlib gives conv3d's missing bias a wrong shape).
 * ``empty`` — ``aten.empty_permuted`` / ``empty.memory_format`` / ``empty_strided`` /
   ``empty_like`` (no ONNX translation) become zero-filled tensors of the same shape and dtype
   (their content is undefined, so zeros are a valid value).
@@ -42,7 +43,7 @@ import torch
 import torch.fx as fx
 
 from graphpeft.errors import ExportError
-from graphpeft.graph import META_KEY, GraphBuilder, Provenance
+from graphpeft.graph import META_KEY, GraphBuilder, Provenance, op_args
 from graphpeft.infra import PassBase, PassContext, PassResult
 from graphpeft.registry import register_pass
 
@@ -276,6 +277,11 @@ def _equivalent(node: fx.Node) -> Optional[Callable[[GraphBuilder], Any]]:
         if dtype is None:  # a pure device move: nothing to compute in an exported graph
             return lambda b: node.args[0]
         return lambda b: b.call(aten._to_copy.default, node.args[0], dtype=dtype)
+    if node.target == aten.conv3d.default and op_args(node)["bias"] is None:
+        # torchlib's conv3d builds a missing bias with shape (C, 2), which onnxruntime rejects
+        c = op_args(node)
+        return lambda b: b.call(aten.convolution.default, c["input"], c["weight"], None, c["stride"], c["padding"],
+                                c["dilation"], False, [0], c["groups"])
     if node.target == aten.diff.default:
         bound = dict(zip(("self", "n", "dim", "prepend", "append"), node.args), **node.kwargs)
         x, n, dim = bound["self"], bound.get("n", 1), bound.get("dim", -1)
@@ -302,6 +308,24 @@ def _replace_equivalents(gm: fx.GraphModule) -> int:
     return count
 
 
+def _grouped_weight_grad_operands(builder: GraphBuilder, x: fx.Node, grad_out: fx.Node, groups: int,
+                                  nd: int) -> tuple[fx.Node, fx.Node]:
+    """Input and weight of the grouped convolution giving a grouped convolution's weight gradient
+    (then permuted like the plain one): ``x (N, G·Ci, S)`` -> ``(Ci, G·N, S)`` and
+    ``grad_out (N, G·Co, S')`` -> ``(G·Co, N, S')``, so group ``j`` of a ``groups=G`` convolution
+    correlates group ``j``'s inputs with group ``j``'s output gradients over the batch."""
+    spatial = list(range(3, 3 + nd))
+    xs, gs = _val(x).shape, _val(grad_out).shape
+    ci, co = int(xs[1]) // groups, int(gs[1]) // groups
+    xg = builder.call(aten.reshape.default, x, [-1, groups, ci, *(int(d) for d in xs[2:])])
+    xt = builder.call(aten.reshape.default, builder.call(aten.permute.default, xg, [2, 1, 0, *spatial]),
+                      [ci, -1, *(int(d) for d in xs[2:])])
+    gg = builder.call(aten.reshape.default, grad_out, [-1, groups, co, *(int(d) for d in gs[2:])])
+    gt = builder.call(aten.reshape.default, builder.call(aten.permute.default, gg, [1, 2, 0, *spatial]),
+                      [groups * co, -1, *(int(d) for d in gs[2:])])
+    return xt, gt
+
+
 def _replace_conv_backward(gm: fx.GraphModule) -> int:
     count = 0
     for node in list(gm.graph.nodes):
@@ -323,13 +347,14 @@ def _replace_conv_backward(gm: fx.GraphModule) -> int:
             results[0] = builder.call(aten.convolution.default, grad_out, weight, None, stride, padding, dilation,
                                       True, out_pad, groups)
         if mask[1]:
-            if groups != 1:
-                raise ExportError(f"{node.name}: the weight gradient of a grouped convolution is not supported for "
-                                  "ONNX yet; freeze that layer")
             perm = [1, 0] + list(range(2, 2 + nd))
-            xt = builder.call(aten.permute.default, x, perm)
-            gt = builder.call(aten.permute.default, grad_out, perm)
-            gw = builder.call(aten.convolution.default, xt, gt, None, dilation, padding, stride, False, [0] * nd, 1)
+            if groups == 1:
+                xt = builder.call(aten.permute.default, x, perm)
+                gt = builder.call(aten.permute.default, grad_out, perm)
+            else:
+                xt, gt = _grouped_weight_grad_operands(builder, x, grad_out, groups, nd)
+            gw = builder.call(aten.convolution.default, xt, gt, None, dilation, padding, stride, False, [0] * nd,
+                              groups)
             gw = builder.call(aten.permute.default, gw, perm)
             for i in range(nd):
                 if int(_val(gw).shape[2 + i]) != kernel[i]:

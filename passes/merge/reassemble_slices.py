@@ -36,6 +36,12 @@ def reassembled_weight(gm: fx.GraphModule, rec: dict) -> torch.Tensor:
     return weight
 
 
+def _conv_op(name: str) -> torch._ops.OpOverload:
+    """The convolution op recorded as ``"aten.conv3d.default"`` (``str`` of the op)."""
+    _, packet, overload = name.split(".")
+    return getattr(getattr(aten, packet), overload)
+
+
 @register_pass
 class ReassembleSlices(PassBase):
     """Folds every row-sliced weight back into its original tensor and op (in place)."""
@@ -57,7 +63,7 @@ class ReassembleSlices(PassBase):
                 b = gm.graph.get_attr(rec["bias"]) if rec["bias"] else None
                 if rec["kind"] == "conv":
                     c = rec["conv_args"]
-                    target = aten.conv1d.default if "conv1d" in rec["op"] else aten.conv2d.default
+                    target = _conv_op(rec["op"])
                     args: tuple = (x, w, b, c["stride"], c["padding"], c["dilation"], c["groups"])
                 elif rec["fan_in_fan_out"]:
                     target, args = aten.addmm.default, (b, x, w)
