@@ -316,3 +316,56 @@ def test_fused_update_is_off_for_methods_with_their_own_step_and_on_request() ->
                 if (n.meta.get(META_KEY) or {}).get("part") == "optimizer"]
     with pytest.raises(gp.PlanError, match="fuse_optimizer"):
         compiled().compile_training("causal_lm", gp.optim.SGD(lr=0.1), fuse_optimizer="yes")
+
+
+# --- the output projection and the loss as one chunked op -------------------------------------
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_matches_torch_in_chunks(bias: bool) -> None:
+    from graphpeft.training.head_loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, dtype=torch.float64, requires_grad=True) if bias else None
+    labels = torch.randint(0, 9, (10,))
+    labels[[1, 7]] = -100
+    tensors = [h, w] + ([b] if bias else [])
+    ours = linear_cross_entropy(h, w, b, labels, -100, w_grad=True, b_grad=bias, chunk_bytes=4 * 9 * 3)  # 4 chunks
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w, b), labels, ignore_index=-100)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    for g_ours, g_ref in zip(torch.autograd.grad(ours * 2, tensors), torch.autograd.grad(ref * 2, tensors)):
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("head_trains", [False, True], ids=["frozen_head", "trained_head"])
+def test_fused_head_loss_step_trains_like_the_plain_one_without_full_logits(head_trains: bool, monkeypatch) -> None:
+    from graphpeft.training import head_loss
+
+    monkeypatch.setattr(head_loss, "CHUNK_BYTES", 4 * 128 * 4)  # 4 tokens of logits per chunk: 4 chunks
+    rules = [gp.LoRA(targets=ALL, r=4, alpha=8, init="random")]
+    if head_trains:
+        rules.append(gp.Update(targets=["lm_head"]))
+    make = lambda: gp.compile(tiny_llama(layers=LAYERS), gp.Plan(rules), (IDS,), {"use_cache": False})  # noqa: E731
+    a, b = make(), make()
+    plain = a.compile_training("causal_lm", gp.optim.AdamW(lr=1e-2), fuse_head_loss=False)
+    fused = b.compile_training("causal_lm", gp.optim.AdamW(lr=1e-2))
+    logits_shaped = lambda s: [n for n in s.graph_module.graph.nodes  # noqa: E731
+                               if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)
+                               and n.meta["val"].dim() and n.meta["val"].shape[-1] == 128
+                               and n.meta["val"].numel() == IDS.numel() * 128]
+    assert logits_shaped(plain) and not logits_shaped(fused)  # the logits never exist in full
+    assert fused.memory_report().peak_bytes <= plain.memory_report().peak_bytes  # (the optimizer peaks here)
+    for _ in range(3):
+        torch.testing.assert_close(fused(IDS), plain(IDS), rtol=1e-5, atol=1e-6)
+    pa, pb = a.trainable_parameters(), b.trainable_parameters()
+    assert ("lm_head.weight" in pb) == head_trains
+    for k in pa:
+        torch.testing.assert_close(pb[k], pa[k], rtol=1e-4, atol=1e-6)
+
+
+def test_fused_head_loss_keeps_logits_that_a_user_loss_reads() -> None:
+    step = compiled().compile_training(lambda out, y: torch.nn.functional.mse_loss(out.logits, y),
+                                       gp.optim.SGD(lr=0.1), example_batch=(IDS, torch.zeros(*IDS.shape, 128)))
+    assert any(n.target is aten.mm.default and n.meta["val"].shape[-1] == 128 for n in step.graph_module.graph.nodes)

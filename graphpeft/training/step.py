@@ -48,6 +48,7 @@ from ..errors import GraphPeftError, NonFiniteError, PlanError, TraceError, Veri
 from ..graph import META_KEY, Provenance, Role, adapters, attach_tensor, get_tensor, graph_meta, roles
 from ..infra import PassContext, PassHook, PassManager, Pipeline, TimingHook, copy_graph
 from .losses import Loss, LossSpec, make_loss
+from .head_loss import FusedHeadLoss, find_head, without_logits
 from .optim import STEP_KEY, Optimizer, make_optimizer
 from .distributed import (COMMUNICATION_META, CommunicationReport, ProcessGroupInfo, barrier, broadcast_from_rank0,
                           check_same_frozen, data_parallel_graph, is_main_process, process_group)
@@ -323,6 +324,9 @@ class TrainingOptions:
             graph; random, matrix-multiply and convolution ops are never recomputed) and
             ``schedule_memory`` reorders; a budget that cannot be met raises
             :class:`~graphpeft.errors.GraphPeftError` naming the smallest feasible one.
+        fuse_head_loss: when the logits are an output projection read only by the built-in
+            ``causal_lm`` / ``cross_entropy`` loss, compute projection, loss and their gradients
+            chunk by chunk (``graphpeft.training.head_loss``): no full logits tensor exists.
         fuse_optimizer: update every trainable tensor at once, on their concatenation (a dozen
             ops per step instead of a dozen per tensor; the same numbers); ``"auto"`` (default)
             does when the trainable tensors take at most :data:`FUSED_UPDATE_MAX_BYTES` (adapters),
@@ -361,6 +365,7 @@ class TrainingOptions:
     memory_budget: Optional[int] = None
     nonfinite: str = "skip"
     fuse_optimizer: Union[bool, str] = "auto"
+    fuse_head_loss: bool = True
     data_parallel: bool = False
     bucket_cap_mb: float = 25.0
     shard_frozen: bool = False
@@ -617,8 +622,13 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
         src = lower_forward(cm.graph_module, options)
     finally:
         cm.train(was_training)
+    head = find_head(src, cm._traced.out_spec, loss) if options.fuse_head_loss else None
+    if head is not None:  # the logits are only the loss's input: never made in full
+        src = without_logits(copy_graph(src), head)
     role_map = roles(src)
     param_names = [n for n, r in role_map.items() if r.trainable]
+    if head is not None:
+        loss = FusedHeadLoss(loss, head, param_names)
     const_names = [n for n, r in role_map.items() if not r.trainable]
     if not param_names:
         raise PlanError("the model has no trainable tensors: the plan selected no layer (see cm.explain())")
@@ -680,6 +690,8 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
 
             def objective(trainable: dict[str, Tensor], mi: list = mi, mt: list = mt, i: int = i, w: Any = w) -> Any:
                 outputs = run_model({**cdict, **trainable}, mi, i)
+                if isinstance(loss, FusedHeadLoss):
+                    loss.bind({**cdict, **trainable})
                 with _annotate("loss", micro=i):
                     value = loss(outputs, mi, mt)
                     if value.dim() != 0:
