@@ -51,8 +51,8 @@ def test_structure_roles_and_match_count(llama):
 def test_plan_data_form_and_rejections(llama):
     assert gp.Plan.from_dict({"rules": [{"dora": {**RULE, "init": "random"}}]}) == llama.plan
     layers = gp.find_layers(llama.graph_module)
-    with pytest.raises(PlanError, match="does not support embedding"):
-        gp.Plan([gp.DoRA(targets=["embed_tokens"])]).resolve(layers)
+    plan = gp.Plan([gp.DoRA(targets=["embed_tokens"])])  # embeddings take DoRA, as in PEFT (test_compat_dora)
+    assert [l.path for l in plan.resolve(layers).matches[plan.rules[0].name]] == ["model.embed_tokens"]
     with pytest.warns(gp.GraphPeftWarning, match="dora: r=64 on .* is larger than the layer"):  # as PEFT allows
         gp.Plan([gp.DoRA(targets=["k_proj"], r=64)]).resolve(layers)
     with pytest.raises(PlanError, match="init must be one of"):

@@ -89,7 +89,8 @@ class LoRA(Rule):
 
     def check(self, layer: Layer) -> Optional[str]:
         warn_large_rank(self.key, self.r, layer)  # PEFT allows r > min(in, out): a warning, not a refusal
-        reason = tied_weights_reason(layer, calls_ok=True)  # a module called twice: a branch at each call
+        # a module called several times: LoRA and DoRA put a branch at each call
+        reason = tied_weights_reason(layer, calls_ok=self.key in ("lora", "dora"))
         groups = conv_groups(layer.node) if layer.kind == "conv" else 1
         if reason is None and self.r % groups:
             reason = (f"the convolution has groups={groups} and r={self.r} is not a multiple of it (PEFT's lora_B "
@@ -141,28 +142,33 @@ class LoRARewrite(LayerRewrite):
 def _branch(g: GraphBuilder, layer: Layer, out: fx.Node, nodes: dict[str, fx.Node], rule: LoRA) -> fx.Node:
     """``out + scaling * B(A(dropout(x)))`` at one call of ``layer`` (B with its bias under
     ``lora_bias``); returns the join."""
-    y = layer.node
-    a_node, b_node = nodes["A"], nodes["B"]
-    bias = [nodes["B_bias"]] if "B_bias" in nodes else []
     if layer.kind == "embedding":
-        a_t = g.call(aten.t.default, a_node)
-        low = g.call(aten.embedding.default, a_t, y.args[1], op_args(y)["padding_idx"])
-        up = g.call(aten.linear.default, low, b_node)
+        x = layer.node.args[1]  # the ids: PEFT has no dropout on an embedding's branch
     else:
         x = adapter_dropout(g, layer_input(layer), rule.dropout)
-        if layer.kind == "conv":
-            # PEFT: A is a convolution like the layer's (kernel, stride, padding) but ungrouped,
-            # B a 1x1 convolution with the layer's groups
-            c = op_args(y)
-            low = g.call(y.target, x, a_node, None, c["stride"], c["padding"], c["dilation"], 1)
-            nd = get_tensor(g.gm, layer.weight).dim() - 2
-            ones = [1] * nd
-            up = g.call(plain_conv(y.target), low, b_node, bias[0] if bias else None, ones, [0] * nd, ones,
-                        c["groups"])
-        else:
-            low = g.call(aten.linear.default, x, a_node)
-            up = g.call(aten.linear.default, low, b_node, *bias)
+    up = lora_product(g, layer, x, nodes["A"], nodes["B"], nodes.get("B_bias"))
     return join_output(g, out, g.call(aten.mul.Tensor, up, rule.scaling))
+
+
+def lora_product(g: GraphBuilder, layer: Layer, x: fx.Node, a_node: fx.Node, b_node: fx.Node,
+                 b_bias: Optional[fx.Node] = None) -> fx.Node:
+    """``B(A(x))`` in PEFT's form for ``layer``'s kind (unscaled): linear layers two linears, an
+    embedding a lookup of ``Aᵀ`` by the ids ``x`` then ``B``, a convolution ``A`` like the
+    layer's (kernel, stride, padding, ungrouped) then a 1x1 ``B`` with the layer's groups."""
+    y = layer.node
+    if layer.kind == "embedding":
+        a_t = g.call(aten.t.default, a_node)
+        low = g.call(aten.embedding.default, a_t, x, op_args(y)["padding_idx"])
+        return g.call(aten.linear.default, low, b_node)
+    bias = [b_bias] if b_bias is not None else []
+    if layer.kind == "conv":
+        c = op_args(y)
+        low = g.call(y.target, x, a_node, None, c["stride"], c["padding"], c["dilation"], 1)
+        nd = get_tensor(g.gm, layer.weight).dim() - 2
+        ones = [1] * nd
+        return g.call(plain_conv(y.target), low, b_node, b_bias, ones, [0] * nd, ones, c["groups"])
+    low = g.call(aten.linear.default, x, a_node)
+    return g.call(aten.linear.default, low, b_node, *bias)
 
 
 def _tensor_names(layer: Layer) -> dict[str, str]:
@@ -242,18 +248,26 @@ class LoRAMethod(AdapterMethod):
     def delta_weight(self, gm: fx.GraphModule, record: dict[str, Any]) -> torch.Tensor:
         a = get_tensor(gm, record["tensors"]["A"]).detach()
         b = get_tensor(gm, record["tensors"]["B"]).detach()
-        s = record["scaling"]
-        if record["kind"] == "embedding":
-            return (b @ a).T * s
-        if record["kind"] == "conv":
-            w = get_tensor(gm, record["weight"])
-            if b.shape[1] != a.shape[0]:  # B grouped: ΔW reads every input channel, W only its group's
-                raise PassError("merge_adapters", f"the LoRA adapter on {record['layer']} is on a grouped "
-                                "convolution: its update cannot be folded into the grouped weight (PEFT cannot merge "
-                                "it either); export it with merged=False")
-            return (b.flatten(1) @ a.flatten(1)).reshape(w.shape) * s
-        delta = (b @ a) * s
-        return delta.T if record["fan_in_fan_out"] else delta
+        if record["kind"] == "conv" and b.shape[1] != a.shape[0]:
+            # B grouped: ΔW reads every input channel, a grouped weight only its group's
+            raise PassError("merge_adapters", f"the LoRA adapter on {record['layer']} is on a grouped "
+                            "convolution: its update cannot be folded into the grouped weight (PEFT cannot merge "
+                            "it either); export it with merged=False")
+        # a convolution's ΔW takes its kernel shape (a quantized linear weight is stored otherwise)
+        shape = get_tensor(gm, record["weight"]).shape if record["kind"] == "conv" else ()
+        return self.factor_delta(a, b, record["scaling"], record["kind"], record["fan_in_fan_out"], shape)
+
+    @staticmethod
+    def factor_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, kind: str, fan_in_fan_out: bool,
+                     shape: Sequence[int]) -> torch.Tensor:
+        """``s·BA`` in the layout of a weight of ``shape`` (an embedding's ``(BA)ᵀ``, a
+        convolution's reshaped to its kernel, GPT-2's Conv1D's transposed)."""
+        if kind == "embedding":
+            return (b @ a).T * scaling
+        if kind == "conv":
+            return (b.flatten(1) @ a.flatten(1)).reshape(shape) * scaling
+        delta = (b @ a) * scaling
+        return delta.T if fan_in_fan_out else delta
 
     def _add_weight_delta_(self, gm: fx.GraphModule, record: dict[str, Any], alpha: float = 1.0) -> None:
         if record["kind"] != "linear":

@@ -218,8 +218,8 @@ def tied_weights_reason(layer: Layer, consequence: Optional[str] = "merging woul
         because = f": {consequence}" if consequence is not None else ""
         return f"its weight {layer.weight} is shared with {layer.tied_to} (tied weights){because}; exclude this layer"
     if layer.calls and not calls_ok:
-        return (f"the module is called {len(layer.calls)} times (shared layers, as in ALBERT); only LoRA puts one "
-                "adapter used at every call: use LoRA or exclude this layer")
+        return (f"the module is called {len(layer.calls)} times (shared layers, as in ALBERT); only LoRA and DoRA "
+                "put one adapter used at every call: use one of them or exclude this layer")
     return None
 
 
