@@ -61,7 +61,9 @@ __all__ += ["AdapterError", "export_peft", "import_peft"]
 # compatibility and robustness (issue 14)
 from .errors import GraphPeftWarning, InputError, NonFiniteError  # noqa: E402
 
-__all__ += ["GraphPeftWarning", "InputError", "NonFiniteError"]
+from .passes import TrainableTokens  # noqa: E402
+
+__all__ += ["GraphPeftWarning", "InputError", "NonFiniteError", "TrainableTokens"]
 
 # data-parallel training steps on torch.distributed (issue 15)
 from .errors import DistributedError  # noqa: E402

@@ -45,7 +45,7 @@ from .paths import atomic_write
 from .errors import AdapterFileError, PlanError
 from .paths import check_output_folder
 from .graph import (DEFAULT_ADAPTER, Layer, Role, adapter_name_of, adapters, find_layers, get_tensor, graph_meta,
-                    register_tensor, roles)
+                    register_tensor, roles, unscoped_tensor_name)
 from .plan import Plan, Rule
 from .registry import METHODS, RULES, get_method, load_plugins
 
@@ -72,6 +72,9 @@ PREFIX = "base_model.model."
 #: ``graph_meta`` key of the sparse-update records (``passes/update``'s ``UPDATES_META``); a
 #: record with a ``"module"`` came from ``Update(part="module")``: PEFT's modules_to_save
 _UPDATES_META = "updates"
+#: the method of PEFT's trainable tokens: an adapter of its own (``TRAINABLE_TOKENS``), or beside
+#: a LoRA as its config's ``trainable_token_indices``, the rows then saved under ``token_adapter.``
+TOKENS = "trainable_tokens"
 
 
 # --- choosing the method ----------------------------------------------------------------------
@@ -109,15 +112,19 @@ def _fixed_note(config: dict[str, Any]) -> str:
 # --- PEFT config -> plan ------------------------------------------------------------------------
 
 
-def plan_from_peft(config: dict[str, Any], layers: Sequence[Layer], method: Optional[str] = None) -> Plan:
+def plan_from_peft(config: dict[str, Any], layers: Sequence[Layer], method: Optional[str] = None,
+                   input_embeddings: Optional[str] = None) -> Plan:
     """The plan equivalent to a PEFT adapter config, for a model with ``layers``.
 
     Per-layer overrides (LoRA's ``rank_pattern`` / ``alpha_pattern``) become one rule per group
-    of layers that share their values, matched as PEFT matches them.
+    of layers that share their values, matched as PEFT matches them. ``modules_to_save`` and
+    LoRA's ``trainable_token_indices`` become rules of their own; the latter's list form names
+    the model's ``input_embeddings`` (a module path; PEFT falls back on ``embed_tokens``).
     """
     m = method_for(config, method)
     known = (IGNORED | set(COMMON_OPTIONS.values()) | set(m.peft_options.values()) | set(m.peft_fixed)
-             | set(m.peft_patterns) | {"modules_to_save"})
+             | set(m.peft_patterns) | {"modules_to_save"} | ({"trainable_token_indices"} if m.peft_type == "LORA"
+                                                               else set()))
     unsupported = sorted(k for k, v in config.items()
                          if k not in known and v not in _DEFAULTISH and v != {} and v != [])
     if unsupported:
@@ -135,7 +142,7 @@ def plan_from_peft(config: dict[str, Any], layers: Sequence[Layer], method: Opti
         rule = m.rule.from_body(body)
     except PlanError as e:
         raise AdapterFileError(f"the PEFT config does not translate into a {m.name} rule: {e}") from e
-    saved = _modules_to_save_rule(config)
+    saved = _modules_to_save_rule(config) + _token_rules(config, input_embeddings)
     patterns = {ours: config.get(theirs) or {} for theirs, ours in m.peft_patterns.items()}
     if not any(patterns.values()):
         return Plan([rule, *saved])
@@ -171,6 +178,45 @@ def _modules_to_save_rule(config: dict[str, Any]) -> list[Rule]:
     load_plugins()
     targets = "|".join(f".*{re.escape(n)}" for n in names)
     return [RULES["update"].from_body({"targets": targets, "part": "module"})]
+
+
+def _token_rules(config: dict[str, Any], input_embeddings: Optional[str]) -> list[Rule]:
+    """``[TrainableTokens(...)]`` for a LoRA config's ``trainable_token_indices``: a dict
+    ``{module name: indices}`` (matched as PEFT matches ``target_modules`` names), or a list for
+    the model's input embeddings."""
+    value = config.get("trainable_token_indices")
+    if not value:
+        return []
+    items = value.items() if isinstance(value, dict) else [(input_embeddings or "embed_tokens", value)]
+    load_plugins()
+    try:
+        return [RULES[TOKENS].from_body({"targets": [name], "token_indices": list(indices)}) for name, indices in items]
+    except PlanError as e:
+        raise AdapterFileError(f"the PEFT config's trainable_token_indices do not translate: {e}") from e
+
+
+def _main_method(recs: Sequence[dict[str, Any]]) -> Optional["AdapterMethod"]:
+    """The method of an adapter's records, trainable tokens beside another method not counted."""
+    names = sorted({r["method"] for r in recs} - {TOKENS}) or [TOKENS]
+    return get_method(names[0])
+
+
+def _file_keys(m: "AdapterMethod", recs: Sequence[dict[str, Any]], adapter_name: str,
+               live: Sequence[str]) -> dict[str, str]:
+    """Live tensor key -> PEFT file key, for the tensors PEFT's file holds: a method's
+    ``peft_unsaved`` tensors (kept in PEFT's config) are left out, and trainable tokens beside
+    another method are saved under PEFT's ``<module>.token_adapter.trainable_tokens_delta``."""
+    unsaved: set[str] = set()
+    special: dict[str, str] = {}
+    for rec in recs:
+        rm = get_method(rec["method"])
+        for role, name in rec["tensors"].items():
+            key = unscoped_tensor_name(name, adapter_name)
+            if role in getattr(rm, "peft_unsaved", ()):
+                unsaved.add(key)
+            elif rec["method"] == TOKENS and m.name != TOKENS:
+                special[key] = f"{PREFIX}{rec['layer']}.token_adapter.trainable_tokens_delta"
+    return {k: special.get(k) or m.peft_key(k) for k in live if k not in unsaved}
 
 
 def saved_modules(cm: "CompiledModel") -> dict[str, list[str]]:
@@ -227,6 +273,11 @@ def _records_of(cm: "CompiledModel", adapter_name: str) -> list[dict[str, Any]]:
 def peft_config(cm: "CompiledModel", adapter_name: str = DEFAULT_ADAPTER) -> dict[str, Any]:
     """The PEFT ``adapter_config.json`` content for one adapter of ``cm``."""
     recs = _records_of(cm, adapter_name)
+    tokens = [r for r in recs if r["method"] == TOKENS]
+    if tokens and len(tokens) < len(recs):  # beside another method: PEFT's trainable_token_indices
+        recs = [r for r in recs if r["method"] != TOKENS]
+    else:
+        tokens = []
     names = sorted({r["method"] for r in recs})
     if len(names) != 1:
         raise AdapterFileError(f"adapter {adapter_name!r} mixes methods {names}; a PEFT adapter has one method: "
@@ -259,6 +310,12 @@ def peft_config(cm: "CompiledModel", adapter_name: str = DEFAULT_ADAPTER) -> dic
         "base_model_name_or_path": None,
         "inference_mode": True,
     })
+    if tokens:
+        if m.peft_type != "LORA":
+            raise AdapterFileError(f"adapter {adapter_name!r} has trainable tokens beside {m.name}: PEFT holds them "
+                                   "only beside a LoRA (trainable_token_indices) or alone; put them in an adapter of "
+                                   "their own")
+        config["trainable_token_indices"] = {r["layer"]: list(r["config"]["token_indices"]) for r in tokens}
     return m.peft_export_config(config, recs)
 
 
@@ -275,17 +332,18 @@ def export_peft(cm: "CompiledModel", folder: Union[str, os.PathLike],
 
     folder = check_output_folder(folder, "export_peft", AdapterFileError)  # before any work
     config = peft_config(cm, adapter_name)
-    m = get_method(_records_of(cm, adapter_name)[0]["method"])
+    recs = _records_of(cm, adapter_name)
+    m = _main_method(recs)
     live = cm._live_tensors(adapter_name)
+    keys = _file_keys(m, recs, adapter_name, list(live))
     saved = {t for ts in (saved_modules(cm) if adapter_name == DEFAULT_ADAPTER else {}).values() for t in ts}
     if any(r in (Role.TRAINABLE, Role.TRAINABLE_SLICE) and n not in saved for n, r in cm.roles().items()):
         log.warning("the model also trains base weights (sparse updates) outside modules_to_save: a PEFT adapter "
                     "folder does not hold them")
-    state = {m.peft_key(k): t.detach().contiguous() for k, (t, _) in live.items()}
+    state = {keys[k]: t.detach().contiguous() for k, (t, _) in live.items() if k in keys}
     state.update({PREFIX + n: get_tensor(cm.graph_module, n).detach().contiguous() for n in saved})
     # copies, not shared storage: safetensors refuses tensors that share memory
-    state.update({alias: state[key].clone() for alias, key in _aliases(m, _records_of(cm, adapter_name)).items()
-                  if key in state})
+    state.update({alias: state[key].clone() for alias, key in _aliases(m, recs).items() if key in state})
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     weights_path, config_path = os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, CONFIG_NAME)
@@ -334,7 +392,7 @@ def import_peft(model: Union[torch.nn.Module, "CompiledModel"], folder: Union[st
             from .trace import trace
 
             traced_layers = find_layers(trace(model, example_inputs, example_kwargs).gm)
-        plan = plan_from_peft(config, traced_layers or [], method)
+        plan = plan_from_peft(config, traced_layers or [], method, _input_embeddings(model))
         try:
             cm = compile_model(model, plan if adapter_name == DEFAULT_ADAPTER else Plan([]), example_inputs,
                                example_kwargs, seed=seed, **compile_options)
@@ -350,6 +408,15 @@ def import_peft(model: Union[torch.nn.Module, "CompiledModel"], folder: Union[st
             cm.delete_adapter(adapter_name)  # leave the model as it was
         raise
     return cm
+
+
+def _input_embeddings(model: torch.nn.Module) -> Optional[str]:
+    """The module path of ``model.get_input_embeddings()`` (transformers models), else None."""
+    try:
+        emb = model.get_input_embeddings()  # type: ignore[operator]
+    except Exception:  # noqa: BLE001 - not a transformers model, or one without input embeddings
+        return None
+    return next((name for name, mod in model.named_modules() if mod is emb), None)
 
 
 def _add(cm: "CompiledModel", adapter_name: str, plan: Plan, seed: int) -> None:
@@ -371,9 +438,9 @@ def _aliases(m: "AdapterMethod", records: Sequence[dict[str, Any]]) -> dict[str,
 
 def _load(cm: "CompiledModel", adapter_name: str, state: dict[str, torch.Tensor], where: str) -> None:
     recs = _records_of(cm, adapter_name)
-    m = get_method(recs[0]["method"])
+    m = _main_method(recs)
     live = cm._live_tensors(adapter_name)
-    by_peft_key = {m.peft_key(k): k for k in live}
+    by_peft_key = {v: k for k, v in _file_keys(m, recs, adapter_name, list(live)).items()}
     state = dict(state)
     base = _pop_saved_modules(cm, state, where) if adapter_name == DEFAULT_ADAPTER else {}
     for alias, key in _aliases(m, recs).items():

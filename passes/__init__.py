@@ -30,6 +30,7 @@ from .adapters.insert_shira import InsertSHiRA, SHiRA, SHiRAMethod
 from .adapters.insert_sltrain import SLTrain
 from .adapters.insert_sora import SoRA
 from .adapters.insert_svfit import SVFit
+from .adapters.insert_trainable_tokens import InsertTrainableTokens, TrainableTokens, TrainableTokensMethod
 from .adapters.insert_vera import InsertVeRA, VeRA, VeRAMethod
 from .adapters.layer_rewrite import LayerRewrite
 from .cleanup.eliminate_common_subexpressions import EliminateCommonSubexpressions
@@ -38,6 +39,7 @@ from .cleanup.simplify_algebra import SimplifyAlgebra
 from .legalize.legalize_executorch import LegalizeExecuTorch
 from .legalize.legalize_onnx import LegalizeOnnx
 from .legalize.lift_adapter_tensors import LiftAdapterTensors
+from .legalize.low_precision_attention import LowPrecisionAttentionPass
 from .legalize.retarget_device import RetargetDevice
 from .legalize.upcast_low_precision import UpcastLowPrecision
 from .lower.fold_linear_scale import FoldLinearScale
@@ -68,5 +70,6 @@ __all__ = ["CheckGradientFlow", "DoRA", "DoRAMethod", "EliminateCommonSubexpress
            "VeRAMethod"]
 __all__ += ["LegalizeExecuTorch"]
 __all__ += ["DequantizeForMerge", "Quantize", "QuantizeMethod", "QuantizeWeights", "RequantizeMerged",
-            "RematerializeDequantized", "UpcastLowPrecision"]
+            "RematerializeDequantized", "UpcastLowPrecision", "LowPrecisionAttentionPass"]
 __all__ += ["AllReduceGradients", "ShardFrozenWeights"]
+__all__ += ["InsertTrainableTokens", "TrainableTokens", "TrainableTokensMethod"]
