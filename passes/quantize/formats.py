@@ -39,6 +39,10 @@ DTYPES = ("int8", "int4", "nf4", "bfloat16", "float16")
 #: formats that pack two 4-bit codes per byte (their groups must be even)
 PACKED = ("int4", "nf4")
 FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+#: formats whose stored tensors hold whole weight rows (row ``r`` of each stored tensor belongs to
+#: row ``r`` of the weight): rows can be gathered (an embedding lookup) or sliced (a head read in
+#: chunks) before they are dequantized. NF4's scalers are double-quantized in blocks across rows.
+ROW_FORMATS = ("int8", "int4", "bfloat16", "float16")
 
 
 class Ops(Protocol):
@@ -124,6 +128,17 @@ def _quantize_nf4(w2: torch.Tensor, g: int) -> dict[str, torch.Tensor]:
             "table": t.nf4.float().contiguous()}
 
 
+def take_rows(ops: Ops, t: Mapping[str, Any], index: Any) -> dict[str, Any]:
+    """The stored tensors of the weight rows ``index`` (1-D int64): dequantize them with
+    ``shape=(-1, cols)``. Only for :data:`ROW_FORMATS`."""
+    return {k: ops.call(aten.index_select.default, v, 0, index) for k, v in t.items()}
+
+
+def slice_rows(ops: Ops, t: Mapping[str, Any], start: int, end: int) -> dict[str, Any]:
+    """The stored tensors of weight rows ``start:end``. Only for :data:`ROW_FORMATS`."""
+    return {k: ops.call(aten.slice.Tensor, v, 0, start, end) for k, v in t.items()}
+
+
 def _unpack(ops: Ops, packed: Any) -> Any:
     """Bytes ``(..., k)`` -> float32 codes ``(..., k, 2)`` (high nibble first). Unpacked in
     float32 (exact for 0..255): ``floor(p / 16)`` and ``p - 16 * hi`` translate to plain ONNX
@@ -138,7 +153,8 @@ def _unpack(ops: Ops, packed: Any) -> Any:
 def dequantize(ops: Ops, t: Mapping[str, Any], dtype: str, shape: tuple, group_size: Optional[int],
                out_dtype: torch.dtype) -> Any:
     """The weight (``shape``, ``out_dtype``) from its stored tensors ``t`` (tensors, or graph
-    nodes when ``ops`` builds a graph), as plain aten ops."""
+    nodes when ``ops`` builds a graph), as plain aten ops. ``shape[0]`` may be -1 (rows taken
+    with :func:`take_rows`) except for nf4."""
     shape = [int(s) for s in shape]
     if dtype in FLOAT_DTYPES:
         return ops.call(aten._to_copy.default, t["qdata"], dtype=out_dtype)

@@ -7,6 +7,12 @@ stores each selected layer's weight quantized, as new frozen tensors beside the 
 reshape) placed just before the layer reads it. The float weight leaves the graph. Every node
 the rewrite creates carries provenance (pass, rule, layer, ``part="dequant"``).
 
+Two readers never see the whole float weight (int8 / int4 / bf16 / fp16, layers without
+adapters): an embedding gathers the quantized rows of its ids and dequantizes only those, and a
+linear layer whose float weight exceeds :data:`CHUNK_BYTES` (a vocabulary head) dequantizes it a
+block of rows at a time, one matmul per block. Tied weights (an embedding and the head sharing
+it) are quantized once when the rule selects every layer reading them, and declined otherwise.
+
 It combines with adapter rules in one plan: ``compile`` runs it after every other rule's pass
 (``stage = 1``), so adapters are initialised from (and attach to) the float weight, and then
 read the dequantized one; adapters stay in their own dtype (float32 on a float32 model), as
@@ -32,15 +38,18 @@ import torch
 import torch.fx as fx
 
 from graphpeft.errors import PlanError, WeightsError
-from graphpeft.graph import (GraphBuilder, Layer, Provenance, Role, find_layers, get_tensor, graph_meta,
-                             remove_tensor, roles)
+from graphpeft.graph import (GraphBuilder, Layer, Provenance, Role, adapters, find_layers, get_tensor, graph_meta,
+                             register_tensor, remove_tensor, roles)
 from graphpeft.infra import PassContext, PassResult
 from graphpeft.method import AdapterMethod
 from graphpeft.plan import Rule, check_choice, check_positive_int
 from graphpeft.registry import register_method, register_pass, register_rule, register_weight_format
 from graphpeft.rewrite import MatchResult, RewritePass, RewriteRule
 
-from .formats import DTYPES, FLOAT_DTYPES, PACKED, dequantize, layout_problem, quantize
+from .formats import (DTYPES, FLOAT_DTYPES, PACKED, ROW_FORMATS, dequantize, layout_problem, quantize, slice_rows,
+                      take_rows)
+
+aten = torch.ops.aten
 
 #: ``gm.meta["graphpeft"]`` key of the quantized-weight records (weight name -> record)
 QUANT_META = "quantized"
@@ -89,9 +98,8 @@ class Quantize(Rule):
         return f"{self.key}[{t}; {self.dtype}]"
 
     def check(self, layer: Layer) -> Optional[str]:
-        if layer.shared_with:
-            return (f"its weight {layer.weight} is shared with {layer.shared_with} (tied weights); "
-                    "exclude this layer")
+        # tied weights (an embedding and its output head): the rewrite checks that the rule
+        # selects every layer reading the tensor, since quantizing it changes all of them
         shape = _weight_shape(layer)
         if shape is not None:
             return layout_problem(shape, self.dtype, self.group_size)
@@ -130,8 +138,17 @@ class QuantizeRewrite(RewriteRule):
 
     def check(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> Optional[str]:
         layer: Layer = match.bindings["layer"]
-        if layer.weight in quantized(gm):
-            return "its weight is already quantized"
+        done = quantized(gm).get(layer.weight)
+        if done is not None:
+            # a tied weight is quantized once, for every layer reading it
+            return None if layer.path in done["layers"] and done["rule"] == self.rule.name else \
+                "its weight is already quantized"
+        if layer.shared_with:
+            others = [l.path for l in self._layers.values() if l.path in layer.shared_with and self.rule.select(l)]
+            if others:
+                return (f"its weight {layer.weight} is shared with {others} (tied weights), which this rule does not "
+                        "select: quantizing the tensor changes every layer that reads it, so select them too "
+                        "(e.g. targets=[..., 'lm_head']) or exclude this layer")
         role = roles(gm).get(layer.weight)
         if role != Role.FROZEN:
             return f"its weight has role {role.value if role else None}; only frozen base weights are quantized"
@@ -144,8 +161,12 @@ class QuantizeRewrite(RewriteRule):
 
     def rewrite(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> None:
         layer: Layer = match.bindings["layer"]
-        store_quantized(gm, layer.weight, self.rule.dtype, self.rule.group_size, pass_name=QuantizeWeights.name,
-                        rule_name=self.rule.name, origin=layer.path, module_stack=layer.node.meta.get("nn_module_stack"))
+        if layer.weight in quantized(gm):
+            return  # tied: quantized with the first layer reading it
+        rec = store_quantized(gm, layer.weight, self.rule.dtype, self.rule.group_size, pass_name=QuantizeWeights.name,
+                              rule_name=self.rule.name, origin=layer.path,
+                              module_stack=layer.node.meta.get("nn_module_stack"))
+        rec["layers"] = [layer.path, *(p for p in layer.shared_with if p != layer.path)]
 
 
 def store_quantized(gm: fx.GraphModule, name: str, dtype: str, group_size: Optional[int], *, pass_name: str,
@@ -162,28 +183,92 @@ def store_quantized(gm: fx.GraphModule, name: str, dtype: str, group_size: Optio
         raise PlanError(f"quantize: cannot store {name} quantized: the graph already has tensors named {taken}")
     attrs = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == name]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    outputs = []
-    for i, attr in enumerate(attrs):
+    for k, t in tensors.items():
+        register_tensor(gm, names[k], t, Role.FROZEN)
+    adapted = any(r.get("weight") == name for r in adapters(gm).values())
+    prov = Provenance(pass_name, rule_name, origin, part="dequant")
+    outputs, fused = [], []
+    for attr in attrs:
         users = sorted(attr.users, key=order.__getitem__)
-        # the subgraph goes right before the first reader, so a dequantized weight lives only
-        # while the layer runs (not from the top of the graph)
-        anchor = users[0].prev if users else attr
-        prov = Provenance(pass_name, rule_name, origin, part="dequant")
-        g = GraphBuilder(gm, anchor, prov, module_stack if module_stack is not None
-                         else (users[0].meta.get("nn_module_stack") if users else None))
-        nodes = {k: (g.param(names[k], t, Role.FROZEN) if i == 0 else g.attr(names[k])) for k, t in tensors.items()}
-        out = dequantize(g, nodes, dtype, tuple(w.shape), group_size, w.dtype)
-        attr.replace_all_uses_with(out, delete_user_cb=lambda u: u not in g.created)
+        forms = {u: _reader_form(u, attr, dtype, w, adapted) for u in users}
+        plain = [u for u in users if forms[u] is None]
+        if plain:
+            # the subgraph goes right before the first reader, so a dequantized weight lives only
+            # while the layer runs (not from the top of the graph)
+            g = GraphBuilder(gm, plain[0].prev, prov, module_stack if module_stack is not None
+                             else plain[0].meta.get("nn_module_stack"))
+            out = dequantize(g, {k: g.attr(n) for k, n in names.items()}, dtype, tuple(w.shape), group_size, w.dtype)
+            for u in plain:
+                u.replace_input_with(attr, out)
+            outputs.append(out.name)
+        for u in users:
+            if forms[u] is not None:
+                fused.append(_fused_reader(gm, u, forms[u], names, dtype, group_size, w, prov))
         gm.graph.erase_node(attr)
-        outputs.append(out.name)
     remove_tensor(gm, name)
     rec = {"weight": name, "dtype": dtype, "group_size": group_size, "shape": [int(s) for s in w.shape],
            "float_dtype": str(w.dtype).replace("torch.", ""), "tensors": names, "outputs": outputs,
-           "layers": [origin], "rule": rule_name,
+           "fused": fused, "layers": [origin], "rule": rule_name,
            "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
            "float_bytes": w.numel() * w.element_size()}
     quantized(gm)[name] = rec
     return rec
+
+
+#: a linear layer whose dequantized weight would take more than this reads it in row chunks of at
+#: most this size, so the float weight never exists whole (a vocabulary head: Qwen2-0.5B's
+#: 151936 x 896 is 545 MB in float32)
+CHUNK_BYTES = 16 * 2**20
+
+
+def _reader_form(user: fx.Node, attr: fx.Node, dtype: str, w: torch.Tensor, adapted: bool) -> Optional[str]:
+    """How ``user`` reads the quantized weight: ``"gather"`` (an embedding lookup of quantized
+    rows, dequantized after the gather), ``"chunks"`` (a big linear layer's weight dequantized a
+    row block at a time) or None (the whole weight dequantized). Adapted layers read the whole
+    weight: merge and adapter initialization find their layer op as it was."""
+    if adapted or dtype not in ROW_FORMATS or user.op != "call_function":
+        return None
+    if user.target is aten.embedding.default and user.args[0] is attr and attr not in user.args[1:]:
+        return "gather"
+    if (user.target is aten.linear.default and len(user.args) > 1 and user.args[1] is attr and w.dim() == 2
+            and attr not in (user.args[0], *user.args[2:]) and w.numel() * w.element_size() > CHUNK_BYTES):
+        return "chunks"
+    return None
+
+
+def _fused_reader(gm: fx.GraphModule, user: fx.Node, form: str, names: dict[str, str], dtype: str,
+                  group_size: Optional[int], w: torch.Tensor, prov: Provenance) -> dict[str, Any]:
+    """Replace reader ``user`` by its ``form`` (see :func:`_reader_form`) on the stored tensors."""
+    g = GraphBuilder(gm, user.prev, prov, user.meta.get("nn_module_stack"))
+    stored = {k: g.attr(n) for k, n in names.items()}
+    if form == "gather":
+        ids = user.args[1]
+        index = g.call(aten.reshape.default, ids, [-1])
+        device = stored["qdata"].meta["val"].device
+        if index.meta["val"].device != device:  # a meta compile: the ids are real (retargeted on load)
+            index = g.call(aten._to_copy.default, index, device=device)
+        rows = take_rows(g, stored, index)
+        x = dequantize(g, rows, dtype, (-1, *w.shape[1:]), group_size, w.dtype)
+        sizes = [d if isinstance(d, int) else g.call(aten.sym_size.int, ids, i)
+                 for i, d in enumerate(user.meta["val"].shape[:-1])]
+        out = g.call(aten.view.default, x, [*sizes, int(w.shape[1])])
+        chunks = 1
+    else:
+        x, bias = user.args[0], user.args[2] if len(user.args) > 2 else None
+        rows = int(w.shape[0])
+        chunks = -(-w.numel() * w.element_size() // CHUNK_BYTES)
+        size = -(-rows // chunks)
+        parts = []
+        for start in range(0, rows, size):
+            end = min(rows, start + size)
+            wk = dequantize(g, slice_rows(g, stored, start, end), dtype, (end - start, *w.shape[1:]), group_size,
+                            w.dtype)
+            bk = g.call(aten.slice.Tensor, bias, 0, start, end) if bias is not None else None
+            parts.append(g.call(aten.linear.default, x, wk, bk))
+        out = g.call(aten.cat.default, parts, -1)
+    user.replace_all_uses_with(out)
+    gm.graph.erase_node(user)
+    return {"node": out.name, "form": form, "chunks": chunks}
 
 
 @register_pass
