@@ -52,6 +52,10 @@ def test_bf16_training_step_in_onnxruntime(quantize: bool, tmp_path, parity) -> 
     same = sum(int(torch.equal(ours[k], theirs[k])) for k in ours)
     parity.record(f"{name} lora train onnxruntime vs torch (params, rel to max)", worst)
     assert worst <= 1e-2 and same >= len(ours) - 2, (worst, same, len(ours))
+    # relative to the parameters' norm (issue 12's measure): the few one-ulp entries are far below 1e-3
+    flat = lambda sd: torch.cat([sd[k].float().flatten() for k in sorted(sd)])  # noqa: E731
+    norm_rel = parity.record(f"{name} lora train onnxruntime vs torch (params, rel)", rel(flat(theirs), flat(ours)))
+    assert norm_rel <= 1e-3, norm_rel
 
 
 def test_bf16_inference_in_onnxruntime(tmp_path, parity) -> None:
@@ -65,6 +69,46 @@ def test_bf16_inference_in_onnxruntime(tmp_path, parity) -> None:
     assert got.dtype.name == "bfloat16"
     err = parity.record("bf16 nf4 lora inference onnxruntime vs torch (rel)",
                         rel(torch.from_numpy(got.astype(np.float32)), expected.float()))
-    # one bf16 rounding (2^-8 relative): torch's fused CPU attention rounds inside the op, the
-    # ONNX graph computes it in float32 and rounds once
-    assert err <= 1e-2, err
+    # torch's fused CPU attention rounds inside the op; low_precision_attention writes it out with
+    # the same roundings (without it: 4.4e-3, one bf16 rounding)
+    assert err <= 1e-3, err
+
+
+@pytest.mark.parametrize("mask", ["bool", "float"])
+def test_low_precision_attention_rounds_where_torch_rounds(mask: str) -> None:
+    """The rewritten bf16 attention, run in torch, equals torch's fused CPU kernel bit for bit on 8
+    keys (fewer than a vector: the kernel's exponentials are std::exp) and stays within 1e-3 on 64
+    (the kernel's vectorized exp_u20 is an approximation), where the plain upcast is off by a
+    bf16 rounding; is_causal calls are declined with the reason."""
+    import torch.nn.functional as F
+
+    from graphpeft.infra import PassContext
+    from graphpeft.registry import PASSES
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v, m):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=m), F.scaled_dot_product_attention(q, k, v,
+                                                                                                         is_causal=True)
+
+    def inputs(n: int):
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(2, 4, n, 16, generator=gen).to(torch.bfloat16) for _ in range(3))
+        m = torch.ones(n, n, dtype=torch.bool).tril()
+        return q, k, v, (m if mask == "bool" else torch.zeros(n, n).masked_fill(~m, float("-inf")).to(torch.bfloat16))
+
+    gm = torch.export.export(Attn(), inputs(8), dynamic_shapes=({2: torch.export.Dim.AUTO},) * 3 +
+                             ({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},)).module()
+    p = PASSES["low_precision_attention"]()
+    p(gm, PassContext(verify=False))
+    assert p.match_count() == 1
+    assert any("is_causal" in r.reason for r in p.results if not r.ok)
+    for n in (8, 64):
+        q, k, v, m = inputs(n)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        got = gm(q, k, v, m)[0]
+        plain = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m if mask == "bool"
+                                               else m.float()).to(torch.bfloat16)
+        if n == 8:
+            assert torch.equal(got, want) and not torch.equal(plain, want)
+        else:
+            assert rel(got, want) <= 1e-3 and rel(got, want) < rel(plain, want) / 2, (rel(got, want), rel(plain, want))

@@ -73,9 +73,9 @@ def legalized_copy(gm: fx.GraphModule, verify: bool = True,
     new = copy_graph(gm)
     ctx = PassContext(verify=verify)
     # upcast_low_precision: bf16 / fp16 ops computed in float32 between casts (onnxruntime's CPU
-    # provider lacks their kernels); a no-op on float32 graphs
-    pipeline = Pipeline("legalize_onnx", [PASSES["legalize_onnx"](), PASSES["upcast_low_precision"](),
-                                          PASSES["remove_dead_code"]()])
+    # provider lacks their kernels), attention first in torch's rounding order; no-ops on float32
+    pipeline = Pipeline("legalize_onnx", [PASSES["legalize_onnx"](), PASSES["low_precision_attention"](),
+                                          PASSES["upcast_low_precision"](), PASSES["remove_dead_code"]()])
     result = PassManager(verifier=verifier).run(new, pipeline, ctx)
     return result.gm, dict(ctx.options.get("legalize_onnx", {}))
 
