@@ -361,12 +361,25 @@ def find_layers(gm: fx.GraphModule) -> list[Layer]:
         layer = _as_layer(gm, node)
         if layer is not None:
             layers.append(layer)
+    _name_uncalled_children(layers)
     for layer in layers:
         layer.shared_with = [o.path for o in layers if o.weight == layer.weight and o is not layer]
         calls = [o.node for o in layers if o.weight == layer.weight and o.path == layer.path]
         layer.calls = calls if len(calls) > 1 else []
     _set_deepest(layers)
     return layers
+
+
+def _name_uncalled_children(layers: Sequence[Layer]) -> None:
+    """A module may read a child's weight without calling the child (``nn.MultiheadAttention``
+    uses ``out_proj.weight`` in its own forward): the op's module stack then names the parent.
+    Such a layer is named by the child that owns the weight (``attn.out_proj``), as PEFT names
+    it, when no other layer has that path (a tied head reading ``embed.weight`` stays apart)."""
+    paths = {l.path for l in layers}
+    for layer in layers:
+        owner = layer.weight.rsplit(".", 1)[0] if "." in layer.weight else ""
+        if owner not in paths and (owner.startswith(layer.path + ".") or (not layer.path and owner)):
+            layer.path = owner
 
 
 def _set_deepest(layers: Sequence[Layer]) -> None:

@@ -42,6 +42,9 @@ class AdapterMethod:
     peft_import: ClassVar[bool] = True
     #: PEFT config keys of per-layer overrides: PEFT key -> our rule option (LoRA's rank_pattern)
     peft_patterns: ClassVar[dict[str, str]] = {}
+    #: record tensor keys PEFT's file does not hold (rebuilt from its config on import, e.g.
+    #: trainable tokens' indices)
+    peft_unsaved: ClassVar[tuple[str, ...]] = ()
 
     def make_pass(self, rules: Sequence[Rule]) -> PassBase:
         """The pass that inserts this method's adapters for ``rules``."""

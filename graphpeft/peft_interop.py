@@ -212,11 +212,37 @@ def _file_keys(m: "AdapterMethod", recs: Sequence[dict[str, Any]], adapter_name:
         rm = get_method(rec["method"])
         for role, name in rec["tensors"].items():
             key = unscoped_tensor_name(name, adapter_name)
-            if role in getattr(rm, "peft_unsaved", ()):
+            if rm is not None and role in rm.peft_unsaved:
                 unsaved.add(key)
             elif rec["method"] == TOKENS and m.name != TOKENS:
                 special[key] = f"{PREFIX}{rec['layer']}.token_adapter.trainable_tokens_delta"
+            elif _attention_out_proj(rec) and key.startswith(rec["layer"] + "."):
+                # PEFT wraps the attention module; its out_proj sits under the wrapper's base_layer
+                parent = rec["layer"].rsplit(".", 1)[0]
+                special[key] = f"{PREFIX}{parent}.base_layer.out_proj{key[len(rec['layer']):]}"
     return {k: special.get(k) or m.peft_key(k) for k in live if k not in unsaved}
+
+
+def _attention_out_proj(rec: dict[str, Any]) -> bool:
+    """Whether an adapter record is on the ``out_proj`` of an ``nn.MultiheadAttention``."""
+    return rec.get("module_class") == "MultiheadAttention" and rec["layer"].endswith(".out_proj")
+
+
+def _peft_targets(recs: Sequence[dict[str, Any]], adapter_name: str) -> list[str]:
+    """PEFT's ``target_modules`` for adapter records: their layers, an attention's out_proj left
+    to its attention module (PEFT adapts both when it targets the module, and ignores an adapter
+    on out_proj alone: nn.MultiheadAttention does not call it)."""
+    layers = [r["layer"] for r in recs]
+    other = sorted({r["method"] for r in recs if r.get("module_class") == "MultiheadAttention"} - {"lora"})
+    if other:
+        raise AdapterFileError(f"adapter {adapter_name!r} puts {other} on an nn.MultiheadAttention: PEFT adapts it "
+                               "with plain LoRA only; save with cm.save_adapter")
+    alone = [r["layer"] for r in recs if _attention_out_proj(r) and r["layer"].rsplit(".", 1)[0] not in layers]
+    if alone:
+        raise AdapterFileError(f"adapter {adapter_name!r} adapts {alone} without their nn.MultiheadAttention's "
+                               "in_proj: PEFT adapts both together (it would ignore out_proj alone); target the "
+                               "attention module, or save with cm.save_adapter")
+    return [r["layer"] for r in recs if not _attention_out_proj(r)]
 
 
 def saved_modules(cm: "CompiledModel") -> dict[str, list[str]]:
@@ -304,7 +330,7 @@ def peft_config(cm: "CompiledModel", adapter_name: str = DEFAULT_ADAPTER) -> dic
     modules = saved_modules(cm) if adapter_name == DEFAULT_ADAPTER else {}
     config.update({
         "modules_to_save": sorted(modules) or None,
-        "target_modules": [r["layer"] for r in recs],  # exactly our layers, whatever the rules said
+        "target_modules": _peft_targets(recs, adapter_name),  # exactly our layers, whatever the rules said
         "fan_in_fan_out": any(r.get("fan_in_fan_out") for r in recs),
         "task_type": None,
         "base_model_name_or_path": None,

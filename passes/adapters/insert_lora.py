@@ -28,7 +28,8 @@ import torch
 import torch.fx as fx
 
 from graphpeft.errors import GraphPeftWarning, PassError, PlanError
-from graphpeft.graph import GraphBuilder, Layer, Role, conv_groups, get_tensor, op_args, scoped_tensor_name
+from graphpeft.graph import (GraphBuilder, Layer, Role, conv_groups, find_layers, get_tensor, op_args,
+                             scoped_tensor_name)
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
 from graphpeft.plan import Rule, check_bool, check_choice, check_number, check_positive_int, check_probability
@@ -87,10 +88,20 @@ class LoRA(Rule):
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+    def select(self, layer: Layer) -> Optional[str]:
+        why = super().select(layer)
+        if why is not None and self.key == "lora" and is_attention_out_proj(layer):
+            # PEFT's LoRA on an nn.MultiheadAttention adapts its in_proj and its out_proj together
+            if super().select(dataclasses.replace(layer, path=layer.path.rsplit(".", 1)[0])) is None:
+                return None
+        return why
+
     def check(self, layer: Layer) -> Optional[str]:
         warn_large_rank(self.key, self.r, layer)  # PEFT allows r > min(in, out): a warning, not a refusal
         # a module called several times: LoRA and DoRA put a branch at each call
         reason = tied_weights_reason(layer, calls_ok=self.key in ("lora", "dora"))
+        if reason is None and self.key == "lora" and is_attention_out_proj(layer):
+            reason = _packed_in_proj_reason(layer)
         groups = conv_groups(layer.node) if layer.kind == "conv" else 1
         if reason is None and self.r % groups:
             reason = (f"the convolution has groups={groups} and r={self.r} is not a multiple of it (PEFT's lora_B "
@@ -145,9 +156,32 @@ def _branch(g: GraphBuilder, layer: Layer, out: fx.Node, nodes: dict[str, fx.Nod
     if layer.kind == "embedding":
         x = layer.node.args[1]  # the ids: PEFT has no dropout on an embedding's branch
     else:
-        x = adapter_dropout(g, layer_input(layer), rule.dropout)
+        # PEFT merges nn.MultiheadAttention's adapters into its weights for the forward: no dropout
+        x = adapter_dropout(g, layer_input(layer), 0.0 if is_attention(layer) else rule.dropout)
     up = lora_product(g, layer, x, nodes["A"], nodes["B"], nodes.get("B_bias"))
     return join_output(g, out, g.call(aten.mul.Tensor, up, rule.scaling))
+
+
+def is_attention(layer: Layer) -> bool:
+    """Whether ``layer`` is a projection of an ``nn.MultiheadAttention`` (its in_proj or out_proj)."""
+    return layer.module_class == "MultiheadAttention"
+
+
+def is_attention_out_proj(layer: Layer) -> bool:
+    """Whether ``layer`` is the ``out_proj`` of an ``nn.MultiheadAttention``."""
+    return is_attention(layer) and layer.path.endswith(".out_proj")
+
+
+def _packed_in_proj_reason(out_proj: Layer) -> Optional[str]:
+    """Why LoRA cannot take an nn.MultiheadAttention whose in_proj is not one matmul (cross
+    attention, or kdim/vdim: q, k and v are projected by slices of the weight), or None."""
+    gm = out_proj.node.graph.owning_module
+    parent = out_proj.path.rsplit(".", 1)[0]
+    if gm is None or any(l.path == parent for l in find_layers(gm)):
+        return None
+    return (f"the in_proj of {parent} is not one matmul here (cross-attention or kdim/vdim: q, k and v are "
+            "projected by slices of in_proj_weight); graphpeft adapts nn.MultiheadAttention in self-attention "
+            "(query is key is value) only; exclude it or target out_proj alone")
 
 
 def lora_product(g: GraphBuilder, layer: Layer, x: fx.Node, a_node: fx.Node, b_node: fx.Node,
