@@ -138,11 +138,22 @@ def test_module_called_twice():
         assert _diff(cm.merge()(x), pm(x)) < 1e-5
 
 
+def test_grouped_convolution_as_peft_computes_it():
+    """PEFT's norm on a grouped convolution reads ``B.view(-1, r) @ A`` reshaped to W (not ΔW);
+    graphpeft computes the same, warns, and refuses to merge as PEFT does."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2)).eval(), torch.randn(2, 4, 6, 6)
+    with pytest.warns(gp.GraphPeftWarning, match="grouped convolution: its norm is PEFT's"):
+        cm = gp.compile(model, gp.Plan([gp.DoRA(targets=["0"], r=4, alpha=8, init="random")]), (x,))
+    assert cm.trainable_parameters()["0.lora_B.weight"].shape == (6, 2, 1, 1)
+    with torch.no_grad():
+        cm.trainable_parameters()["0.lora_magnitude_vector"].mul_(1.2)
+        assert _diff(cm(x), _peft(model, cm, ["0"])(x)) < 1e-6
+        with pytest.raises(gp.GraphPeftError, match="grouped convolution.*merged=False"):
+            cm.merge()
+
+
 def test_refusals():
-    x = torch.randn(2, 4, 6, 6)
-    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(gp.PlanError, match="DoRA on grouped convolutions is not supported"):
-        gp.compile(grouped, gp.Plan([gp.DoRA(targets=["0"], r=2)]), (x,))
     twice = _Twice(nn.Linear(4, 4))
     for rule in (gp.LoRAFA(targets=["lin"], r=2), gp.SoRA(targets=["lin"], r=2)):  # one branch only: refused
         with pytest.raises(gp.PlanError, match="called 2 times"):

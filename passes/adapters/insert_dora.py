@@ -20,18 +20,22 @@ Tensors (PEFT names and shapes, so state dicts are interchangeable): ``<path>.lo
 ``lora_embedding_A`` ``(r, num)``, ``lora_embedding_B`` ``(dim, r)`` and magnitude ``(dim,)``.
 Init: LoRA's factors and ``m = ‖W + s·BA‖`` (so a fresh adapter leaves outputs unchanged).
 Merge writes ``W'`` into the weight exactly (PEFT's merge); the bias is untouched. Linear
-(GPT-2's Conv1D included), Conv1d/2d/3d (not grouped: PEFT's norm there is not of ``W + ΔW``)
-and embedding layers; a module called several times gets the branch at every call.
+(GPT-2's Conv1D included), Conv1d/2d/3d and embedding layers; a module called several times gets
+the branch at every call. On a grouped convolution the norm is PEFT's, of
+``W + s·reshape(B.view(-1, r) @ A.view(r, -1))`` -- for a grouped ``B`` not ``W + ΔW`` (a
+warning says so) -- and the adapter does not merge (PEFT refuses too).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 import torch.fx as fx
 
+from graphpeft.errors import GraphPeftWarning, PassError
 from graphpeft.graph import GraphBuilder, Layer, Role, conv_groups, get_tensor, op_args, scoped_tensor_name
 from graphpeft.infra import PassContext
 from graphpeft.method import AdapterMethod
@@ -68,9 +72,9 @@ class DoRA(LoRA):
 
     def check(self, layer: Layer) -> Optional[str]:
         if layer.kind == "conv" and conv_groups(layer.node) != 1:
-            # PEFT computes BA as B.view(-1, r) @ A: for a grouped B that is not ΔW
-            return ("DoRA on grouped convolutions is not supported (PEFT's weight norm there is not of W + ΔW); "
-                    "use LoRA there or exclude the layer")
+            warnings.warn(f"dora: {layer.path} is a grouped convolution: its norm is PEFT's, of W + s·(B.view(-1, r) @ "
+                          "A) reshaped to W, which for a grouped B is not W + ΔW; the adapter cannot merge (as in PEFT)",
+                          GraphPeftWarning, stacklevel=2)
         return super().check(layer)
 
 
@@ -108,7 +112,7 @@ class DoRARewrite(LayerRewrite):
         weight = get_tensor(gm, layer.weight)
         a, b = _init_factors(layer, weight, rule, ctx.seed)
         names = {k: scoped_tensor_name(v, ctx.adapter_name) for k, v in tensor_names(layer).items()}
-        delta = LoRAMethod.factor_delta(a, b, rule.scaling, layer.kind, layer.fan_in_fan_out, weight.shape)
+        delta = _norm_delta(a, b, rule.scaling, layer.kind, layer.fan_in_fan_out, weight.shape)
         with torch.no_grad():
             m = weight_norm(weight.detach() + delta, layer.kind, layer.fan_in_fan_out).reshape(magnitude_shape(layer))
         values = {"A": a, "B": b, "magnitude": m}
@@ -131,7 +135,8 @@ def _dora_branch(g: GraphBuilder, layer: Layer, y: fx.Node, nodes: dict[str, fx.
     w_shape = list(get_tensor(g.gm, layer.weight).shape)
     if layer.kind == "conv":
         r = get_tensor(g.gm, nodes["A"].target).shape[0]
-        ba = g.call(aten.mm.default, g.call(aten.view.default, b_d, [w_shape[0], r]),
+        # PEFT's form: B.view(-1, r) @ A.view(r, -1) (for a grouped B a reshuffle, not ΔW)
+        ba = g.call(aten.mm.default, g.call(aten.view.default, b_d, [-1, r]),
                     g.call(aten.view.default, a_d, [r, -1]))
         delta = g.call(aten.view.default, ba, w_shape)
     else:
@@ -171,6 +176,16 @@ def _base_term(g: GraphBuilder, layer: Layer, y: fx.Node, x: fx.Node, w_node: fx
     if layer.kind == "conv":
         bias = g.call(aten.view.default, bias, [1, -1] + [1] * (get_tensor(g.gm, layer.weight).dim() - 2))
     return g.call(aten.sub.Tensor, y, bias)
+
+
+def _norm_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, kind: str, fan_in_fan_out: bool,
+                shape: Sequence[int]) -> torch.Tensor:
+    """The ``s·BA`` DoRA's norm reads, as PEFT forms it: ΔW, except for a grouped convolution,
+    whose ``B.view(-1, r) @ A.view(r, -1)`` PEFT reshapes to the weight as it is."""
+    if kind == "conv" and b.shape[1] != a.shape[0]:
+        r = a.shape[0]
+        return (b.reshape(-1, r) @ a.reshape(r, -1)).reshape(shape) * scaling
+    return LoRAMethod.factor_delta(a, b, scaling, kind, fan_in_fan_out, shape)
 
 
 def tensor_names(layer: Layer) -> dict[str, str]:
@@ -213,6 +228,10 @@ class DoRAMethod(AdapterMethod):
         a, b = get_tensor(gm, t["A"]).detach(), get_tensor(gm, t["B"]).detach()
         m = get_tensor(gm, t["magnitude"]).detach().flatten()
         kind, fiifo = record["kind"], record["fan_in_fan_out"]
+        if kind == "conv" and b.shape[1] != a.shape[0]:
+            raise PassError("merge_adapters", f"the DoRA adapter on {record['layer']} is on a grouped convolution: "
+                            "its update cannot be folded into the grouped weight (PEFT cannot merge it either); "
+                            "export it with merged=False")
         delta = LoRAMethod.factor_delta(a, b, record["scaling"], kind, fiifo, weight.shape)
         norm = weight_norm(base + delta, kind, fiifo)
         shape = [1] * weight.dim()
