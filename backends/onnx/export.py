@@ -73,7 +73,7 @@ def _output_names(cm: "CompiledModel", n: int) -> list[str]:
 def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool = True,
            external_data: Optional[bool] = None, opset_version: Optional[int] = None,
            example_inputs: Optional[Sequence[torch.Tensor]] = None,
-           adapters_as_inputs: bool = False, fast: bool = True) -> ExportResult:
+           adapters_as_inputs: bool = False, fast: bool = True, quantized_weights: str = "packed") -> ExportResult:
     """Export ``cm`` (its graph as it is: merged or not) to ``path``.
 
     Frozen weights become initializers; adapter tensors stay initializers too (inference),
@@ -85,6 +85,10 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool 
     of letting ``torch.onnx.export`` re-trace it; it falls back to that on failure, and when
     ``dynamic`` asks for other shapes than the graph was traced with.
 
+    ``quantized_weights``: ``"packed"`` (default) stores ``gp.Quantize`` weights as the graph
+    does (packed bytes dequantized by plain ops); ``"qdq"`` makes each int8 / int4 weight one
+    standard ``DequantizeLinear`` with blocked quantization (opset 21; see :mod:`.qdq`).
+
     The ONNX graph is optimized with the safe subset of onnxscript's optimizer (constant
     folding, unused-node removal, deduplication, CSE): its pattern rewrites treat constants
     within 1e-8 of zero as zero and would delete e.g. a normalization's small epsilon.
@@ -92,6 +96,7 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool 
     import onnx
 
     path = os.fspath(path)
+    check_quantized_weights(quantized_weights)
     gm = cm.graph_module
     inputs = tuple(example_inputs) if example_inputs is not None else cm.example_inputs
     if not inputs:
@@ -131,6 +136,10 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool 
         cm.train(was_training)
     if program is None:
         raise ExportError("torch.onnx.export returned nothing")
+    if quantized_weights == "qdq":
+        from .qdq import use_dequantize_linear
+
+        use_dequantize_linear(program.model, cm.graph_module)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     model_bytes = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
@@ -153,6 +162,12 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool 
     num_nodes = len(program.model.graph) if hasattr(program, "model") else -1
     log.info("exported %s: %d nodes in %.1f s", path, num_nodes, seconds)
     return ExportResult(path, input_names, output_names, num_nodes, os.path.getsize(path), seconds, adapter_inputs)
+
+
+def check_quantized_weights(value: str) -> None:
+    if value not in ("packed", "qdq"):
+        raise ExportError(f"quantized_weights={value!r}: use 'packed' (the graph's own storage) or 'qdq' "
+                          "(standard DequantizeLinear nodes, opset 21)")
 
 
 def _symbolic_inputs(gm: torch.fx.GraphModule) -> Optional[bool]:

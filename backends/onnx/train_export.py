@@ -123,7 +123,8 @@ def _atomic_save(model: Any, path: str, external_data: bool) -> Optional[str]:
 
 def export_training(step: "TrainingStep", path: Union[str, os.PathLike], *, external_data: Optional[bool] = None,
                     opset_version: Optional[int] = None, optimize: Union[bool, str] = "safe", verify: bool = True,
-                    batch: Optional[Sequence[torch.Tensor]] = None, fast: bool = True) -> TrainingExportResult:
+                    batch: Optional[Sequence[torch.Tensor]] = None, fast: bool = True,
+                    quantized_weights: str = "packed") -> TrainingExportResult:
     """Export ``step`` (its graph for the first compiled batch shape, or for ``batch``'s) to
     ``path``.
 
@@ -139,10 +140,15 @@ def export_training(step: "TrainingStep", path: Union[str, os.PathLike], *, exte
         fast: translate with the exporter's internals, skipping its re-decomposition of a graph
             that is core ATen already and reusing the op registry between exports (falls back
             to ``torch.onnx.export`` if that fails).
+        quantized_weights: ``"packed"`` or ``"qdq"`` (int8 / int4 base weights as standard
+            ``DequantizeLinear`` nodes; see :func:`graphpeft.backends.onnx.export.export`).
     """
     import numpy as np
 
+    from .export import check_quantized_weights
+
     path = os.fspath(path)
+    check_quantized_weights(quantized_weights)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     src = step.graph_for(*batch) if batch is not None else step.graph_module
@@ -199,6 +205,10 @@ def export_training(step: "TrainingStep", path: Union[str, os.PathLike], *, exte
         log.warning("optimize=True: onnxscript's optimizer drops additions of constants within 1e-8 of zero "
                     "(e.g. AdamW's eps); check parity with the torch step")
         program.optimize()
+    if quantized_weights == "qdq":
+        from .qdq import use_dequantize_linear
+
+        use_dequantize_linear(program.model, step.cm.graph_module)
     timings["onnx_optimize"] = time.perf_counter() - t
 
     t = time.perf_counter()
