@@ -222,3 +222,18 @@ def test_row_sliced_update_of_conv3d_and_same_padding_merges_back(setup):
     assert aten.conv3d.default in ops and aten.conv2d.padding in ops  # the layers' own ops again
     with torch.no_grad():
         assert _diff(merged(*xs), cm(*xs)) < 1e-6
+
+
+def test_reflect_padding_reads_the_padded_input():
+    """A reads what the layer reads (the reflect-padded input), so the unmerged adapter equals its
+    merge, which is PEFT's merge; PEFT's unmerged A pads with zeros instead (README)."""
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")).eval(), torch.randn(2, 3, 6, 6)
+    cm = gp.compile(model, gp.Plan([gp.LoRA(targets=["0"], r=2, init="random")]), (x,))
+    pm = _peft(model, cm, LoraConfig(r=2, lora_alpha=8, target_modules=["0"]))
+    with torch.no_grad():
+        merged = cm.merge()(x)
+        assert _diff(merged, cm(x)) < 1e-5
+        assert _diff(merged, pm.merge_and_unload()(x)) < 1e-5
