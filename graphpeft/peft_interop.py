@@ -7,7 +7,7 @@
 The mapping is declarative and lives with each method (``AdapterMethod.peft_type``,
 ``peft_options``, ``peft_fixed``, ``peft_patterns``, ``peft_key``, ``peft_export_config``), so
 this module only uses the registry: LoRA (and rsLoRA), DoRA (PEFT LoRA with ``use_dora``), IA3,
-VeRA, SHiRA and RandLoRA go both ways; LoRA-FA exports as a PEFT LoRA (PEFT's LoRA-FA is a LoRA
+VeRA, SHiRA, RandLoRA and TrainableTokens go both ways; LoRA-FA exports as a PEFT LoRA (PEFT's LoRA-FA is a LoRA
 whose A its optimizer freezes) and a PEFT LoRA imports as LoRA-FA on request (``method="lora_fa"``).
 A method whose PEFT file repeats a tensor under several keys (RandLoRA: its shared bases under
 every layer too) names the copies in an optional ``peft_aliases(records)``.
@@ -22,6 +22,13 @@ maps to a ``gp.Update(targets=..., part="module")`` rule: the module's own param
 the folder holds them under their model names (``base_model.model.classifier.weight``, as PEFT
 saves its ``classifier.modules_to_save.default.weight``). graphpeft trains the model's tensors,
 not a per-adapter copy, so they belong to the model's first adapter ("default") only.
+
+Trainable tokens (``gp.TrainableTokens``) are PEFT's ``TRAINABLE_TOKENS`` adapter on their own;
+beside a LoRA they are its config's ``trainable_token_indices`` (``{module: indices}``; a list
+names the model's input embeddings) and the file holds their rows under
+``<module>.token_adapter.trainable_tokens_delta``; their indices stay in the config
+(``AdapterMethod.peft_unsaved``). An ``nn.MultiheadAttention`` is one PEFT target: its out_proj's
+tensors are saved under ``<attention>.base_layer.out_proj.``.
 
 On import, every other config entry graphpeft does not map must have its default value (no
 ``bias``, ``layer_replication`` ...): anything else raises

@@ -7,7 +7,6 @@ and a training step."""
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
