@@ -620,11 +620,11 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
     cm.train(True)  # adapter dropout on in the graph the step is traced from (a lowered copy)
     try:
         src = lower_forward(cm.graph_module, options)
+        head = find_head(src, cm._traced.out_spec, loss) if options.fuse_head_loss else None
+        if head is not None:  # the logits are only the loss's input: never made in full
+            src = without_logits(copy_graph(src), head)
     finally:
         cm.train(was_training)
-    head = find_head(src, cm._traced.out_spec, loss) if options.fuse_head_loss else None
-    if head is not None:  # the logits are only the loss's input: never made in full
-        src = without_logits(copy_graph(src), head)
     role_map = roles(src)
     param_names = [n for n, r in role_map.items() if r.trainable]
     if head is not None:
