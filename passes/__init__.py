@@ -40,7 +40,6 @@ from .legalize.legalize_executorch import LegalizeExecuTorch
 from .legalize.legalize_onnx import LegalizeOnnx
 from .legalize.lift_adapter_tensors import LiftAdapterTensors
 from .legalize.low_precision_attention import LowPrecisionAttentionPass
-from .legalize.low_precision_attention import LowPrecisionAttentionPass
 from .legalize.retarget_device import RetargetDevice
 from .legalize.upcast_low_precision import UpcastLowPrecision
 from .lower.fold_linear_scale import FoldLinearScale
