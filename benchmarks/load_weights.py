@@ -70,11 +70,17 @@ def _skeleton(shape: str) -> Any:
 
 def write_checkpoint(shape: str, folder: str, seed: int = 0) -> dict[str, Any]:
     """Random weights in the save_pretrained layout, generated and written one shard at a time."""
+    specs = [(n, tuple(p.shape), p.dtype) for n, p in _skeleton(shape).state_dict().items()
+             if not n.endswith("inv_freq")]
+    return write_random_checkpoint(specs, folder, seed)
+
+
+def write_random_checkpoint(specs: list[tuple[str, tuple, Any]], folder: str, seed: int = 0) -> dict[str, Any]:
+    """Random tensors ``(name, shape, dtype)`` (N(0, 0.02) matrices, ones for vectors) written as
+    a sharded safetensors folder with its index, one shard in memory at a time."""
     import torch
     from safetensors.torch import save_file
 
-    specs = [(n, tuple(p.shape), p.dtype) for n, p in _skeleton(shape).state_dict().items()
-             if not n.endswith("inv_freq")]
     shards: list[list[tuple[str, tuple, Any]]] = [[]]
     size = 0
     for spec in specs:

@@ -60,7 +60,6 @@ SHAPES: dict[str, dict[str, Any]] = {
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False)),
 }
-SHARD_BYTES = 2 * 2**30
 GROUP = 64
 
 
@@ -115,7 +114,8 @@ def write_checkpoint(shape: str, folder: str, seed: int = 0) -> dict[str, Any]:
     """Random fp32 weights in the save_pretrained layout, made and written one shard at a time
     (a tied tensor once, under its first name)."""
     import torch
-    from safetensors.torch import save_file
+
+    from .load_weights import write_random_checkpoint
 
     model = _skeleton(shape)
     seen: set[int] = set()
@@ -124,29 +124,8 @@ def write_checkpoint(shape: str, folder: str, seed: int = 0) -> dict[str, Any]:
         if name.endswith("inv_freq") or id(p) in seen:
             continue
         seen.add(id(p))
-        specs.append((name, tuple(p.shape)))
-    shards: list[list[tuple[str, tuple]]] = [[]]
-    size = 0
-    for spec in specs:
-        nbytes = 4 * torch.Size(spec[1]).numel()
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += nbytes
-    gen = torch.Generator().manual_seed(seed)
-    weight_map, total = {}, 0
-    os.makedirs(folder, exist_ok=True)
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: (torch.randn(s, generator=gen) * 0.02 if len(s) > 1 else torch.ones(s)) for n, s in shard}
-        save_file(tensors, os.path.join(folder, file), metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        weight_map.update({n: file for n in tensors})
-        del tensors
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return {"shards": len(shards), "weight_bytes": total, "tensors": len(weight_map)}
+        specs.append((name, tuple(p.shape), torch.float32))
+    return write_random_checkpoint(specs, folder, seed)
 
 
 def worker(shape: str, base: str, folder: Optional[str], steps: int, seq: int) -> dict[str, Any]:
