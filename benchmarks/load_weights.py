@@ -45,14 +45,6 @@ SHAPES: dict[str, dict[str, int]] = {
 SHARD_BYTES = 2 * 2**30  # save_pretrained's shards are this order of size
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return -1
-
-
 def _config(shape: str) -> Any:
     from transformers import LlamaConfig
 
@@ -121,7 +113,9 @@ def load_worker(shape: str, folder: str | None, quantize: str | None, seq: int) 
 
     import graphpeft as gp
 
-    out: dict[str, Any] = {"shape": shape, "quantize": quantize, "rss_start_mb": _status_kb("VmRSS") / 1024}
+    from .memory import status_mb
+
+    out: dict[str, Any] = {"shape": shape, "quantize": quantize, "rss_start_mb": status_mb("VmRSS")}
     t0 = time.perf_counter()
     model = _skeleton(shape)
     ids = torch.randint(0, SHAPES[shape]["vocab_size"], (1, seq))
@@ -133,16 +127,16 @@ def load_worker(shape: str, folder: str | None, quantize: str | None, seq: int) 
     report = step.memory_report()
     out["step_compile_s"] = time.perf_counter() - t0
     out["planned_step_peak_gb"] = report.peak_bytes / 1e9
-    out["rss_after_meta_compile_mb"] = _status_kb("VmRSS") / 1024
+    out["rss_after_meta_compile_mb"] = status_mb("VmRSS")
     del model
     if folder is None:
-        out["peak_rss_mb"] = _status_kb("VmHWM") / 1024
+        out["peak_rss_mb"] = status_mb("VmHWM")
         return out
     t0 = time.perf_counter()
     load = cm.load_base_weights(folder)
     out["load_s"] = time.perf_counter() - t0
-    out["peak_rss_load_mb"] = _status_kb("VmHWM") / 1024
-    out["rss_after_load_mb"] = _status_kb("VmRSS") / 1024
+    out["peak_rss_load_mb"] = status_mb("VmHWM")
+    out["rss_after_load_mb"] = status_mb("VmRSS")
     out["loaded_tensors"] = load.loaded
     out["held_bytes"] = load.bytes
     out["still_meta"] = len(load.still_meta)

@@ -58,6 +58,11 @@ def _status_kb(key: str) -> Optional[int]:
     return None
 
 
+def status_mb(key: str) -> float:
+    """A ``/proc/self/status`` memory figure (``VmRSS``, ``VmHWM`` ...) in MiB (0 when absent)."""
+    return (_status_kb(key) or 0) / 1024
+
+
 def reset_peak() -> bool:
     """Reset this process's peak-RSS mark (VmHWM) to its current RSS (Linux >= 4.0)."""
     try:

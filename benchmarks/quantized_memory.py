@@ -63,23 +63,6 @@ SHAPES: dict[str, dict[str, Any]] = {
 GROUP = 64
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _skeleton(shape: str) -> Any:
     """The model with its parameters on meta (buffers real), tied weights tied."""
     from accelerate import init_empty_weights
@@ -135,7 +118,9 @@ def worker(shape: str, base: str, folder: Optional[str], steps: int, seq: int) -
     import graphpeft as gp
     from graphpeft.passes.quantize.quantize_weights import quantization_report
 
-    out: dict[str, Any] = {"shape": shape, "base": base, "seq": seq, "rss_imports_mb": _status_kb("VmRSS") / 1024}
+    from .memory import reset_peak, status_mb
+
+    out: dict[str, Any] = {"shape": shape, "base": base, "seq": seq, "rss_imports_mb": status_mb("VmRSS")}
     vocab = SHAPES[shape]["config"]["vocab_size"]
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, seq), generator=gen)
@@ -153,28 +138,28 @@ def worker(shape: str, base: str, folder: Optional[str], steps: int, seq: int) -
     out["quantized_weights"] = q["weights"]
     out["quantized_mb"], out["quantized_float_mb"] = q["bytes"] / 2**20, q["float_bytes"] / 2**20
     gc.collect()
-    out["rss_meta_mb"] = _status_kb("VmRSS") / 1024
+    out["rss_meta_mb"] = status_mb("VmRSS")
     if folder is None:
-        out["peak_rss_mb"] = _status_kb("VmHWM") / 1024
+        out["peak_rss_mb"] = status_mb("VmHWM")
         return out
     t0 = time.perf_counter()
     load = step.load_base_weights(folder)
     out["load_s"] = time.perf_counter() - t0
     out["held_mb"] = load.bytes / 2**20
     gc.collect()
-    out["rss_loaded_mb"] = _status_kb("VmRSS") / 1024
+    out["rss_loaded_mb"] = status_mb("VmRSS")
     t0 = time.perf_counter()
     losses = [float(step(ids, ids))]  # traces the step again for real tensors
     out["first_step_s"] = time.perf_counter() - t0
     gc.collect()
-    out["peak_reset"] = _reset_peak()
-    out["rss_before_steps_mb"] = _status_kb("VmRSS") / 1024
+    out["peak_reset"] = reset_peak()
+    out["rss_before_steps_mb"] = status_mb("VmRSS")
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         losses.append(float(step(ids, ids)))
         times.append(time.perf_counter() - t0)
-    peak = _status_kb("VmHWM") / 1024
+    peak = status_mb("VmHWM")
     out["peak_steps_mb"] = peak
     out["step_memory_mb"] = peak - out["rss_meta_mb"]
     out["step_extra_mb"] = peak - out["rss_before_steps_mb"]

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from .losses import CausalLM, CrossEntropy, Loss, primary_output
+from .losses import CausalLM, CrossEntropy, Loss, _need_target, primary_output
 
 Tensor = torch.Tensor
 CHUNK_BYTES = 2 * 2**20  # logits per chunk: small next to the activations, large enough for GEMM speed
@@ -155,9 +155,9 @@ class FusedHeadLoss(Loss):
         if isinstance(self.inner, CausalLM):
             labels = self.inner._padded_labels(model_inputs, targets)
         else:
-            labels = targets[0] if targets else self.inner(outputs, model_inputs, targets)  # raises the usual error
-        if tuple(labels.shape) != tuple(h.shape[:-1]):
-            return self.inner(_logits(outputs, h, w, b), model_inputs, targets)  # the usual shape error
+            labels = _need_target(self.inner.name, targets)
+        if tuple(labels.shape) != tuple(h.shape[:-1]):  # the unfused loss on the logits gives the usual error
+            return self.inner(torch.nn.functional.linear(h, w, b), model_inputs, targets)
         return linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, b, labels.reshape(-1), self.inner.ignore_index,
                                     w_grad=self.w_grad, b_grad=self.b_grad)
 
@@ -166,10 +166,6 @@ class FusedHeadLoss(Loss):
 
     def example_targets(self, outputs: Any, model_inputs: Sequence[Tensor]) -> Optional[list[Tensor]]:
         return self.inner.example_targets(outputs, model_inputs)
-
-
-def _logits(outputs: Any, h: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-    return torch.nn.functional.linear(h, w, b)
 
 
 __all__ = ["FusedHeadLoss", "Head", "find_head", "linear_cross_entropy", "without_logits"]

@@ -23,6 +23,7 @@ import torch.fx as fx
 from graphpeft.graph import META_KEY
 from graphpeft.infra import PassBase, PassContext, PassResult
 from graphpeft.registry import register_pass
+from graphpeft.training import phase_of
 
 _NEVER = ("empty", "new_empty", "empty_like", "empty_permuted", "empty_strided", "rand", "randn", "randint",
           "bernoulli", "native_dropout", "dropout", "normal", "uniform")
@@ -73,24 +74,18 @@ def _signature(node: fx.Node) -> Optional[Hashable]:
         return None
 
 
-def _phase(node: fx.Node) -> str:
-    if node.op in ("placeholder", "get_attr"):
-        return "input"
-    return (node.meta.get(META_KEY) or {}).get("part") or "forward"
-
-
 def _saved(node: fx.Node) -> bool:
     """A forward value some later phase reads (alive into the backward anyway)."""
-    return any(_phase(u) != "forward" for u in node.users)
+    return any(phase_of(u) != "forward" for u in node.users)
 
 
 def keeps_recompute(dup: fx.Node, first: fx.Node) -> Optional[str]:
     """Why ``dup`` (a backward recompute of ``first``) should stay, or None to merge."""
-    if _phase(first) != "forward" or _phase(dup) == "forward" or _saved(first):
+    if phase_of(first) != "forward" or phase_of(dup) == "forward" or _saved(first):
         return None
     if not isinstance(dup.target, torch._ops.OpOverload) or torch.Tag.pointwise not in dup.target.tags:
         return None
-    if all(_phase(a) != "forward" or _saved(a) for a in dup.all_input_nodes):
+    if all(phase_of(a) != "forward" or _saved(a) for a in dup.all_input_nodes):
         return "a pointwise backward recompute whose inputs are saved anyway: merging would save its output too"
     return None
 
