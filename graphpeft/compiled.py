@@ -161,14 +161,22 @@ class CompiledModel(torch.nn.Module):
     def _weights_changed(self) -> None:
         self.__dict__.pop("_meta_cache", None)
 
-    def _check_materialized(self, flat: list[Any]) -> None:
-        """A model holding meta tensors runs only on meta inputs (shape inference)."""
+    def _check_materialized(self, flat: list[Any], allow_released: bool = False) -> None:
+        """A model holding meta tensors runs only on meta inputs (shape inference). Whole
+        weights a sharded data-parallel step released are allowed to that step only."""
         meta = self.__dict__.get("_meta_cache")
         if meta is None:
             meta = self.__dict__["_meta_cache"] = self.meta_tensors()
+        released = self.__dict__.get("_released_weights", set())
+        if allow_released:
+            meta = [n for n in meta if n not in released]
         if meta and not all(getattr(x, "is_meta", False) for x in flat):
             from .errors import WeightsError
 
+            if set(meta) <= released:
+                raise WeightsError(f"{len(meta)} whole frozen weights (e.g. {meta[:3]}) were released by a sharded "
+                                   "data-parallel step (shard_frozen=True keeps only this rank's shards): load them "
+                                   "again with cm.load_base_weights(checkpoint), or train with shard_frozen='keep'")
             raise WeightsError(f"the model holds {len(meta)} tensors on the meta device (e.g. {meta[:3]}): it was "
                                "compiled without weights. Load them first: cm.load_base_weights(checkpoint) for the "
                                "base, cm.load_adapter(...) for adapters it could not initialize")

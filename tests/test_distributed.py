@@ -92,17 +92,26 @@ def _sharded_run(rank: int, xs: torch.Tensor, ys: torch.Tensor) -> dict[str, Any
     the trained tensors after each step."""
     from graphpeft.graph import Role, get_tensor, roles
 
-    cm = _compiled(xs)
+    cm = gp.compile(_model(), gp.Plan([gp.LoRA(targets=["0", "2"], r=2, init="random")]), (xs,))  # model dropped
     step = cm.compile_training("mse", _optimizer(), data_parallel=True, bucket_cap_mb=1e-4, shard_frozen=True)
     gm = step.distributed_graph_module
     stored = {n: tuple(get_tensor(gm, n).shape) for n, r in roles(gm).items() if r == Role.FROZEN}
+    held_before = step.frozen_bytes_held()
     params = []
     for _ in range(STEPS):
         step(xs, ys)
         params.append(_params(step))
     report = step.communication_report()
+    refused = {}
+    for name, call in (("forward", lambda: cm(xs)), ("new_shape", lambda: step(xs[:1], ys[:1]))):
+        try:
+            call()
+        except gp.WeightsError as e:
+            refused[name] = str(e)
     return {"stored": stored, "params": params, "shard_bytes": report.frozen_shard_bytes,
-            "gathers": sum("all_gather" in str(n.target) for n in gm.graph.nodes)}
+            "gathers": sum("all_gather" in str(n.target) for n in gm.graph.nodes),
+            "held": (held_before, step.frozen_bytes_held()), "released": report.released_bytes,
+            "meta": sorted(cm.meta_tensors()), "refused": refused}
 
 
 def _different_bases(rank: int, xs: torch.Tensor, ys: torch.Tensor) -> str:
@@ -197,7 +206,8 @@ def test_two_gloo_ranks_match_one_process_on_the_whole_batch(two_ranks: dict[str
 
 def test_sharded_frozen_weights_store_half_and_train_the_same(two_ranks: dict[str, Any]) -> None:
     """FSDP-style: each of the 2 ranks stores half of every frozen weight (padded: the biases
-    have odd sizes), all-gathers it before use, and trains bit for bit like the unsharded step."""
+    have odd sizes), all-gathers it before use, trains bit for bit like the unsharded step, and
+    after its first step holds only its shards (the whole weights released: 1/world per rank)."""
     ranks = two_ranks["ranks"]
     whole = {n: p.numel() for n, p in _model().named_parameters()}
     for r in ranks:
@@ -206,6 +216,13 @@ def test_sharded_frozen_weights_store_half_and_train_the_same(two_ranks: dict[st
             {n: (-(-numel // WORLD),) for n, numel in whole.items()}
         assert sharded["shard_bytes"] == 4 * sum(-(-numel // WORLD) for numel in whole.values())
         assert sharded["gathers"] >= len(whole)  # forward uses, and the backward's re-gathers
+        # after the first step the whole weights are released: the process holds its shards only
+        before, after = sharded["held"]
+        assert before == 4 * sum(whole.values()) + sharded["shard_bytes"]
+        assert after == sharded["shard_bytes"] and sharded["released"] == 4 * sum(whole.values())
+        assert sharded["meta"] == sorted(whole)
+        assert "released by a sharded" in sharded["refused"]["forward"]
+        assert "batch shapes compiled before" in sharded["refused"]["new_shape"]
         for i in range(STEPS):
             assert all(torch.equal(sharded["params"][i][k], r["params"][i][k]) for k in r["params"][i])
 
@@ -258,8 +275,8 @@ def test_export_of_a_data_parallel_step_is_single_device(world_of_one: Any, tmp_
 
 
 @pytest.mark.parametrize("options", [dict(accumulation_steps=2, clip_grad_norm=0.5, fuse_optimizer=False),
-                                     dict(fuse_optimizer=True), dict(shard_frozen=True, clip_grad_norm=1.0)],
-                         ids=["accumulate_clip_per_tensor", "fused", "sharded_frozen"])
+                                     dict(fuse_optimizer=True), dict(shard_frozen=True, clip_grad_norm=1.0), dict(shard_frozen="keep")],
+                         ids=["accumulate_clip_per_tensor", "fused", "sharded_frozen", "sharded_frozen_kept"])
 def test_a_world_of_one_trains_exactly_like_the_plain_step(world_of_one: Any, options: dict) -> None:
     """Sum over one rank and division by 1 are exact: the rewritten graph (collectives, new
     order, consumers rewired) must give the plain step's numbers bit for bit."""
@@ -302,6 +319,8 @@ def test_bad_data_parallel_options_raise() -> None:
         _compiled(x).compile_training("mse", _optimizer(), data_parallel="yes")
     with pytest.raises(gp.PlanError, match="data_parallel=True"):
         _compiled(x).compile_training("mse", _optimizer(), shard_frozen=True)
+    with pytest.raises(gp.PlanError, match="'keep'"):
+        _compiled(x).compile_training("mse", _optimizer(), data_parallel=True, shard_frozen="yes")
 
 
 def test_the_rules_decline_with_a_reason() -> None:

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import DistributedError, GraphPeftError
-from ..graph import Role, get_tensor, graph_meta, roles
+from ..graph import Role, attach_tensor, get_tensor, graph_meta, roles
 from ..infra import PassContext, PassManager, Pipeline, copy_graph
 from ..registry import PASSES
 
@@ -111,6 +111,10 @@ class CommunicationReport:
     frozen_shard_bytes: int = 0
     gathered_bytes: int = 0
     frozen_whole: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: the frozen tensors stored as shards, and the whole-weight bytes the step then released
+    #: from the compiled model (``shard_frozen=True``; 0 with ``shard_frozen="keep"``)
+    frozen_sharded: list[str] = dataclasses.field(default_factory=list)
+    released_bytes: int = 0
 
     @property
     def bytes_per_step(self) -> int:
@@ -132,7 +136,8 @@ class CommunicationReport:
                 f"sent per rank; full fine-tuning would all-reduce {self.full_finetune_bytes * mib:.3f} MiB "
                 f"({self.fraction_of_full_finetune:.2%} of it)"
                 + (f"; frozen weights sharded: {self.frozen_shard_bytes * mib:.3f} MiB stored on this rank, "
-                   f"{self.gathered_bytes * mib:.3f} MiB all-gathered per step" if self.frozen_shard_bytes else ""))
+                   f"{self.gathered_bytes * mib:.3f} MiB all-gathered per step" if self.frozen_shard_bytes else "")
+                + (f", {self.released_bytes * mib:.3f} MiB of whole weights released" if self.released_bytes else ""))
 
 
 def data_parallel_graph(gm: fx.GraphModule, group: ProcessGroupInfo, options: "TrainingOptions") -> fx.GraphModule:
@@ -153,6 +158,41 @@ def data_parallel_graph(gm: fx.GraphModule, group: ProcessGroupInfo, options: "T
     dp = PassManager(verifier=verify_training).run(dp, Pipeline("data_parallel", passes), ctx).gm
     log.info("%s", graph_meta(dp).get(COMMUNICATION_META))
     return dp
+
+
+def release_whole_weights(names: Sequence[str], holders: Sequence[fx.GraphModule]) -> int:
+    """Replace each tensor of ``names`` by a meta tensor of its shape and dtype in every graph of
+    ``holders`` that registers it (the compiled model and its single-device step graphs share
+    one tensor), so its storage is freed once nothing else holds it; returns the bytes released.
+    Run after the sharded graph copied this rank's shards: the whole weights are no longer read."""
+    released, seen = 0, set()
+    for gm in holders:
+        held = roles(gm)
+        for name in names:
+            if name not in held:
+                continue
+            t = get_tensor(gm, name)
+            if t.is_meta:
+                continue
+            if id(t) not in seen:
+                seen.add(id(t))
+                released += t.numel() * t.element_size()
+            attach_tensor(gm, name, torch.empty_like(t, device="meta"), held[name])
+    return released
+
+
+def held_frozen_bytes(modules: Sequence[fx.GraphModule]) -> int:
+    """The bytes of distinct frozen (and ``adapter-const``) tensor storages ``modules`` hold (meta
+    tensors hold none): what the sharded step keeps per rank against the whole weights."""
+    storages: dict[int, int] = {}
+    for gm in modules:
+        for name, role in roles(gm).items():
+            t = get_tensor(gm, name)
+            if role.trainable or role == Role.BUFFER or t.is_meta:
+                continue
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def _comm_device() -> torch.device:
@@ -210,5 +250,6 @@ def check_same_frozen(gm: fx.GraphModule) -> None:
 
 
 __all__ = ["ALLREDUCE_PASS", "COMMUNICATE_PHASE", "COMMUNICATION_META", "CommunicationReport", "ProcessGroupInfo", "SHARD_PASS",
-           "barrier", "broadcast_from_rank0", "check_same_frozen", "data_parallel_graph",
+           "barrier", "broadcast_from_rank0", "check_same_frozen", "data_parallel_graph", "held_frozen_bytes",
+           "release_whole_weights",
            "is_main_process", "process_group"]

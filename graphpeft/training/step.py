@@ -44,14 +44,15 @@ import torch.fx as fx
 import torch.fx.traceback as fxt
 from torch.utils import _pytree as pytree
 
-from ..errors import GraphPeftError, NonFiniteError, PlanError, TraceError, VerificationError
+from ..errors import GraphPeftError, NonFiniteError, PlanError, TraceError, VerificationError, WeightsError
 from ..graph import META_KEY, Provenance, Role, adapters, attach_tensor, get_tensor, graph_meta, roles
 from ..infra import PassContext, PassHook, PassManager, Pipeline, TimingHook, copy_graph
 from .losses import Loss, LossSpec, make_loss
 from .head_loss import FusedHeadLoss, find_head, without_logits
 from .optim import STEP_KEY, Optimizer, make_optimizer
 from .distributed import (COMMUNICATION_META, CommunicationReport, ProcessGroupInfo, barrier, broadcast_from_rank0,
-                          check_same_frozen, data_parallel_graph, is_main_process, process_group)
+                          check_same_frozen, data_parallel_graph, held_frozen_bytes, is_main_process, process_group,
+                          release_whole_weights)
 from ..registry import PASSES, get_backend, get_method, load_plugins
 
 from ..method import AdapterMethod
@@ -350,8 +351,13 @@ class TrainingOptions:
             (gradients are bucketed in the order the backward produces them; DDP's default 25).
         shard_frozen: with ``data_parallel``, the graph that runs stores only this rank's
             ``1/world`` of every frozen floating-point weight and all-gathers a weight right
-            before its forward and backward uses (FSDP-style; the same numbers). The
-            single-device graph (exports) and the compiled model keep the whole weights.
+            before its forward and backward uses (FSDP-style; the same numbers). After the
+            first step (the ranks checked to agree) the whole weights are released from the
+            compiled model and the single-device graphs, so the process keeps ``1/world`` of
+            them (when nothing else, e.g. the original ``nn.Module``, holds them): the model's
+            own forward and exports then need ``cm.load_base_weights`` again, and the step runs
+            only the batch shapes compiled before. ``"keep"``: shard, but keep the whole
+            weights (exports, other batch shapes; no memory saved).
     """
 
     accumulation_steps: int = 1
@@ -368,7 +374,7 @@ class TrainingOptions:
     fuse_head_loss: bool = True
     data_parallel: bool = False
     bucket_cap_mb: float = 25.0
-    shard_frozen: bool = False
+    shard_frozen: Union[bool, str] = False
 
     def __post_init__(self) -> None:
         if self.nonfinite not in NONFINITE:
@@ -390,6 +396,8 @@ class TrainingOptions:
         if isinstance(self.bucket_cap_mb, bool) or not isinstance(self.bucket_cap_mb, (int, float)) \
                 or not self.bucket_cap_mb > 0:
             raise PlanError(f"bucket_cap_mb must be a positive number of MiB, got {self.bucket_cap_mb!r}")
+        if self.shard_frozen not in (False, True, "keep"):
+            raise PlanError(f"shard_frozen must be True, False or 'keep', got {self.shard_frozen!r}")
         if self.shard_frozen and not self.data_parallel:
             raise PlanError("shard_frozen=True shards frozen weights across data-parallel ranks: "
                             "compile with data_parallel=True too")
@@ -1043,6 +1051,8 @@ class TrainingStep:
         self._dp: Optional[ProcessGroupInfo] = process_group() if self.options.data_parallel else None
         self._dp_graphs: dict[tuple, fx.GraphModule] = {}
         self._dp_synced = False
+        #: frozen weights released after sharding (``shard_frozen=True``)
+        self._released: set[str] = set()
         batch = self.options.example_batch
         if batch is None:
             batch = self._default_batch()
@@ -1128,12 +1138,18 @@ class TrainingStep:
         """Run one training step on ``batch``; returns the loss (a detached scalar; with
         ``data_parallel``, this rank's part of the batch and the global mean loss)."""
         self._check_weights(batch)
+        if self._released and _batch_key(batch) not in self._graphs:
+            raise WeightsError(f"this sharded step released the whole frozen weights after its first step: it runs "
+                               f"the batch shapes compiled before ({[k for k in self._graphs]}), not {_batch_key(batch)}; "
+                               "compile with example_batch=... per shape first, or with shard_frozen='keep'")
         gm = self.graph_for(*batch)
         sig = signature_of(gm)
         if self._dp is not None:
             gm = self._distributed_graph(_batch_key(batch), gm)
             if not self._dp_synced:
                 self._sync_ranks()
+            if self.options.shard_frozen is True:
+                self._release_whole_weights(gm)
         inputs = self.flat_inputs(*batch)
         run = self._runner(_batch_key(batch), gm)
         with torch.no_grad():
@@ -1173,7 +1189,7 @@ class TrainingStep:
         """Real batches need real weights: a clear error for a model still on the meta device."""
         if all(getattr(t, "is_meta", False) for t in batch):
             return
-        self.cm._check_materialized(list(batch))
+        self.cm._check_materialized(list(batch), allow_released=True)
         self._reinit_meta_state()
 
     # -- data parallelism (graphpeft.training.distributed) -------------------------------------
@@ -1192,6 +1208,33 @@ class TrainingStep:
         broadcast_from_rank0([get_tensor(self.cm.graph_module, n) for n in self.param_names]
                              + list(self._state.values()))
         self._dp_synced = True
+
+    def _release_whole_weights(self, dp: fx.GraphModule) -> None:
+        """``shard_frozen=True``: once the sharded graph holds this rank's shards (and the ranks
+        were checked to agree), the whole frozen weights leave the compiled model and the
+        single-device graphs (meta tensors of the same shape take their place)."""
+        report = graph_meta(dp).get(COMMUNICATION_META)
+        if report is None or not report.frozen_sharded:
+            return
+        names = [n for n in report.frozen_sharded if n not in self._released]
+        if not names:
+            return
+        released = release_whole_weights(names, [self.cm.graph_module, *self._graphs.values()])
+        self._released.update(names)
+        self.cm.__dict__.setdefault("_released_weights", set()).update(names)
+        self.cm._weights_changed()
+        for g in self._dp_graphs.values():
+            rep = graph_meta(g).get(COMMUNICATION_META)
+            if rep is not None:
+                rep.released_bytes += released if g is dp else 0
+        log.info("shard_frozen: released %.1f MiB of whole frozen weights (%d tensors)", released / 2**20, len(names))
+
+    def frozen_bytes_held(self) -> int:
+        """Bytes of frozen weights this process holds for the step: its model, its single-device
+        graphs and, with ``data_parallel``, its sharded graphs (distinct storages only). With
+        ``shard_frozen=True`` about ``1/world`` of the unsharded figure after the first step
+        (when nothing else, e.g. the original ``nn.Module``, keeps the whole weights)."""
+        return held_frozen_bytes([self.cm.graph_module, *self._graphs.values(), *self._dp_graphs.values()])
 
     @property
     def distributed_graph_module(self) -> fx.GraphModule:

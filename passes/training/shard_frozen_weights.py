@@ -110,7 +110,8 @@ class ShardFrozenWeights(PassBase):
         report = graph_meta(gm).get(COMMUNICATION_META)
         if report is not None:
             graph_meta(gm)[COMMUNICATION_META] = dataclasses.replace(
-                report, frozen_shard_bytes=stored, gathered_bytes=gathered, frozen_whole=dict(self.declined))
+                report, frozen_shard_bytes=stored, gathered_bytes=gathered, frozen_whole=dict(self.declined),
+                frozen_sharded=sorted({w[1].target for w in windows}))
         return PassResult(gm, bool(windows))
 
     @staticmethod
