@@ -41,6 +41,7 @@ from .legalize.legalize_onnx import LegalizeOnnx
 from .legalize.lift_adapter_tensors import LiftAdapterTensors
 from .legalize.low_precision_attention import LowPrecisionAttentionPass
 from .legalize.retarget_device import RetargetDevice
+from .legalize.slice_scatter_onnx import SliceScatterOnnx
 from .legalize.upcast_low_precision import UpcastLowPrecision
 from .lower.fold_linear_scale import FoldLinearScale
 from .lower.fuse_shared_input_linears import FuseSharedInputLinears
@@ -72,4 +73,5 @@ __all__ += ["LegalizeExecuTorch"]
 __all__ += ["DequantizeForMerge", "Quantize", "QuantizeMethod", "QuantizeWeights", "RequantizeMerged",
             "RematerializeDequantized", "UpcastLowPrecision", "LowPrecisionAttentionPass"]
 __all__ += ["AllReduceGradients", "ShardFrozenWeights"]
+__all__ += ["SliceScatterOnnx"]
 __all__ += ["InsertTrainableTokens", "TrainableTokens", "TrainableTokensMethod"]

@@ -74,7 +74,9 @@ def legalized_copy(gm: fx.GraphModule, verify: bool = True,
     ctx = PassContext(verify=verify)
     # upcast_low_precision: bf16 / fp16 ops computed in float32 between casts (onnxruntime's CPU
     # provider lacks their kernels), attention first in torch's rounding order; no-ops on float32
-    pipeline = Pipeline("legalize_onnx", [PASSES["legalize_onnx"](), PASSES["low_precision_attention"](),
+    # slice_scatter_onnx: slice gradients as Pad / Concat instead of transposed ScatterND
+    pipeline = Pipeline("legalize_onnx", [PASSES["legalize_onnx"](), PASSES["slice_scatter_onnx"](),
+                                          PASSES["low_precision_attention"](),
                                           PASSES["upcast_low_precision"](), PASSES["remove_dead_code"]()])
     result = PassManager(verifier=verifier).run(new, pipeline, ctx)
     return result.gm, dict(ctx.options.get("legalize_onnx", {}))

@@ -28,7 +28,8 @@ Rules, each a rewrite with provenance on every node it makes:
   ``_to_copy`` (a pure device move is dropped),
   ``__and__`` / ``__or__`` -> ``bitwise_and`` / ``bitwise_or``, first-order ``diff`` -> a
   difference of two slices (of the concatenation with ``prepend`` / ``append``) (inference graphs of HF models have all of these),
-  ``conv3d`` without a bias -> ``convolution`` (torchlib gives conv3d's missing bias a wrong shape).
+  ``conv3d`` without a bias -> ``convolution`` (torchlib gives conv3d's missing bias a wrong shape),
+  ``rsub.Scalar`` -> ``sub`` from a 0-d tensor (training steps have it from silu's backward).
 * ``empty`` — ``aten.empty_permuted`` / ``empty.memory_format`` / ``empty_strided`` /
   ``empty_like`` (no ONNX translation) become zero-filled tensors of the same shape and dtype
   (their content is undefined, so zeros are a valid value).
@@ -282,6 +283,15 @@ def _equivalent(node: fx.Node) -> Optional[Callable[[GraphBuilder], Any]]:
         c = op_args(node)
         return lambda b: b.call(aten.convolution.default, c["input"], c["weight"], None, c["stride"], c["padding"],
                                 c["dilation"], False, [0], c["groups"])
+    if node.target == aten.rsub.Scalar and isinstance(_val(node.args[0]), torch.Tensor):
+        # c - x as sub(c as a 0-d tensor of x's dtype, x): the same one op, bit for bit (simplify_algebra
+        # makes rsub for silu's backward; torchlib lacks it, so it cost a whole-graph re-decomposition)
+        bound = dict(zip(("self", "other", "alpha"), node.args), **node.kwargs)
+        x, c, alpha = bound["self"], bound["other"], bound.get("alpha", 1)
+        dtype = _val(x).dtype
+        if alpha != 1 or not isinstance(c, (int, float)) or not dtype.is_floating_point:
+            return None
+        return lambda b: b.call(aten.sub.Tensor, b.call(aten.scalar_tensor.default, c, dtype=dtype), x)
     if node.target == aten.diff.default:
         bound = dict(zip(("self", "n", "dim", "prepend", "append"), node.args), **node.kwargs)
         x, n, dim = bound["self"], bound.get("n", 1), bound.get("dim", -1)
