@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -140,9 +140,11 @@ class CommunicationReport:
                 + (f", {self.released_bytes * mib:.3f} MiB of whole weights released" if self.released_bytes else ""))
 
 
-def data_parallel_graph(gm: fx.GraphModule, group: ProcessGroupInfo, options: "TrainingOptions") -> fx.GraphModule:
+def data_parallel_graph(gm: fx.GraphModule, group: ProcessGroupInfo, options: "TrainingOptions",
+                        release: Optional[Callable[[str], None]] = None) -> fx.GraphModule:
     """A copy of the single-device training graph ``gm`` (sharing its tensors) with the
-    collectives inserted by the ``allreduce_gradients`` pass; ``gm`` is unchanged."""
+    collectives inserted by the ``allreduce_gradients`` pass; ``gm`` is unchanged. With
+    ``shard_frozen``, ``release(name)`` is called as each frozen weight's shard is stored."""
     from .step import verify_training
 
     names = [ALLREDUCE_PASS] + ([SHARD_PASS] if options.shard_frozen else [])
@@ -153,7 +155,8 @@ def data_parallel_graph(gm: fx.GraphModule, group: ProcessGroupInfo, options: "T
     passes = [PASSES[ALLREDUCE_PASS](group_name=group.group_name, world_size=group.world_size, backend=group.backend,
                                      bucket_cap_bytes=int(options.bucket_cap_mb * (1 << 20)))]
     if options.shard_frozen:
-        passes.append(PASSES[SHARD_PASS](group_name=group.group_name, world_size=group.world_size, rank=group.rank))
+        passes.append(PASSES[SHARD_PASS](group_name=group.group_name, world_size=group.world_size, rank=group.rank,
+                                         release=release))
     ctx = PassContext(verify=options.verify, hooks=list(options.hooks))
     dp = PassManager(verifier=verify_training).run(dp, Pipeline("data_parallel", passes), ctx).gm
     log.info("%s", graph_meta(dp).get(COMMUNICATION_META))

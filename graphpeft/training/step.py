@@ -351,9 +351,10 @@ class TrainingOptions:
             (gradients are bucketed in the order the backward produces them; DDP's default 25).
         shard_frozen: with ``data_parallel``, the graph that runs stores only this rank's
             ``1/world`` of every frozen floating-point weight and all-gathers a weight right
-            before its forward and backward uses (FSDP-style; the same numbers). After the
-            first step (the ranks checked to agree) the whole weights are released from the
-            compiled model and the single-device graphs, so the process keeps ``1/world`` of
+            before its forward and backward uses (FSDP-style; the same numbers). As each
+            weight is sharded (when the first step builds that graph, after the ranks' weights
+            were compared) its whole tensor is released from the compiled model and the
+            single-device graphs, so the process keeps ``1/world`` of
             them (when nothing else, e.g. the original ``nn.Module``, holds them): the model's
             own forward and exports then need ``cm.load_base_weights`` again, and the step runs
             only the batch shapes compiled before. ``"keep"``: shard, but keep the whole
@@ -1053,6 +1054,7 @@ class TrainingStep:
         self._dp_synced = False
         #: frozen weights released after sharding (``shard_frozen=True``)
         self._released: set[str] = set()
+        self._released_bytes = 0
         batch = self.options.example_batch
         if batch is None:
             batch = self._default_batch()
@@ -1139,7 +1141,7 @@ class TrainingStep:
         ``data_parallel``, this rank's part of the batch and the global mean loss)."""
         self._check_weights(batch)
         if self._released and _batch_key(batch) not in self._graphs:
-            raise WeightsError(f"this sharded step released the whole frozen weights after its first step: it runs "
+            raise WeightsError(f"this sharded step released the whole frozen weights (shard_frozen=True): it runs "
                                f"the batch shapes compiled before ({[k for k in self._graphs]}), not {_batch_key(batch)}; "
                                "compile with example_batch=... per shape first, or with shard_frozen='keep'")
         gm = self.graph_for(*batch)
@@ -1148,8 +1150,6 @@ class TrainingStep:
             gm = self._distributed_graph(_batch_key(batch), gm)
             if not self._dp_synced:
                 self._sync_ranks()
-            if self.options.shard_frozen is True:
-                self._release_whole_weights(gm)
         inputs = self.flat_inputs(*batch)
         run = self._runner(_batch_key(batch), gm)
         with torch.no_grad():
@@ -1198,7 +1198,16 @@ class TrainingStep:
         """The graph with collectives for this batch shape (built from ``gm`` on first use)."""
         if key not in self._dp_graphs:
             assert self._dp is not None
-            self._dp_graphs[key] = data_parallel_graph(gm, self._dp, self.options)
+            release = None
+            if self.options.shard_frozen is True:  # whole weights leave as their shards are made
+                if not self._dp_synced:
+                    self._sync_ranks()  # the ranks' whole weights are compared first
+                release = self._release_whole_weight
+            self._dp_graphs[key] = dp = data_parallel_graph(gm, self._dp, self.options, release)
+            report = graph_meta(dp).get(COMMUNICATION_META)
+            if release is not None and report is not None:
+                report.released_bytes, self._released_bytes = self._released_bytes, 0
+                log.info("shard_frozen: released %.1f MiB of whole frozen weights", report.released_bytes / 2**20)
         return self._dp_graphs[key]
 
     def _sync_ranks(self) -> None:
@@ -1209,25 +1218,14 @@ class TrainingStep:
                              + list(self._state.values()))
         self._dp_synced = True
 
-    def _release_whole_weights(self, dp: fx.GraphModule) -> None:
-        """``shard_frozen=True``: once the sharded graph holds this rank's shards (and the ranks
-        were checked to agree), the whole frozen weights leave the compiled model and the
-        single-device graphs (meta tensors of the same shape take their place)."""
-        report = graph_meta(dp).get(COMMUNICATION_META)
-        if report is None or not report.frozen_sharded:
-            return
-        names = [n for n in report.frozen_sharded if n not in self._released]
-        if not names:
-            return
-        released = release_whole_weights(names, [self.cm.graph_module, *self._graphs.values()])
-        self._released.update(names)
-        self.cm.__dict__.setdefault("_released_weights", set()).update(names)
+    def _release_whole_weight(self, name: str) -> None:
+        """``shard_frozen=True``: once the sharded graph stores this rank's shard of ``name`` (the
+        ranks checked to agree before), the whole tensor leaves the compiled model and the
+        single-device graphs (a meta tensor of its shape takes its place)."""
+        self._released_bytes += release_whole_weights([name], [self.cm.graph_module, *self._graphs.values()])
+        self._released.add(name)
+        self.cm.__dict__.setdefault("_released_weights", set()).add(name)
         self.cm._weights_changed()
-        for g in self._dp_graphs.values():
-            rep = graph_meta(g).get(COMMUNICATION_META)
-            if rep is not None:
-                rep.released_bytes += released if g is dp else 0
-        log.info("shard_frozen: released %.1f MiB of whole frozen weights (%d tensors)", released / 2**20, len(names))
 
     def frozen_bytes_held(self) -> int:
         """Bytes of frozen weights this process holds for the step: its model, its single-device

@@ -25,7 +25,7 @@ to the step's :class:`~graphpeft.training.distributed.CommunicationReport`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -56,11 +56,12 @@ def check_shardable(t: torch.Tensor) -> Optional[str]:
 
 
 def shard_of(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """This rank's part of ``t`` flattened and zero-padded to a multiple of ``world`` (a copy)."""
+    """This rank's part of ``t`` flattened and zero-padded to a multiple of ``world`` (a copy;
+    only the shard is padded, so no second whole-size tensor is made)."""
     flat = t.detach().reshape(-1)
     chunk = -(-flat.numel() // world)
-    padded = torch.nn.functional.pad(flat, (0, chunk * world - flat.numel()))
-    return padded[rank * chunk:(rank + 1) * chunk].clone()
+    part = flat[min(rank * chunk, flat.numel()):(rank + 1) * chunk]
+    return torch.nn.functional.pad(part, (0, chunk - part.numel())) if part.numel() < chunk else part.clone()
 
 
 @register_pass
@@ -69,10 +70,14 @@ class ShardFrozenWeights(PassBase):
 
     name = "shard_frozen_weights"
 
-    def __init__(self, group_name: str = "", world_size: int = 1, rank: int = 0) -> None:
+    def __init__(self, group_name: str = "", world_size: int = 1, rank: int = 0,
+                 release: Optional[Callable[[str], None]] = None) -> None:
         self.group_name = group_name
         self.world_size = int(world_size)
         self.rank = int(rank)
+        #: called with each weight's name once its shard is stored: the caller drops the whole
+        #: tensor from its other graphs, so a rank never holds every whole weight and every shard
+        self.release = release
         #: tensor name -> why it stays whole
         self.declined: dict[str, str] = {}
 
@@ -80,7 +85,7 @@ class ShardFrozenWeights(PassBase):
         role_map = roles(gm)
         nodes = list(gm.graph.nodes)
         first_op = next(n for n in nodes if n.op not in ("placeholder", "get_attr"))
-        windows: list[tuple[int, fx.Node, list[fx.Node], fx.Node, torch.Tensor]] = []
+        windows: list[tuple[int, fx.Node, list[fx.Node], fx.Node, torch.Size]] = []
         stored = gathered = 0
         for attr in [n for n in nodes if n.op == "get_attr" and role_map.get(n.target) == Role.FROZEN]:
             weight = get_tensor(gm, attr.target)
@@ -94,14 +99,19 @@ class ShardFrozenWeights(PassBase):
                 shard_node = gm.graph.get_attr(attr.target + SHARD_SUFFIX)
             self._tag(shard_node, attr.target, "shard", _fake_like(attr, shard.shape))
             stored += shard.numel() * shard.element_size()
+            shape = weight.shape
+            if self.release is not None:  # the whole tensor leaves this graph and the caller's
+                register_tensor(gm, attr.target, torch.empty_like(weight, device="meta"), Role.FROZEN)
+                del weight
+                self.release(attr.target)
             pos = {n: i for i, n in enumerate(nodes)}
             for group in self._windows(attr):
-                windows.append((min(pos[u] for u in group), attr, group, shard_node, weight))
+                windows.append((min(pos[u] for u in group), attr, group, shard_node, shape))
                 gathered += shard.numel() * shard.element_size() * self.world_size
         windows.sort(key=lambda w: w[0])
-        for k, (first, attr, group, shard_node, weight) in enumerate(windows):
+        for k, (first, attr, group, shard_node, shape) in enumerate(windows):
             issue_before = nodes[windows[k - 1][0] if k else first]  # one window ahead: overlap
-            self._gather(gm, attr, group, shard_node, weight, issue_before, nodes[first])
+            self._gather(gm, attr, group, shard_node, shape, issue_before, nodes[first])
         for attr in {w[1] for w in windows}:
             if not attr.users:
                 name = attr.target
@@ -122,8 +132,8 @@ class ShardFrozenWeights(PassBase):
         return [g for g in (forward, backward) if g]
 
     def _gather(self, gm: fx.GraphModule, attr: fx.Node, group: list[fx.Node], shard_node: fx.Node,
-                weight: torch.Tensor, issue_before: fx.Node, use_before: fx.Node) -> None:
-        graph, name, numel = gm.graph, attr.target, weight.numel()
+                shape: torch.Size, issue_before: fx.Node, use_before: fx.Node) -> None:
+        graph, name, numel = gm.graph, attr.target, shape.numel()
         padded = shard_node.meta["val"].numel() * self.world_size
         with graph.inserting_before(issue_before):
             issued = graph.call_function(c10d.all_gather_into_tensor.default,
@@ -131,10 +141,10 @@ class ShardFrozenWeights(PassBase):
         with graph.inserting_before(use_before):
             waited = graph.call_function(c10d.wait_tensor.default, (issued,))
             flat = graph.call_function(aten.slice.Tensor, (waited, 0, 0, numel)) if padded != numel else waited
-            whole = graph.call_function(aten.view.default, (flat, list(weight.shape)))
-        for n, rule, shape in ((issued, "all_gather", [padded]), (waited, "wait", [padded]),
-                               (flat, "unpad", [numel]), (whole, "view", list(weight.shape))):
-            self._tag(n, name, rule, _fake_like(attr, shape))
+            whole = graph.call_function(aten.view.default, (flat, list(shape)))
+        for n, rule, size in ((issued, "all_gather", [padded]), (waited, "wait", [padded]),
+                              (flat, "unpad", [numel]), (whole, "view", list(shape))):
+            self._tag(n, name, rule, _fake_like(attr, size))
         for u in group:
             u.replace_input_with(attr, whole)
 
