@@ -275,6 +275,8 @@ def _sparse_rules(case: Case, scheme: str, model: nn.Module) -> list:
     if scheme == "bias_norm":
         return ([gp.Update(targets=".*", part="bias")] if _has_layer_bias(model) else []) + \
             [gp.Update(targets=".*", part="norm")]
+    if scheme == "bias":
+        return [gp.Update(targets=".*", part="bias")]
     if scheme == "last_layer":
         rx = _last_layer_regex(case)
         return [gp.Update(targets=rx), gp.Update(targets=rx, part="norm")]

@@ -3,6 +3,7 @@
     python -m benchmarks.compile_time                  # depths 2, 4, 8, 16 (small Llama, hidden 256)
     python -m benchmarks.compile_time --layers 2 4     # other depths
     python -m benchmarks.compile_time --step-time      # also: step time, eager PEFT vs compiled (torch, ORT)
+    python -m benchmarks.compile_time --qwen           # Qwen2-0.5B shape: the four phases and peak RSS
 
 For each depth: ``gp.compile`` (trace the model, insert LoRA r=8 on every linear layer), the
 training-step compiler (``make_fx`` trace, then each training pass), the ONNX export (legalize,
@@ -67,8 +68,11 @@ def measure(layers: int, folder: str) -> dict[str, Any]:
         row[f"export {k}"] = v
     row["onnx nodes"] = res.num_nodes
     t = time.perf_counter()
-    OnnxTrainer(path)
+    OnnxTrainer(path)  # the first load also saves onnxruntime's optimized model beside the file
     row["ort load"] = time.perf_counter() - t
+    t = time.perf_counter()
+    OnnxTrainer(path)
+    row["ort reload"] = time.perf_counter() - t  # from that saved model: not in the total
     phases = ["model compile", "step trace", "step passes"] + [f"export {k}" for k in res.timings] + ["ort load"]
     row["total"] = sum(row[p] for p in phases)
     row["phases"] = phases
@@ -122,7 +126,69 @@ def compile_table(depths: Sequence[int]) -> list[dict[str, Any]]:
     print(f"\nLinear fit: total = {a:.2f} s + {b:.2f} s/layer (R^2 = {r2:.4f}); "
           f"fx nodes = {an:.0f} + {bn:.0f}/layer (R^2 = {r2n:.4f})")
     print("Static peak memory of the step (MiB): " + ", ".join(f"{r['layers']}L {r['peak MiB']:.1f}" for r in rows))
+    print("onnxruntime load from its saved optimized model (s): "
+          + ", ".join(f"{r['layers']}L {r['ort reload']:.2f} (first {r['ort load']:.2f})" for r in rows))
     return rows
+
+
+def _vm_hwm_mib() -> float:
+    """This process's peak resident memory (VmHWM; ru_maxrss would include subprocesses)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure_qwen(folder: str) -> dict[str, Any]:
+    """Issue 10's large case: a Qwen2-0.5B-shaped model (hidden 896, 24 layers, vocab 151936,
+    random weights), LoRA r=16 on q/v, batch 1x128: compile, training compile, step export and
+    onnxruntime load (first and from the saved optimized model), and this process's peak RSS
+    against the weight bytes. Run it in a fresh process (``--qwen``) so the peak is its own."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    import graphpeft as gp
+    from graphpeft.backends.onnx import OnnxTrainer
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                      num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(cfg).eval()
+    weight_mib = sum(t.numel() * t.element_size() for t in {id(p): p for p in model.parameters()}.values()) / 2**20
+    ids = torch.randint(0, cfg.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+    row: dict[str, Any] = {"weights MiB": weight_mib}
+    t = time.perf_counter()
+    cm = gp.compile(model, gp.Plan([gp.LoRA(targets=["q_proj", "v_proj"], r=16, alpha=32)]), (ids,),
+                    {"use_cache": False})
+    row["compile"] = time.perf_counter() - t
+    t = time.perf_counter()
+    step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-4), example_batch=(ids,))
+    row["training compile"] = time.perf_counter() - t
+    row["fx nodes"] = len(step.graph_module.graph.nodes)
+    path = os.path.join(folder, "qwen.onnx")
+    t = time.perf_counter()
+    res = step.export_onnx(path)
+    row["step export"] = time.perf_counter() - t
+    row["export phases"] = res.timings
+    t = time.perf_counter()
+    trainer = OnnxTrainer(path)
+    row["ort load"] = time.perf_counter() - t
+    row["loss ort"] = trainer.step(ids)
+    del trainer
+    t = time.perf_counter()
+    OnnxTrainer(path)
+    row["ort reload"] = time.perf_counter() - t
+    row["total"] = row["compile"] + row["training compile"] + row["step export"] + row["ort load"]
+    row["peak RSS MiB"] = _vm_hwm_mib()
+    print(f"\nQwen2-0.5B shape ({weight_mib:.0f} MiB of weights), LoRA q/v r=16, batch 1x128, "
+          f"{row['fx nodes']} fx nodes, {res.num_nodes} ONNX nodes")
+    for k in ("compile", "training compile", "step export", "ort load", "total", "ort reload"):
+        print(f"  {k:18s} {row[k]:7.1f} s")
+    print("  export phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in res.timings.items()))
+    print(f"  peak RSS {row['peak RSS MiB']:.0f} MiB = {row['peak RSS MiB'] / weight_mib:.2f}x the weights; "
+          f"first onnxruntime loss {row['loss ort']:.4f}")
+    return row
 
 
 def step_time(repeats: int = 10, layers: int = 4) -> dict[str, float]:
@@ -179,11 +245,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--step-time", action="store_true", help="also time one training step three ways")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--qwen", action="store_true", help="only the Qwen2-0.5B-shaped case (fresh process)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
     for name in ("torch", "onnxscript", "onnx_ir", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if args.qwen:
+        measure_qwen(tempfile.mkdtemp(prefix="gp-compile-qwen-"))
+        return
     compile_table(args.layers)
     if args.step_time:
         step_time(args.repeats)

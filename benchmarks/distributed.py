@@ -2,6 +2,7 @@
 
     python -m benchmarks.distributed            # benchmark Llama (hidden 256, 4 layers), global batch 4 x 128
     python -m benchmarks.distributed --quick    # 2 layers, 4 x 64, fewer steps
+    python -m benchmarks.distributed --memory   # per-process memory: whole vs sharded frozen weights
 
 Every configuration trains the same global batch per step with LoRA r=8 on all linear layers
 and AdamW, each in fresh processes run one configuration at a time:
@@ -10,6 +11,16 @@ and AdamW, each in fresh processes run one configuration at a time:
 * ``1 proc, 1 thread`` — the same with one thread (what each rank gets below);
 * ``1 proc, data_parallel`` — a world of one: the step with its collectives (their overhead);
 * ``2 procs, data_parallel`` — two gloo ranks on loopback, half the batch each, one thread each.
+
+``--memory`` measures per-process memory instead (issue 15 item 3): 2 gloo processes train a
+bigger Llama (hidden 1024, 8 layers, vocab 8192: 0.47 GB of fp32 weights; quick: 4 layers) with
+LoRA r=8 on q/v, once with whole frozen weights on every rank and once with ``shard_frozen=True``
+(each rank keeps half of every frozen weight; the whole ones are released after the first step).
+Per rank: the peak RSS (VmHWM) of building, compiling and sharding, then of the first step, then
+of steps 2-3 (the mark reset with ``/proc/self/clear_refs`` in between), RSS at the end, and the
+frozen bytes the step holds (``step.frozen_bytes_held()``). Workers run with glibc's
+``MALLOC_MMAP_THRESHOLD_=65536`` so released tensors go back to the OS at once. Memory figures are
+per process and hold on a loaded machine. Writes ``benchmarks/results/distributed_memory.json``.
 
 Reported: median step time (per rank; ranks are in lock-step), global samples per second, the
 ratio to one process, and what one step all-reduces. On a 2-core machine the two ranks share
@@ -33,6 +44,7 @@ from typing import Any
 import torch
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "distributed.json")
+MEMORY_RESULTS = os.path.join(os.path.dirname(__file__), "results", "distributed_memory.json")
 
 
 def _worker(cfg: dict[str, Any]) -> None:
@@ -79,6 +91,60 @@ def _worker(cfg: dict[str, Any]) -> None:
         dist.destroy_process_group()
 
 
+def _memory_model(quick: bool) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4 if quick else 8,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256)
+    torch.manual_seed(0)  # the same base on every rank
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _memory_worker(cfg: dict[str, Any]) -> None:
+    """One rank of a memory configuration: build, compile (the nn.Module dropped: the compiled
+    model holds the weights), 3 steps; writes this rank's figures."""
+    import gc
+
+    import torch.distributed as dist
+
+    import graphpeft as gp
+
+    from .memory import reset_peak, status_mb
+
+    torch.set_num_threads(1)
+    rank, world = cfg["rank"], cfg["world"]
+    dist.init_process_group("gloo", init_method=f"file://{cfg['store']}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=900))
+    model = _memory_model(cfg["quick"])
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    ids = torch.randint(0, 8192, (1, 64), generator=torch.Generator().manual_seed(rank))
+    cm = gp.compile(model, gp.Plan([gp.LoRA(targets=["q_proj", "v_proj"], r=8, alpha=16)]), (ids,),
+                    {"use_cache": False})
+    del model
+    gc.collect()
+    step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-4), data_parallel=True,
+                               shard_frozen=cfg["shard"])
+    held_before = step.frozen_bytes_held()
+    step.distributed_graph_module  # noqa: B018 - builds the graph with collectives (and shards)
+    gc.collect()
+    build_peak, build_rss = status_mb("VmHWM"), status_mb("VmRSS")  # model, compile, sharding
+    reset_peak()
+    losses = [float(step(ids))]
+    gc.collect()
+    first_peak = status_mb("VmHWM")
+    process_peak = max(build_peak, first_peak)
+    reset_peak()
+    for _ in range(2):
+        losses.append(float(step(ids)))
+    out = {"rank": rank, "weight_bytes": weight_bytes, "held_before_first_step": held_before,
+           "held_after": step.frozen_bytes_held(), "process_peak_mb": process_peak, "build_peak_mb": build_peak,
+           "build_rss_mb": build_rss, "first_step_peak_mb": first_peak,
+           "steps_peak_mb": status_mb("VmHWM"), "rss_end_mb": status_mb("VmRSS"), "losses": losses}
+    with open(cfg["out"] + f".{rank}", "w", encoding="utf-8") as f:
+        json.dump(out, f)
+    dist.destroy_process_group()
+
+
 def _run(name: str, world: int, threads: int, data_parallel: bool, quick: bool, steps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.json")
@@ -99,14 +165,61 @@ def _run(name: str, world: int, threads: int, data_parallel: bool, quick: bool, 
     return result
 
 
+def _run_memory(name: str, shard: Any, quick: bool) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rank")
+        env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
+        cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.distributed", "--memory-worker",
+                                   json.dumps({"rank": r, "world": 2, "shard": shard, "quick": quick,
+                                               "store": os.path.join(tmp, "store"), "out": out})], env=env, cwd=cwd)
+                 for r in range(2)]
+        for p in procs:
+            if p.wait(timeout=3600) != 0:
+                raise SystemExit(f"{name}: a process failed (exit {p.returncode})")
+        rows = []
+        for r in range(2):
+            with open(f"{out}.{r}", encoding="utf-8") as f:
+                rows.append(dict(json.load(f), name=name))
+    return rows
+
+
+def memory_main(quick: bool) -> None:
+    """Per-process memory of 2 gloo ranks, whole frozen weights against ``shard_frozen=True``."""
+    print(f"data-parallel memory, 2 gloo processes ({'quick' if quick else 'full'}):", flush=True)
+    rows = [*_run_memory("whole frozen weights", False, quick), *_run_memory("shard_frozen=True", True, quick)]
+    mib = 1 / 2**20
+    print("\n| configuration | rank | frozen MiB held | peak MiB: build + compile | first step | steps 2-3 "
+          "| RSS at end MiB |\n|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['name']} | {r['rank']} | {r['held_after'] * mib:.1f} of {r['weight_bytes'] * mib:.1f} | "
+              f"{r['build_peak_mb']:.0f} | {r['first_step_peak_mb']:.0f} | {r['steps_peak_mb']:.0f} | "
+              f"{r['rss_end_mb']:.0f} |")
+    same = [a["losses"] == b["losses"] for a, b in zip(rows[:2], rows[2:])]
+    print(f"losses sharded == whole, per rank: {same}")
+    from graphpeft.paths import atomic_write
+
+    os.makedirs(os.path.dirname(MEMORY_RESULTS), exist_ok=True)
+    atomic_write(MEMORY_RESULTS, json.dumps({"quick": quick, "torch": torch.__version__, "rows": rows,
+                                             "load_average": os.getloadavg()}, indent=1).encode())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 10, quick 5)")
+    parser.add_argument("--memory", action="store_true", help="per-process memory: whole vs sharded frozen weights")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         _worker(json.loads(args.worker))
+        return
+    if args.memory_worker:
+        _memory_worker(json.loads(args.memory_worker))
+        return
+    if args.memory:
+        memory_main(args.quick)
         return
     steps = args.steps or (5 if args.quick else 10)
     cores = os.cpu_count() or 1

@@ -3,11 +3,14 @@
     python -m benchmarks.memory                 # Llama hidden 256, 4 layers, vocab 2048, batch 4 x 256
     python -m benchmarks.memory --seq 128 --steps 3 --only eager_full,gp_lora
     python -m benchmarks.memory --worker gp_lora  # one contender, one JSON line (what the runner calls)
+    python -m benchmarks.memory --sparse --only eager_norm,gp_norm   # sparse schemes (SPARSE_CONTENDERS)
 
-Each contender runs in its own process: it builds its model (and compiles its step), then the
-peak-RSS mark is reset (``/proc/self/clear_refs``: 5) and ``--steps`` steps run; the figure is the
-extra memory of those steps over the resident memory right before the first one (``VmHWM`` -
-``VmRSS``; ``ru_maxrss`` would be inherited from the runner, see DESIGN traps). graphpeft contenders
+Each contender runs in its own process: it builds its model (and compiles its step), runs one
+step measured on its own (``first_step_extra_mb``: it includes one-time costs, torch's lazily made
+buffers and the graph's runner), then the peak-RSS mark is reset (``/proc/self/clear_refs``: 5) and
+``--steps`` steps run; the figure is the extra memory of those steps over the resident memory
+right before them (``VmHWM`` - ``VmRSS``; ``ru_maxrss`` would be inherited from the runner, see
+DESIGN traps). graphpeft contenders
 also report their static plan (``step.memory_report()``) and the torch executor's measured peak
 of live tensor storage (``memory_report(measure=True)``); the plan counts the weights and inputs the
 process already holds before the step, so its comparable "extra" is the plan peak minus the
@@ -45,6 +48,12 @@ import torch
 log = logging.getLogger(__name__)
 
 CONTENDERS = ("eager_full", "eager_last_layer", "peft_lora_eager", "gp_lora", "gp_lora_budget_half", "gp_last_layer")
+#: sparse schemes (issue 11 item 5), each as an eager PyTorch step and a graphpeft step (``--sparse``):
+#: last2 = the last 2 blocks + final norm + head; norm = every norm weight; bias = every linear bias
+#: (on the same Llama built with attention and MLP biases); rows = 25 % of the rows (largest norm) of
+#: every linear weight of the last 2 blocks (eager: whole weights, gradient masked to those rows)
+SPARSE_SCHEMES = ("last2", "norm", "bias", "rows")
+SPARSE_CONTENDERS = tuple(f"{kind}_{s}" for s in SPARSE_SCHEMES for kind in ("eager", "gp"))
 
 
 def _status_kb(key: str) -> Optional[int]:
@@ -73,14 +82,16 @@ def reset_peak() -> bool:
         return False
 
 
-def case(seq: int = 256, layers: int = 4) -> Any:
-    """The issue-11 model: Llama hidden 256, ``layers`` layers, vocab 2048, batch 4 x ``seq``."""
+def case(seq: int = 256, layers: int = 4, bias: bool = False) -> Any:
+    """The issue-11 model: Llama hidden 256, ``layers`` layers, vocab 2048, batch 4 x ``seq``
+    (``bias``: its linear layers with biases)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .cases import LLAMA_LINEAR, Case
 
     cfg = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                      attention_bias=bias, mlp_bias=bias)
 
     def build() -> torch.nn.Module:
         torch.manual_seed(0)
@@ -108,10 +119,47 @@ def _gp_report(step: Any, measure: bool = True, **extra: Any) -> dict[str, Any]:
     return info
 
 
+def _last_k(c: Any, k: int) -> tuple[str, ...]:
+    layers = int(c.last_layer[0].split(".")[2]) + 1
+    return (*(f"model.layers.{i}." for i in range(layers - k, layers)), "model.norm.", "lm_head.")
+
+
+def _sparse(name: str, c: Any) -> tuple[Callable[[], Any], Callable[[], dict[str, Any]]]:
+    """A sparse-scheme contender: ``eager_<scheme>`` or ``gp_<scheme>``."""
+    import dataclasses
+
+    from . import cases
+
+    kind, scheme = name.split("_", 1)
+    if scheme == "last2":
+        c = dataclasses.replace(c, last_layer=_last_k(c, 2))
+    if kind == "eager":
+        eager = {"last2": cases.eager_last_layer, "norm": cases.eager_bias_norm, "bias": _eager_bias,
+                 "rows": cases.eager_channel25_masked}[scheme]
+        return eager(c), dict
+    step, batch = cases._gp_sparse_step(c, {"last2": "last_layer", "norm": "bias_norm", "bias": "bias",
+                                            "rows": "channel25"}[scheme])
+    return (lambda: step(*batch)), _gp_info(step)
+
+
+def _eager_bias(c: Any) -> Callable[[], Any]:
+    from . import cases
+
+    model = c.build().eval()
+    params = []
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.endswith(".bias"))
+        if p.requires_grad:
+            params.append(p)
+    return cases._eager_step(model, c, params)
+
+
 def make(name: str, c: Any) -> tuple[Callable[[], Any], Callable[[], dict[str, Any]]]:
     """The step callable of contender ``name`` on case ``c`` and what it reports besides."""
     from . import cases
 
+    if name in SPARSE_CONTENDERS:
+        return _sparse(name, c)
     if name in ("eager_full", "eager_last_layer", "peft_lora_eager"):
         return cases.TRAIN[name](c), dict
     import graphpeft as gp
@@ -154,23 +202,29 @@ def make(name: str, c: Any) -> tuple[Callable[[], Any], Callable[[], dict[str, A
 
 
 def worker(name: str, seq: int, steps: int, layers: int) -> dict[str, Any]:
-    c = case(seq, layers)
-    step, info = make(name, c)
+    """One contender: its first step measured on its own (one-time costs: torch's lazily created
+    buffers, the graph's runner), then ``steps`` more, each figure the peak RSS over the RSS
+    right before (the peak mark reset in between)."""
     import gc
 
-    gc.collect()
-    resettable = reset_peak()
-    before = _status_kb("VmRSS") or 0
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    peak = _status_kb("VmHWM") or 0
-    # *_mb figures are MiB
+    c = case(seq, layers, bias=name.endswith("_bias"))
+    step, info = make(name, c)
+    figures, times = [], []
+    for run in (1, steps):
+        gc.collect()
+        resettable = reset_peak()
+        before = _status_kb("VmRSS") or 0
+        for _ in range(run):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        figures.append((before, _status_kb("VmHWM") or 0, resettable))
+    (before1, peak1, _), (before, peak, resettable) = figures
+    # *_mb figures are MiB; extra_mb: the steps after the first
     return {"contender": name, "rss_before_mb": before / 1024, "peak_rss_mb": peak / 1024,
             "extra_mb": (peak - before) / 1024 if resettable else None, "peak_reset": resettable,
-            "step_ms": statistics.median(times) * 1000, "steps": steps, **info()}
+            "first_step_extra_mb": (peak1 - before1) / 1024 if resettable else None,
+            "step_ms": statistics.median(times[1:]) * 1000, "steps": steps, **info()}
 
 
 def run(contenders: list[str], seq: int, steps: int, layers: int) -> list[dict[str, Any]]:
@@ -194,24 +248,33 @@ def table(rows: list[dict[str, Any]]) -> str:
         x, y = by.get(a, {}).get("extra_mb"), by.get(b, {}).get("extra_mb")
         return f"{x / y:.2f}x" if x and y else "n/a"
 
-    lines = ["| step | extra MiB | ms | plan MiB | measured (live storage) MiB | plan/measured | plan extra MiB | note |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| step | extra MiB | first step extra MiB | ms | plan MiB | measured (live storage) MiB | plan/measured "
+             "| plan extra MiB | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['contender']} | error: {r['error']} | | | | | | |")
+            lines.append(f"| {r['contender']} | error: {r['error']} | | | | | | | |")
             continue
         f = lambda k, fmt="{:.1f}": fmt.format(r[k]) if r.get(k) is not None else ""  # noqa: E731
         note = ""
         if "budget_mb" in r:
             note = (f"budget {r['budget_mb']:.1f} MiB ({r['budget_note']}, {r['budget_fraction']:.2f} of "
                     f"{r['unconstrained_planned_mb']:.1f}); {r['recomputed']} values recomputed")
-        lines.append(f"| {r['contender']} | {f('extra_mb')} | {f('step_ms', '{:.0f}')} | {f('planned_mb')} | "
+        lines.append(f"| {r['contender']} | {f('extra_mb')} | {f('first_step_extra_mb')} | {f('step_ms', '{:.0f}')} | "
+                     f"{f('planned_mb')} | "
                      f"{f('measured_mb')} | {f('plan_vs_measured', '{:.3f}')} | {f('plan_extra_mb')} | {note} |")
     lines.append("")
     lines.append(f"graphpeft last block / eager full: {ratio('gp_last_layer', 'eager_full')}; "
                  f"graphpeft last block / eager last block: {ratio('gp_last_layer', 'eager_last_layer')}; "
                  f"graphpeft LoRA / peft LoRA: {ratio('gp_lora', 'peft_lora_eager')}; "
                  f"LoRA with budget / LoRA: {ratio('gp_lora_budget_half', 'gp_lora')}")
+    sparse = [f"{s} {ratio(f'gp_{s}', f'eager_{s}')}" for s in SPARSE_SCHEMES if f"gp_{s}" in by]
+    if sparse:
+        lines.append("sparse schemes, graphpeft / eager: " + "; ".join(sparse))
+    gaps = [f"{r['contender']} {r['extra_mb'] / r['plan_extra_mb']:.2f}" for r in rows
+            if r.get("extra_mb") and r.get("plan_extra_mb")]
+    if gaps:
+        lines.append("measured extra / plan extra: " + "; ".join(gaps))
     b, p = by.get("gp_lora_budget_half", {}), by.get("gp_lora", {})
     if b.get("step_ms") and p.get("step_ms"):
         lines.append(f"LoRA with budget step time / LoRA: {b['step_ms'] / p['step_ms']:.2f}x")
@@ -223,6 +286,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--worker", help="run one contender in this process and print one JSON line")
     ap.add_argument("--only", help="comma-separated contenders (default: all)")
     ap.add_argument("--ort", action="store_true", help="add graphpeft LoRA in onnxruntime (export takes a while)")
+    ap.add_argument("--sparse", action="store_true", help="add the sparse schemes, eager and graphpeft")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
@@ -237,7 +301,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if a.malloc_mmap_threshold is not None:  # inherited by the worker processes
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(a.malloc_mmap_threshold)
-    names = a.only.split(",") if a.only else list(CONTENDERS) + (["gp_lora_ort"] if a.ort else [])
+    names = a.only.split(",") if a.only else list(CONTENDERS) + (["gp_lora_ort"] if a.ort else []) + \
+        (list(SPARSE_CONTENDERS) if a.sparse else [])
     rows = run(names, a.seq, a.steps, a.layers)
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:

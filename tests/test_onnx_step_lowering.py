@@ -124,6 +124,9 @@ def test_exported_llama_step_has_no_scatter_transposes_and_matches_torch(llama_s
     assert ops <= set(_decomp.get_onnx_implemented_overloads(registry))
     kinds = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     assert kinds["ScatterND"] == 0
+    graph = onnx.load(str(path)).graph
+    stored = {i.name for i in graph.initializer}
+    assert not [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in stored]  # Gemm reads W
     init = {k: v.clone() for k, v in cm.adapter_state_dict().items()}
     trainer = OnnxTrainer(path)
     ort_losses = [trainer.step(IDS) for _ in range(3)]
@@ -132,3 +135,78 @@ def test_exported_llama_step_has_no_scatter_transposes_and_matches_torch(llama_s
     ours, theirs = trainer.adapter_state_dict(), cm.adapter_state_dict()
     moved = max(float((theirs[k] - init[k]).abs().max()) for k in theirs)
     assert moved > 1e-3 and all(torch.allclose(ours[k], theirs[k], rtol=1e-4, atol=1e-5) for k in ours)
+
+
+def test_trainer_reuses_onnxruntime_optimized_model(llama_step: Any, tmp_path: Any, caplog: Any) -> None:
+    import glob
+    import logging
+
+    from graphpeft.backends.onnx import OnnxTrainer
+
+    _, step = llama_step
+    path = tmp_path / "train.onnx"
+    step.export_onnx(path)
+    with caplog.at_level(logging.INFO, logger="graphpeft.backends.onnx.session_cache"):
+        first = OnnxTrainer(path)
+    cached = glob.glob(str(path) + ".ortopt-*.onnx")
+    assert len(cached) == 1 and "saved onnxruntime's optimized model" in caplog.text
+    assert not glob.glob(str(tmp_path / ".*.tmp"))  # written atomically
+    second = OnnxTrainer(path)  # runs the cached, already optimized graph
+    plain = OnnxTrainer(path, cache_optimized=False)
+    losses = [[t.step(IDS) for _ in range(2)] for t in (first, second, plain)]
+    assert losses[0] == losses[1] == losses[2]
+    open(cached[0], "wb").write(b"damaged")  # a broken cache is made again
+    third = OnnxTrainer(path)
+    assert third.step(IDS) == losses[0][0]
+    step.export_onnx(path)  # a new export: a new cache, the stale one removed
+    OnnxTrainer(path)
+    now = glob.glob(str(path) + ".ortopt-*.onnx")
+    assert len(now) == 1 and now != cached
+
+
+def test_fold_transposes_into_gemm_structure_numerics_and_declines() -> None:
+    import numpy as np
+    import onnx
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphpeft.backends.onnx.fold_transpose import fold_transposes_into_gemm
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 4)).astype(np.float32)
+    nodes = [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),        # -> Gemm(x, W, transB=1) twice
+             helper.make_node("MatMul", ["x", "Wt"], ["y"]),
+             helper.make_node("MatMul", ["x2", "Wt"], ["y2"]),
+             helper.make_node("Transpose", ["g"], ["gt"], perm=[1, 0]),        # -> Gemm(g, x, transA=1)
+             helper.make_node("MatMul", ["gt", "x"], ["dw"]),
+             helper.make_node("Transpose", ["W"], ["Wt3"], perm=[1, 0]),       # a 3-D MatMul reads it: stays
+             helper.make_node("MatMul", ["x3", "Wt3"], ["y3"]),
+             helper.make_node("Relu", ["y"], ["out"])]
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f, [3, 4]),
+                                          helper.make_tensor_value_info("x2", f, [2, 4]),
+                                          helper.make_tensor_value_info("g", f, [3, 6]),
+                                          helper.make_tensor_value_info("x3", f, [2, 3, 4])],
+                              [helper.make_tensor_value_info(n, f, None) for n in ("out", "y2", "dw", "y3")],
+                              [numpy_helper.from_array(w, "W")])
+    proto = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    feed = {"x": rng.standard_normal((3, 4)).astype(np.float32), "x2": rng.standard_normal((2, 4)).astype(np.float32),
+            "g": rng.standard_normal((3, 6)).astype(np.float32), "x3": rng.standard_normal((2, 3, 4)).astype(np.float32)}
+
+    def run(p: Any) -> list[np.ndarray]:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(p.SerializeToString(), opts).run(None, feed)
+
+    expected = run(proto)
+    model = ir.from_proto(proto)
+    assert fold_transposes_into_gemm(model) == 2
+    out = ir.to_proto(model)
+    onnx.checker.check_model(out)
+    kinds = collections.Counter(n.op_type for n in out.graph.node)
+    assert kinds == {"Gemm": 3, "Transpose": 1, "MatMul": 1, "Relu": 1}
+    gemms = {n.input[0]: {a.name: a.i for a in n.attribute} for n in out.graph.node if n.op_type == "Gemm"}
+    assert gemms["x"] == {"transA": 0, "transB": 1} and gemms["g"] == {"transA": 1, "transB": 0}
+    for a, b in zip(run(out), expected):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

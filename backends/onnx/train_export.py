@@ -37,6 +37,8 @@ from graphpeft.infra import PassContext, PassManager, Pipeline, copy_graph
 from graphpeft.registry import PASSES
 from graphpeft.training import TRAINING_META, TrainingSignature, signature_of, verify_training
 
+from .fold_transpose import fold_transposes_into_gemm
+
 if TYPE_CHECKING:
     from graphpeft.training import TrainingStep
 
@@ -207,6 +209,8 @@ def export_training(step: "TrainingStep", path: Union[str, os.PathLike], *, exte
         log.warning("optimize=True: onnxscript's optimizer drops additions of constants within 1e-8 of zero "
                     "(e.g. AdamW's eps); check parity with the torch step")
         program.optimize()
+    if optimize:  # no per-step Transpose, no transposed copy of a frozen weight in onnxruntime
+        fold_transposes_into_gemm(program.model)
     if quantized_weights == "qdq":
         from .qdq import use_dequantize_linear
 

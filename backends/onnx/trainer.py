@@ -24,6 +24,7 @@ import torch
 from graphpeft.errors import ExportError, GraphPeftError, NonFiniteError
 from graphpeft.training import TrainerCheckpoints, TrainingSignature
 
+from .session_cache import open_session
 from .train_export import read_signature
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,9 @@ class OnnxTrainer(TrainerCheckpoints):
         session_path: run this file instead (the ``.ort`` conversion of ``path``, see
             :func:`~graphpeft.backends.onnx.to_ort`); the signature and the initial values are
             read from ``path``, which ORT-format files do not carry in a readable form.
+        cache_optimized: keep onnxruntime's optimized graph beside ``path`` (``<path>.ortopt-<key>.onnx``)
+            and load that on later runs, skipping graph optimization (see
+            :mod:`graphpeft.backends.onnx.session_cache`).
 
     Attributes:
         signature: the training signature stored in the file.
@@ -96,7 +100,7 @@ class OnnxTrainer(TrainerCheckpoints):
 
     def __init__(self, path: Union[str, os.PathLike], *, providers: Sequence[str] = ("CPUExecutionProvider",),
                  threads: int = 0, io_binding: bool = True, session_options: Any = None,
-                 session_path: Optional[Union[str, os.PathLike]] = None) -> None:
+                 session_path: Optional[Union[str, os.PathLike]] = None, cache_optimized: bool = True) -> None:
         import onnx
         import onnxruntime as ort
         from onnx import numpy_helper
@@ -132,7 +136,8 @@ class OnnxTrainer(TrainerCheckpoints):
             opts.intra_op_num_threads = threads
         run_path = os.fspath(session_path) if session_path is not None else self.path
         try:
-            self.session = ort.InferenceSession(run_path, opts, providers=list(providers))
+            self.session = open_session(run_path, opts, providers=providers,
+                                        cache=cache_optimized and session_path is None)
         except Exception as e:  # noqa: BLE001
             raise ExportError(f"onnxruntime could not load {run_path}: {e}") from e
         self._ort = ort
