@@ -369,3 +369,79 @@ def test_fused_head_loss_keeps_logits_that_a_user_loss_reads() -> None:
     step = compiled().compile_training(lambda out, y: torch.nn.functional.mse_loss(out.logits, y),
                                        gp.optim.SGD(lr=0.1), example_batch=(IDS, torch.zeros(*IDS.shape, 128)))
     assert any(n.target is aten.mm.default and n.meta["val"].shape[-1] == 128 for n in step.graph_module.graph.nodes)
+
+
+# --- merge_low_rank_branch: the cheapest association of LoRA's products ----------------------------
+
+BIG = token_batch(batch=4, seq=32)  # 128 tokens: more than 2·in·out/(in+out) for every projection
+
+
+def compiled_for(ids: torch.Tensor, dropout: float = 0.0) -> gp.CompiledModel:
+    rule = gp.LoRA(targets=ALL, r=4, alpha=8, dropout=dropout, init="random")
+    return gp.compile(tiny_llama(layers=LAYERS), gp.Plan([rule]), (ids,), {"use_cache": False})
+
+
+def test_merge_low_rank_branch_computes_each_lora_linear_through_the_merged_weight() -> None:
+    from graphpeft.training.low_rank_linear import merged_low_rank_linear
+
+    cm = compiled_for(BIG)
+    before = cm.graph_module
+    gm, _ = run_pass(copy_graph(before), "fold_linear_scale")
+    gm, p = run_pass(gm, "merge_low_rank_branch")
+    assert p.match_count() == LAYERS * len(ALL)
+    merged = calls(gm, merged_low_rank_linear)
+    assert len(merged) == LAYERS * len(ALL) and all(META_KEY in n.meta for n in merged)
+    assert not [n for n in calls(gm, aten.add.Tensor) if (n.meta.get(META_KEY) or {}).get("part") == "join"]
+    # one detached input per distinct layer input (q/k/v share one, gate/up one): still fusable
+    detached = calls(gm, aten.detach.default, "merge_low_rank_branch")
+    assert len(detached) == 4 * LAYERS  # attention input, o_proj input, MLP input, down_proj input
+    gm, fuse = run_pass(gm, "fuse_shared_input_linears")
+    assert fuse.match_count() == 2 * LAYERS
+    with torch.no_grad():
+        torch.testing.assert_close(gm(BIG)[0], before(BIG)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_merge_low_rank_branch_declines_with_reasons() -> None:
+    few = compiled_for(IDS)  # 16 tokens: forming a 32x32 weight twice costs more than it saves
+    gm, _ = run_pass(copy_graph(few.graph_module), "fold_linear_scale")
+    gm, p = run_pass(gm, "merge_low_rank_branch")
+    assert p.match_count() == 0
+    assert {m.reason for m in p.results} >= {"16 tokens: forming the merged 32x32 weight twice costs more than the "
+                                              "thin products it saves"}
+    dropped = compiled_for(BIG, dropout=0.1)  # the branch reads its own dropout mask: not the layer's input
+    gm, p = run_pass(copy_graph(dropped.graph_module), "merge_low_rank_branch")
+    assert p.match_count() == 0 and not p.results
+
+
+def test_merged_low_rank_step_trains_like_the_plain_one_and_keeps_no_merged_weight() -> None:
+    torch.manual_seed(0)
+    a, b = compiled_for(BIG), compiled_for(BIG)
+    opt = gp.optim.SGD(lr=0.5, momentum=0.9)
+    plain = a.compile_training("causal_lm", opt, lowering=("fold_linear_scale", "fuse_shared_input_linears"))
+    merged = b.compile_training("causal_lm", opt)
+    gm = merged.graph_module
+    recomputed = [n for n in calls(gm, aten.addmm.default) if (n.meta.get(META_KEY) or {}).get("recompute")]
+    assert recomputed and all((n.meta[META_KEY]).get("part") == "backward" for n in recomputed)
+    assert len(calls(gm, aten.mm.default)) < len(calls(plain.graph_module, aten.mm.default))
+    # W + B A is formed again in the backward (CSE leaves it), so it is not alive across the step
+    assert merged.memory_report().peak_bytes <= plain.memory_report().peak_bytes * 1.01
+    for _ in range(3):
+        torch.testing.assert_close(plain(BIG), merged(BIG), rtol=1e-5, atol=1e-5)
+    pa, pb = a.trainable_parameters(), b.trainable_parameters()
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_merged_low_rank_step_runs_in_onnxruntime(tmp_path) -> None:
+    from graphpeft.backends.onnx import OnnxTrainer
+
+    cm = compiled_for(BIG)
+    step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-3))
+    assert [n for n in step.graph_module.graph.nodes if (n.meta.get(META_KEY) or {}).get("rule") == "merge_low_rank_branch"]
+    step.export_onnx(tmp_path / "train.onnx")
+    trainer = OnnxTrainer(tmp_path / "train.onnx")
+    for _ in range(2):
+        torch.testing.assert_close(torch.as_tensor(trainer.step(BIG)), step(BIG).detach(), rtol=1e-5, atol=1e-5)
+    ours, theirs = cm.adapter_state_dict(), trainer.adapter_state_dict()
+    for k in ours:
+        torch.testing.assert_close(torch.as_tensor(theirs[k]), ours[k], rtol=1e-4, atol=1e-5)

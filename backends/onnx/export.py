@@ -190,9 +190,9 @@ def _lowered(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """``gm`` after the forward lowering the training step gets too (LoRA scaling folded into
     ``B``, shared-input ``A`` factors as one MatMul): with the adapters as initializers,
     onnxruntime folds the scaled and concatenated weights once at load time."""
-    from graphpeft.training.step import TrainingOptions, lower_forward
+    from graphpeft.training.step import INFERENCE_FORWARD_LOWERING, TrainingOptions, lower_forward
 
-    return lower_forward(gm, TrainingOptions())
+    return lower_forward(gm, TrainingOptions(lowering=INFERENCE_FORWARD_LOWERING))
 
 
 def _translate_graph(gm: torch.fx.GraphModule, input_names: list[str], output_names: list[str],

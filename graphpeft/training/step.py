@@ -80,8 +80,11 @@ DEFAULT_TRAINING_PASSES: tuple[str, ...] = (
 #: ``PASSES``): autograd then differentiates the cheaper forward (``passes/lower/``)
 DEFAULT_FORWARD_LOWERING: tuple[str, ...] = (
     "fold_linear_scale",
+    "merge_low_rank_branch",  # before the fusion: it reads each A factor on its own
     "fuse_shared_input_linears",
 )
+#: the forward lowering of an inference export (no op with a training-only backward)
+INFERENCE_FORWARD_LOWERING: tuple[str, ...] = ("fold_linear_scale", "fuse_shared_input_linears")
 
 #: phases of a training graph, in the order they are traced
 PHASES = ("input", "forward", "loss", "backward", "accumulate", "clip", "optimizer", "check",
@@ -448,6 +451,9 @@ def _annotate(phase: str, **extra: Any) -> Any:
 
 GRAD_KEY = "graphpeft_grad_of"
 FINAL_GRAD_KEY = "graphpeft_final_grad_of"
+#: annotation (``fx.traceback.annotate``) an op's backward puts on a value it computes again
+#: rather than keep from the forward; provenance carries it as ``recompute`` and CSE keeps it
+RECOMPUTE_KEY = "graphpeft_recompute"
 
 
 def _tag_traced(t: Tensor, key: str, value: str) -> None:
@@ -818,6 +824,8 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
             prov["param"] = custom["param"]
         if "micro" in custom:
             prov["micro"] = custom["micro"]
+        if custom.get(RECOMPUTE_KEY):
+            prov["recompute"] = custom[RECOMPUTE_KEY]
         for key, tag in ((GRAD_KEY, "grad_of"), (FINAL_GRAD_KEY, "final_grad_of")):
             if key in node.meta:
                 prov[tag] = list(node.meta.pop(key))
@@ -1413,6 +1421,6 @@ def compile_training(cm: "CompiledModel", loss: LossSpec, optimizer: Union[Optim
     return TrainingStep(cm, loss, optimizer, TrainingOptions(**options))
 
 
-__all__ = ["TrainerCheckpoints", "DEFAULT_FORWARD_LOWERING", "DEFAULT_TRAINING_PASSES", "lower_forward", "IOSpec", "after_update_hooks", "apply_after_update", "load_training_state", "save_training_state", "MemoryReport", "TrainingOptions", "TrainingSignature",
+__all__ = ["TrainerCheckpoints", "DEFAULT_FORWARD_LOWERING", "INFERENCE_FORWARD_LOWERING", "DEFAULT_TRAINING_PASSES", "lower_forward", "IOSpec", "after_update_hooks", "apply_after_update", "load_training_state", "save_training_state", "MemoryReport", "TrainingOptions", "TrainingSignature",
            "TrainingStep", "compile_training", "phase_of", "signature_of", "trace_training_step",
            "verify_training"]

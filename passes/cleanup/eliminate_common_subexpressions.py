@@ -83,6 +83,8 @@ def keeps_recompute(dup: fx.Node, first: fx.Node) -> Optional[str]:
     """Why ``dup`` (a backward recompute of ``first``) should stay, or None to merge."""
     if phase_of(first) != "forward" or phase_of(dup) == "forward" or _saved(first):
         return None
+    if (dup.meta.get(META_KEY) or {}).get("recompute"):
+        return "the op that made it recomputes it in the backward rather than keep it (a merged weight)"
     if not isinstance(dup.target, torch._ops.OpOverload) or torch.Tag.pointwise not in dup.target.tags:
         return None
     if all(phase_of(a) != "forward" or _saved(a) for a in dup.all_input_nodes):

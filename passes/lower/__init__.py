@@ -7,6 +7,9 @@ backward is cheaper too; the compiled model's own graph is never touched:
 - ``fold_linear_scale`` — ``linear(h, W) * c`` → ``linear(h, W * c)`` when ``W`` is smaller than
   the product (LoRA's scaling goes onto ``B``: no elementwise pass over a (tokens × out) tensor,
   in the forward nor on its gradient);
+- ``merge_low_rank_branch`` — a frozen linear and its LoRA branch computed through the merged
+  weight ``W + B A`` with a low-rank backward, where the tokens make that cheaper (the thin
+  products ``h Bᵀ`` and ``(g B) A`` and two activation-sized adds disappear);
 - ``fuse_shared_input_linears`` — trainable projections that read one input (the LoRA ``A``
   factors of q/k/v, of gate/up) become one GEMM on the concatenated weights, split after.
 """
