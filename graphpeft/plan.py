@@ -108,7 +108,7 @@ class Rule:
     def _path_matches(self, targets: Targets, layer: Layer) -> bool:
         if isinstance(targets, str):
             if targets == "all-linear":
-                return layer.kind == "linear" and not _is_output_head(layer)
+                return layer.kind == "linear" and _is_linear_module(layer) and not _is_output_head(layer)
             return re.fullmatch(targets, layer.path) is not None
         return any(layer.path == t or layer.path.endswith("." + t) for t in targets)
 
@@ -180,6 +180,16 @@ class Rule:
             return cls(**body)
         except TypeError as e:
             raise PlanError(f"{cls.key}: {e}") from e
+
+
+def _is_linear_module(layer: Layer) -> bool:
+    """Whether ``layer`` is an ``nn.Linear``/``Conv1D`` module, as PEFT's ``"all-linear"`` asks
+    (MoE routers computing ``F.linear`` with their own weight are left out, as PEFT does). True
+    for graphs traced without that record."""
+    gm = layer.node.graph.owning_module if layer.node is not None else None
+    meta = (gm.meta.get(META_KEY) or {}) if gm is not None else {}
+    paths = meta.get("linear_modules")
+    return paths is None or layer.path in paths
 
 
 def _is_output_head(layer: Layer) -> bool:

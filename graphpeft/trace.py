@@ -24,6 +24,7 @@ from torch.utils import _pytree as pytree
 from .errors import InputError, TraceError
 from .graph import Role, attach_tensor, graph_meta, roles
 from .linear_forms import canonicalize_linears
+from .opaque_ops import expand_grouped_mm
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,19 @@ def output_head_path(model: torch.nn.Module) -> Optional[str]:
     return next((name for name, module in model.named_modules() if module is head), None)
 
 
+#: ``graph_meta`` key: the paths of ``nn.Linear`` / transformers ``Conv1D`` modules, which PEFT's
+#: ``"all-linear"`` takes (a router computing ``F.linear`` with its own weight is a layer, not one of them)
+LINEAR_MODULES_KEY = "linear_modules"
+
+
+def linear_module_paths(model: torch.nn.Module) -> list[str]:
+    """Module paths of the ``nn.Linear`` (subclasses included) and ``Conv1D`` modules of ``model``."""
+    transformers = sys.modules.get("transformers")
+    conv1d = getattr(getattr(transformers, "pytorch_utils", None), "Conv1D", None) if transformers else None
+    kinds = (torch.nn.Linear,) + ((conv1d,) if conv1d is not None else ())
+    return [name for name, m in model.named_modules() if isinstance(m, kinds)]
+
+
 def trace(
     model: torch.nn.Module,
     example_inputs: Sequence[Any] = (),
@@ -149,6 +163,7 @@ def trace(
                 log.info("traced %s with %s: %d nodes", type(model).__name__, name,
                          len(traced.gm.graph.nodes))
                 graph_meta(traced.gm)[OUTPUT_HEAD_KEY] = output_head_path(model)
+                graph_meta(traced.gm)[LINEAR_MODULES_KEY] = linear_module_paths(model)
                 return traced
             except TraceError:
                 raise
@@ -302,6 +317,7 @@ def _finish(graph: fx.Graph, lifted: list[tuple[fx.Node, str]],
     for target, (_, role) in tensors.items():
         roles(gm)[target] = role
     canonicalize_linears(gm)  # x @ W.T, mm, einsum ... -> aten.linear: one form for every layer
+    expand_grouped_mm(gm)  # MoE experts' opaque grouped matmul -> aten ops (autograd, ONNX)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm

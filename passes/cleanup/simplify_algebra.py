@@ -50,6 +50,18 @@ def _same_tensor_type(a: fx.Node, b: fx.Node) -> bool:
             and tuple(va.shape) == tuple(vb.shape))
 
 
+def _views_allowed(tensor: Any, node: fx.Node) -> bool:
+    """Whether every ``view`` reading ``node`` could view ``tensor`` (its strides) instead."""
+    for user in node.users:
+        if user.target != aten.view.default:
+            continue
+        try:
+            tensor.view([val(d) if isinstance(d, fx.Node) else d for d in user.args[1]])
+        except Exception:  # noqa: BLE001 - any refusal: the strides do not allow that view
+            return False
+    return True
+
+
 def _mutated(node: fx.Node) -> bool:
     """Whether an op writes into ``node`` (then removing a copy of it is not safe)."""
     for user in node.users:
@@ -195,6 +207,8 @@ class ScalarBeforeExpand(RewriteRule):
             return "the expanded tensor has other users"
         if not isinstance(val(e.args[0]), torch.Tensor) or val(e.args[0]).dtype != val(match.node).dtype:
             return "the op changes the dtype"
+        if not _views_allowed(val(e), match.node):
+            return "a view reads the product, which the expanded (stride 0) tensor cannot give"
         return None
 
     def rewrite(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> None:

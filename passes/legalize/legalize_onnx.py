@@ -166,6 +166,22 @@ def _is_view(node: fx.Node) -> bool:
     return bool(schema is not None and schema.returns and schema.returns[0].alias_info is not None)
 
 
+def _unobserved_view(view: fx.Node, write: fx.Node, index: dict[fx.Node, int]) -> bool:
+    """Whether writing into ``view`` at ``write`` is seen only through ``view`` itself: a chain of
+    views of a computed tensor whose members are read after the write by nothing but the next
+    view. Then the write may produce a new tensor (the decomposition of a linear layer with a
+    bias over 3-D+ inputs adds the bias in place into a view of its matmul: ConvNeXt, SigLIP)."""
+    node = view
+    while _is_view(node):
+        base = node.args[0]
+        if not isinstance(base, fx.Node) or base.op in ("placeholder", "get_attr"):
+            return False
+        if any(u is not node and index.get(u, -1) > index[write] for u in base.users):
+            return False
+        node = base
+    return True
+
+
 def _functionalize(gm: fx.GraphModule) -> int:
     count = 0
     nodes = list(gm.graph.nodes)
@@ -178,7 +194,8 @@ def _functionalize(gm: fx.GraphModule) -> int:
                 or not schema.arguments[0].alias_info.is_write:
             continue
         dst = node.args[0]
-        if not isinstance(dst, fx.Node) or dst.op in ("placeholder", "get_attr") or _is_view(dst):
+        if not isinstance(dst, fx.Node) or dst.op in ("placeholder", "get_attr") \
+                or _is_view(dst) and not _unobserved_view(dst, node, index):
             raise ExportError(f"{node.name} ({node.target}) writes into {getattr(dst, 'name', dst)}, a graph "
                               "input, stored tensor or view; ONNX has no in-place ops. Rewrite the model or "
                               "the pass that made it to compute a new tensor instead")
@@ -207,6 +224,27 @@ def _functionalize(gm: fx.GraphModule) -> int:
             u.replace_input_with(dst, new)
         gm.graph.erase_node(node)
         count += 1
+    return count
+
+
+def _views_to_reshapes(gm: fx.GraphModule) -> int:
+    """``aten.view`` of a tensor whose recorded strides do not allow that view becomes
+    ``aten.reshape`` (the same ONNX Reshape). The training passes drop copies that only made a
+    tensor contiguous (a ``clone`` before a ``view`` of a gradient: GPT-J's attention, the
+    backward of a spatial mean), and the export's re-trace checks strides."""
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target != aten.view.default:
+            continue
+        x = _val(node.args[0])
+        if not isinstance(x, torch.Tensor):
+            continue
+        shape = [_val(d) if isinstance(d, fx.Node) else d for d in node.args[1]]
+        try:
+            x.view(shape)
+        except Exception:  # noqa: BLE001 - any refusal means the view is not valid for these strides
+            node.target = aten.reshape.default
+            count += 1
     return count
 
 
@@ -421,6 +459,7 @@ class LegalizeOnnx(PassBase):
             "functionalize": _functionalize(gm),
         }
         counts["equivalents"] = _replace_equivalents(gm)
+        counts["view_reshape"] = _views_to_reshapes(gm)
         counts["empty"] = _replace_empty(gm)
         counts["squeeze"] = _replace_squeeze_dims(gm)
         counts["conv_backward"] = _replace_conv_backward(gm)
