@@ -223,6 +223,19 @@ def broadcast_from_rank0(tensors: Sequence[Tensor]) -> None:
                 t.copy_(buf)
 
 
+#: elements per block of a frozen tensor's float64 checksum (a whole-tensor float64 sum would
+#: first make a float64 copy of it: twice the weight's bytes, once per rank, for a float32 weight)
+CHECKSUM_BLOCK = 1 << 20
+
+
+def _checksum(t: Tensor) -> Tensor:
+    """The float64 sum of ``t``, block by block (a transient of one block, not of the tensor)."""
+    flat = t.reshape(-1)
+    if flat.numel() <= CHECKSUM_BLOCK:
+        return torch.sum(flat, dtype=torch.float64).reshape(())
+    return torch.stack([torch.sum(b, dtype=torch.float64) for b in flat.split(CHECKSUM_BLOCK)]).sum()
+
+
 def check_same_frozen(gm: fx.GraphModule) -> None:
     """Raise :class:`DistributedError` when the ranks hold different frozen tensors: a float64
     sum per tensor, compared by all-reducing its maximum and minimum (one pass over the weights)."""
@@ -234,7 +247,7 @@ def check_same_frozen(gm: fx.GraphModule) -> None:
         if role.trainable or t.device.type == "meta":
             continue
         try:
-            sums.append(torch.sum(t.detach(), dtype=torch.float64).reshape(()))
+            sums.append(_checksum(t.detach()))
         except (RuntimeError, TypeError):  # a packed or exotic tensor type: not compared
             continue
         names.append(name)
