@@ -8,9 +8,8 @@ A/B pairs, each measured side by side so a loaded machine slows both alike:
 - ``slice_scatter_onnx`` and ``fold_transposes_into_gemm`` off / on: ONNX op counts of the exported file and of onnxruntime's
   optimized graph (``Transpose``, ``ScatterND``), and the median step time of the two trainers
   run alternately;
-- the exporter's whole-graph re-decomposition (what one op without a direct translation, such as
-  ``rsub.Scalar`` before ``legalize_onnx`` rewrote it, costs): translation time forced through it
-  and without it;
+- translation time of the step with ``rsub.Scalar`` rewritten (as exported) and left in (one op
+  without a direct translation sends the exporter through its whole-graph re-decomposition);
 - onnxruntime load without / with the saved optimized model (``OnnxTrainer(cache_optimized=...)``).
 """
 
@@ -80,35 +79,35 @@ def export_pair(step: Any, folder: str) -> dict[str, str]:
 
 
 def translate_pair(step: Any, rounds: int) -> dict[str, float]:
-    """Seconds to translate the legalized step to ONNX, directly and through the exporter's
-    whole-graph decomposition (forced, as one untranslatable op forces it)."""
-    from torch.onnx._internal.exporter import _decomp
+    """Seconds to translate the legalized step to ONNX, as exported, and with ``rsub.Scalar`` left
+    in the graph (``legalize_onnx`` without its rsub rule): one op without a direct translation
+    sends the exporter through its whole-graph decomposition."""
+    import torch
 
+    import passes.legalize.legalize_onnx as lo
     from graphpeft.backends.onnx import train_export as te
 
-    gm, _ = te.legalized_copy(step.graph_module)
     sig = te.signature_of(step.graph_module)
     names = [s.name for s in sig.inputs], [s.name for s in sig.outputs]
-    direct = _decomp.get_onnx_implemented_overloads
-
-    def run(force: bool) -> None:
-        if force:
-            _decomp.get_onnx_implemented_overloads = lambda registry: []
-        try:
-            te._translate_fast(te.exported_program(gm), *names, None)
-        finally:
-            _decomp.get_onnx_implemented_overloads = direct
-
-    run(False)  # the op registry, once per process
-    out = _interleaved({"direct": lambda: run(False), "re-decomposed": lambda: run(True)}, rounds)
-    return out
+    rule = lo._equivalent
+    graphs = {"direct": te.legalized_copy(step.graph_module)[0]}
+    lo._equivalent = lambda node: None if node.target == torch.ops.aten.rsub.Scalar else rule(node)
+    try:
+        graphs["re-decomposed"] = te.legalized_copy(step.graph_module)[0]
+    finally:
+        lo._equivalent = rule
+    te._translate_fast(te.exported_program(graphs["direct"]), *names, None)  # the op registry, once
+    return _interleaved({k: (lambda gm=gm: te._translate_fast(te.exported_program(gm), *names, None))
+                         for k, gm in graphs.items()}, rounds)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--parts", default="ops,translate,load", help="which comparisons to run")
     args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
     for name in ("torch", "onnxscript", "onnx_ir", "transformers"):
@@ -121,34 +120,44 @@ def main(argv: Sequence[str] | None = None) -> None:
                     {"use_cache": False})
     step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-4), example_batch=(ids,))
     folder = tempfile.mkdtemp(prefix="gp-onnx-step-")
-    paths = export_pair(step, folder)
     print(f"Llama hidden 256 x {args.layers} layers, LoRA r=8 all linear, AdamW, batch 4x128")
+    if "ops" in parts:
+        ab_ops(step, ids, folder, args.rounds)
+    if "translate" in parts:
+        tr = translate_pair(step, max(2, args.rounds // 3))
+        print(f"ONNX translation: {tr['direct']:.2f} s; with rsub.Scalar left in (whole-graph re-decomposition) "
+              f"{tr['re-decomposed']:.2f} s (x{tr['re-decomposed'] / tr['direct']:.2f})")
+    if "load" in parts:
+        path = os.path.join(folder, "train.onnx")
+        step.export_onnx(path)
+        OnnxTrainer(path)  # saves the optimized model
+        load = _interleaved({"plain": lambda: OnnxTrainer(path, cache_optimized=False),
+                             "cached": lambda: OnnxTrainer(path)}, args.rounds)
+        print(f"OnnxTrainer load: optimizing {load['plain']:.2f} s, from the saved optimized model "
+              f"{load['cached']:.2f} s (x{load['cached'] / load['plain']:.2f})")
+
+
+def ab_ops(step: Any, ids: Any, folder: str, rounds: int) -> None:
+    """Op counts and interleaved step time, exported without and with the ONNX-side rewrites."""
+    from graphpeft.backends.onnx import OnnxTrainer
+
+    paths = export_pair(step, folder)
     print("\nONNX ops, exported file / onnxruntime's optimized graph:")
     print("| ops | before | after |\n|---|---:|---:|")
     raw = {k: _kinds(p) for k, p in paths.items()}
     opt = {k: _optimized_kinds(p) for k, p in paths.items()}
     for op in ("Transpose", "ScatterND", "Pad", "Concat", "FusedMatMul", "MatMul", "Gemm"):
         print(f"| `{op}` | {raw['before'][op]} / {opt['before'][op]} | {raw['after'][op]} / {opt['after'][op]} |")
-    print(f"| all | {sum(raw['before'].values())} / {sum(opt['before'].values()) - opt['before']['MiB']} | "
-          f"{sum(raw['after'].values())} / {sum(opt['after'].values()) - opt['after']['MiB']} |")
+    print(f"| all | {sum(raw['before'].values())} / {int(sum(opt['before'].values()) - opt['before']['MiB'])} | "
+          f"{sum(raw['after'].values())} / {int(sum(opt['after'].values()) - opt['after']['MiB'])} |")
     print(f"| stored tensors in onnxruntime's graph, MiB | {opt['before']['MiB']} | {opt['after']['MiB']} |")
 
     trainers = {k: OnnxTrainer(p, cache_optimized=False) for k, p in paths.items()}
     for t in trainers.values():
         t.step(ids)
-    ms = _interleaved({k: (lambda t=t: t.step(ids)) for k, t in trainers.items()}, args.rounds)
-    print(f"\nonnxruntime step, median of {args.rounds} interleaved: before {1000 * ms['before']:.1f} ms, "
+    ms = _interleaved({k: (lambda t=t: t.step(ids)) for k, t in trainers.items()}, rounds)
+    print(f"\nonnxruntime step, median of {rounds} interleaved: before {1000 * ms['before']:.1f} ms, "
           f"after {1000 * ms['after']:.1f} ms (x{ms['after'] / ms['before']:.2f})")
-
-    tr = translate_pair(step, max(2, args.rounds // 4))
-    print(f"ONNX translation: direct {tr['direct']:.2f} s, through the whole-graph re-decomposition "
-          f"{tr['re-decomposed']:.2f} s (x{tr['re-decomposed'] / tr['direct']:.2f})")
-
-    OnnxTrainer(paths["after"])  # saves the optimized model
-    load = _interleaved({"plain": lambda: OnnxTrainer(paths["after"], cache_optimized=False),
-                         "cached": lambda: OnnxTrainer(paths["after"])}, args.rounds)
-    print(f"OnnxTrainer load: optimizing {load['plain']:.2f} s, from the saved optimized model "
-          f"{load['cached']:.2f} s (x{load['cached'] / load['plain']:.2f})")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,20 @@ def test_slice_scatter_rules_structure_and_numerics() -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_full_slice_scatter_of_a_strided_source_stays_contiguous_for_later_views() -> None:
+    def before(g: torch.Tensor) -> torch.Tensor:
+        t = aten.permute.default(g, [0, 2, 1, 3])                        # (1, 8, 4, 2), strided
+        whole = aten.slice_scatter.default(aten.full.default([1, 8, 4, 2], 0.0), t, 1, 0, 8)
+        return aten.view.default(whole, [8, 8])                          # needs a contiguous tensor
+
+    g = torch.randn(1, 4, 8, 2)
+    gm = _graph(before, g)
+    gm, p = _run(gm)
+    assert [m.rule for m in p.results if m.ok] == ["full_slice_scatter"]
+    assert _ops(gm)[aten.clone.default] == 1 and aten.slice_scatter.default not in _ops(gm)
+    torch.testing.assert_close(gm(g), before(g), rtol=0, atol=0)
+
+
 def test_rsub_is_legalized_to_one_sub_bit_for_bit() -> None:
     gm = _graph(lambda x: (aten.rsub.Scalar(x, 1.0), aten.rsub.Scalar(x, 2, 3)), torch.randn(5))
     x = torch.randn(5)

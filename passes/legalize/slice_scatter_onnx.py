@@ -8,7 +8,8 @@ spent 8–10 % of the step in those transposes (``python -m benchmarks.profile``
 (they copy values, never compute), run on the export copy only:
 
 - ``full_slice_scatter`` — a scatter covering the whole axis with a source of the base's shape
-  and dtype is the source itself;
+  and dtype is the source itself (a contiguous ``clone`` of it when it is strided: later views
+  rely on the scatter's fresh layout);
 - ``halves_to_cat`` — ``add(slice_scatter(zeros, a, d, 0, k), slice_scatter(zeros, b, d, k, n))``
   (the two halves of ``rotate_half``'s gradient) is ``cat([a, b], d)``;
 - ``zeros_to_pad`` — ``slice_scatter(zeros, x, d, s, e)`` is ``constant_pad_nd(x, ...)`` (ONNX
@@ -100,7 +101,13 @@ class FullSliceScatter(RewriteRule):
         return None
 
     def rewrite(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> None:
-        _swap(gm, match.node, match.bindings["src"])
+        src = match.bindings["src"]
+        if val(src).is_contiguous():
+            _swap(gm, match.node, src)
+            return
+        # the scatter's result is contiguous and a later view may rely on it (ONNX: an Identity)
+        g = _builder(gm, match.node, self.name)
+        _swap(gm, match.node, g.call(aten.clone.default, src, memory_format=torch.contiguous_format), g)
 
 
 class HalvesToCat(RewriteRule):
