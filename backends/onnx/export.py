@@ -87,7 +87,9 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool 
 
     ``quantized_weights``: ``"packed"`` (default) stores ``gp.Quantize`` weights as the graph
     does (packed bytes dequantized by plain ops); ``"qdq"`` makes each int8 / int4 weight one
-    standard ``DequantizeLinear`` with blocked quantization (opset 21; see :mod:`.qdq`).
+    standard ``DequantizeLinear`` with blocked quantization (opset 21; see :mod:`.qdq`);
+    ``"matmulnbits"`` makes each int4 linear layer onnxruntime's ``com.microsoft.MatMulNBits``
+    on the packed codes (the float weight is never made; other weights as with ``"qdq"``).
 
     The ONNX graph is optimized with the safe subset of onnxscript's optimizer (constant
     folding, unused-node removal, deduplication, CSE): its pattern rewrites treat constants
@@ -96,7 +98,7 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool 
     import onnx
 
     path = os.fspath(path)
-    check_quantized_weights(quantized_weights)
+    check_quantized_weights(quantized_weights, inference=True)
     gm = cm.graph_module
     inputs = tuple(example_inputs) if example_inputs is not None else cm.example_inputs
     if not inputs:
@@ -140,6 +142,10 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool 
         from .qdq import use_dequantize_linear
 
         use_dequantize_linear(program.model, cm.graph_module)
+    elif quantized_weights == "matmulnbits":
+        from .qdq import use_matmul_nbits
+
+        use_matmul_nbits(program.model, cm.graph_module)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     model_bytes = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
@@ -164,10 +170,16 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool 
     return ExportResult(path, input_names, output_names, num_nodes, os.path.getsize(path), seconds, adapter_inputs)
 
 
-def check_quantized_weights(value: str) -> None:
-    if value not in ("packed", "qdq"):
-        raise ExportError(f"quantized_weights={value!r}: use 'packed' (the graph's own storage) or 'qdq' "
-                          "(standard DequantizeLinear nodes, opset 21)")
+def check_quantized_weights(value: str, inference: bool = False) -> None:
+    """Raise ``ExportError`` unless ``value`` is a ``quantized_weights`` choice (``"matmulnbits"``
+    only for ``inference`` graphs: a training step's backward reads the float weight itself)."""
+    if value in ("packed", "qdq") or (inference and value == "matmulnbits"):
+        return
+    extra = ", or 'matmulnbits' (onnxruntime's MatMulNBits for int4 linear layers)" if inference else \
+        ("; 'matmulnbits' is for inference export (cm.export_onnx): the backward needs the float weight"
+         if value == "matmulnbits" else "")
+    raise ExportError(f"quantized_weights={value!r}: use 'packed' (the graph's own storage) or 'qdq' "
+                      f"(standard DequantizeLinear nodes, opset 21){extra}")
 
 
 def _symbolic_inputs(gm: torch.fx.GraphModule) -> Optional[bool]:

@@ -14,6 +14,13 @@ the weight's shape that the stored tensors compute (the dequantization's last ``
 check the format has a standard form (nf4's lookup table and the float casts do not; weights
 read as gathered rows or row blocks have no whole dequantized value) -> replace its uses by the
 ``DequantizeLinear`` output; the old nodes and initializers are then unused and removed.
+
+With ``quantized_weights="matmulnbits"`` (inference) an int4 weight read only by a linear layer
+(exported as ``Transpose`` -> ``MatMul(x, W^T)``) goes further: the ``MatMul`` becomes
+onnxruntime's ``com.microsoft.MatMulNBits`` on the packed codes (``bits=4``, ``block_size`` =
+the group size, a power of two >= 16; codes low nibble first, one float scale and one 4-bit zero
+point per block), so the float weight is never made. Weights it does not fit (int8, other
+readers, other group sizes) fall back to ``DequantizeLinear``; the report says why.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ log = logging.getLogger(__name__)
 #: the opset that has blocked DequantizeLinear and 4-bit types
 QDQ_OPSET = 21
 QDQ_FORMATS = ("int8", "int4")
+#: onnxruntime's contrib-op domain (``MatMulNBits``)
+MS_DOMAIN = "com.microsoft"
 
 
 @dataclasses.dataclass
@@ -39,6 +48,8 @@ class QDQReport:
 
     converted: list[str] = dataclasses.field(default_factory=list)
     kept: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: weights whose every reader became a ``MatMulNBits`` (``quantized_weights="matmulnbits"``)
+    matmul_nbits: list[str] = dataclasses.field(default_factory=list)
 
 
 def use_dequantize_linear(model: Any, gm: fx.GraphModule) -> QDQReport:
@@ -71,6 +82,104 @@ def use_dequantize_linear(model: Any, gm: fx.GraphModule) -> QDQReport:
     for name, why in report.kept.items():
         log.info("quantized weight %s keeps its packed form in ONNX: %s", name, why)
     return report
+
+
+def use_matmul_nbits(model: Any, gm: fx.GraphModule) -> QDQReport:
+    """Rewrite ``model`` in place: each int4 weight read only by ``MatMul(x, Transpose(W))``
+    becomes ``MatMulNBits`` nodes; every other int8 / int4 weight a ``DequantizeLinear``
+    (:func:`use_dequantize_linear`). See the module doc."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common
+
+    from graphpeft.graph import get_tensor
+    from graphpeft.passes.quantize.quantize_weights import quantized
+
+    done: list[str] = []
+    why_not: dict[str, str] = {}
+    for name, rec in quantized(gm).items():
+        why = _problem(model, rec) or _nbits_problem(rec)
+        matmuls = [] if why else [m for v in _dequantized_values(model, rec) for m in _linear_matmuls(v)]
+        if not why and (not matmuls or any(m is None for m in matmuls)):
+            why = "its dequantized weight has readers other than a linear layer's MatMul"
+        if why:
+            why_not[name] = why
+            continue
+        tensors = {k: get_tensor(gm, n).detach().cpu() for k, n in rec["tensors"].items()}
+        stored = _nbits_initializers(model.graph, rec, tensors)
+        for i, matmul in enumerate(matmuls):
+            ir.convenience.replace_all_uses_with(matmul.outputs[0], _matmul_nbits(model.graph, rec, stored, matmul, i),
+                                                 replace_graph_outputs=True)
+        done.append(name)
+    if done:
+        model.opset_imports[MS_DOMAIN] = 1
+        common.RemoveUnusedNodesPass()(model)
+    report = use_dequantize_linear(model, gm) if len(done) < len(quantized(gm)) else QDQReport()
+    report.matmul_nbits = done
+    for name in report.converted:
+        log.info("quantized weight %s is a DequantizeLinear, not MatMulNBits: %s", name, why_not.get(name))
+    return report
+
+
+def _nbits_problem(rec: dict[str, Any]) -> Optional[str]:
+    g = rec["group_size"] or (_rows_cols(rec)[1])
+    if rec["dtype"] != "int4":
+        return f"MatMulNBits is for 4-bit weights here, this one is {rec['dtype']}"
+    if len(rec["shape"]) != 2:
+        return "MatMulNBits takes a 2-d linear weight"
+    if g < 16 or g & (g - 1):
+        return f"MatMulNBits needs a block size that is a power of two >= 16, the group size is {g}"
+    return None
+
+
+def _linear_matmuls(value: Any) -> list[Any]:
+    """The ``MatMul(x, Transpose(value))`` nodes reading the dequantized weight ``value``; None in
+    the list for any other reader."""
+    out: list[Any] = []
+    for node, _ in list(value.uses()):
+        perm = node.attributes.get("perm") if node.op_type == "Transpose" else None
+        if perm is None or list(perm.as_ints()) != [1, 0]:
+            out.append(None)
+            continue
+        for user, index in list(node.outputs[0].uses()):
+            out.append(user if user.op_type == "MatMul" and index == 1 and user.domain == "" else None)
+    return out
+
+
+def _nbits_initializers(graph: Any, rec: dict[str, Any], t: dict[str, torch.Tensor]) -> list[Any]:
+    """``MatMulNBits`` inputs B, scales and zero points: ``(N, blocks, block/2)`` uint8 codes and
+    ``(N * ceil(blocks/2))`` uint8 zero points, both low nibble first (ours: high first)."""
+    import onnx_ir as ir
+
+    rows, cols = _rows_cols(rec)
+    group = int(rec["group_size"] or cols)
+    blocks = cols // group
+    packed = t["qdata"].numpy().reshape(rows, cols // 2)
+    b = ((packed >> 4) | ((packed & 15) << 4)).astype(np.uint8).reshape(rows, blocks, group // 2)
+    zero = t["zero"].reshape(rows, blocks).numpy().astype(np.uint8)
+    if blocks % 2:
+        zero = np.concatenate([zero, np.zeros((rows, 1), np.uint8)], axis=1)
+    zp = (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
+    base = rec["weight"]
+    scale = t["scale"].reshape(rows * blocks).float().numpy()
+    return [_initializer(graph, ir.Tensor(np.ascontiguousarray(b), name=f"{base}_nbits")),
+            _initializer(graph, ir.Tensor(scale, name=f"{base}_nbits_scale")),
+            _initializer(graph, ir.Tensor(np.ascontiguousarray(zp), name=f"{base}_nbits_zp"))]
+
+
+def _matmul_nbits(graph: Any, rec: dict[str, Any], stored: list[Any], matmul: Any, i: int) -> Any:
+    """A ``MatMulNBits`` computing what ``matmul`` did, placed before it; returns its output."""
+    import onnx_ir as ir
+
+    rows, cols = _rows_cols(rec)
+    name = f"{rec['weight']}_matmul_nbits{i}"
+    node = ir.node("MatMulNBits", [matmul.inputs[0], *stored], domain=MS_DOMAIN, name=name, num_outputs=1,
+                   attributes={"K": cols, "N": rows, "bits": 4, "block_size": int(rec["group_size"] or cols)})
+    out, old = node.outputs[0], matmul.outputs[0]
+    # the new value takes the old one's name (it may be a graph output)
+    out.name, old.name = old.name, f"{name}_replaced"
+    out.dtype, out.shape = old.dtype, old.shape
+    graph.insert_before(matmul, node)
+    return out
 
 
 def _problem(model: Any, rec: dict[str, Any]) -> Optional[str]:

@@ -379,7 +379,7 @@ def _safe_optimize(model: Any) -> None:
                                common.RemoveUnusedNodesPass()], steps=2, early_stop=True),
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         common.DeduplicateInitializersPass(),
-        common.CommonSubexpressionEliminationPass(),
+        _cse_keeping_stored_chains(),
         common.RemoveUnusedNodesPass(),
     ]
     folding_log = logging.getLogger("onnxscript.optimizer._constant_folding")
@@ -389,6 +389,54 @@ def _safe_optimize(model: Any) -> None:
         ir.passes.Sequential(*passes)(model)
     finally:
         folding_log.setLevel(level)
+
+
+def _stored_chains(graph: Any) -> list[Any]:
+    """The nodes computed from initializers only (not graph inputs), at least one of them of a
+    quantized weight's storage type (8-bit, 4-bit or 16-bit float): its dequantization."""
+    import onnx_ir as ir
+
+    low = (ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.UINT4, ir.DataType.INT4, ir.DataType.BFLOAT16,
+           ir.DataType.FLOAT16)
+    inputs = set(graph.inputs)
+    const = {v for v in graph.initializers.values() if v not in inputs}
+    quant = {v for v in const if v.dtype in low}
+    out = []
+    for node in graph:
+        ins = [v for v in node.inputs if v is not None]
+        if ins and all(v in const for v in ins):
+            const.update(node.outputs)
+            if any(v in quant for v in ins):
+                quant.update(node.outputs)
+                out.append(node)
+    return out
+
+
+def _cse_keeping_stored_chains() -> Any:
+    """onnx_ir's common-subexpression elimination, except on a quantized weight's dequantization
+    (:func:`_stored_chains`). The step computes those twice on purpose: ``rematerialize_dequantized`` dequantizes a
+    quantized weight again for the backward so that the float weight does not live from the
+    forward to the backward; merging the copies (as plain CSE does: measured, every int4
+    weight's two dequantizations became one) undoes that. Each such node gets a unique
+    temporary attribute, so no two of them compare equal; it is removed afterwards."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common
+
+    class CSEKeepingStoredChains(ir.passes.InPlacePass):
+        def call(self, model: Any) -> Any:
+            kept = _stored_chains(model.graph)
+            for i, node in enumerate(kept):
+                node.attributes[_KEEP_ATTR] = ir.AttrInt64(_KEEP_ATTR, i)
+            try:
+                return common.CommonSubexpressionEliminationPass()(model)
+            finally:
+                for node in kept:
+                    node.attributes.pop(_KEEP_ATTR, None)
+
+    return CSEKeepingStoredChains()
+
+
+_KEEP_ATTR = "_graphpeft_keep"
 
 
 def _flat_inputs_for(step: "TrainingStep", sig: TrainingSignature, batch: list[torch.Tensor]) -> list[torch.Tensor]:

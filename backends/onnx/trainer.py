@@ -24,6 +24,7 @@ import torch
 from graphpeft.errors import ExportError, GraphPeftError, NonFiniteError
 from graphpeft.training import TrainerCheckpoints, TrainingSignature
 
+from .runner import disabled_optimizers as default_disabled
 from .session_cache import open_session
 from .train_export import read_signature
 
@@ -82,6 +83,10 @@ class OnnxTrainer(TrainerCheckpoints):
         threads: intra-op threads (0: onnxruntime's default).
         io_binding: keep parameters and state in onnxruntime buffers between steps.
         session_options: an ``onnxruntime.SessionOptions`` to start from.
+        disabled_optimizers: onnxruntime graph optimizers to switch off (default:
+            :func:`~graphpeft.backends.onnx.runner.disabled_optimizers`, which keeps onnxruntime
+            from merging recomputed values and from folding packed quantized weights to float;
+            ``()`` keeps all of them).
         session_path: run this file instead (the ``.ort`` conversion of ``path``, see
             :func:`~graphpeft.backends.onnx.to_ort`); the signature and the initial values are
             read from ``path``, which ORT-format files do not carry in a readable form.
@@ -100,6 +105,7 @@ class OnnxTrainer(TrainerCheckpoints):
 
     def __init__(self, path: Union[str, os.PathLike], *, providers: Sequence[str] = ("CPUExecutionProvider",),
                  threads: int = 0, io_binding: bool = True, session_options: Any = None,
+                 disabled_optimizers: Optional[Sequence[str]] = None,
                  session_path: Optional[Union[str, os.PathLike]] = None, cache_optimized: bool = True) -> None:
         import onnx
         import onnxruntime as ort
@@ -123,6 +129,7 @@ class OnnxTrainer(TrainerCheckpoints):
         missing = sorted(set(wanted) - set(initial))
         if missing:
             raise ExportError(f"{self.path} lacks the initial values of {missing[:5]}: export it again")
+        skip = list(disabled_optimizers) if disabled_optimizers is not None else default_disabled(proto, training=True)
         del proto
         opts = session_options if session_options is not None else ort.SessionOptions()
         if session_options is None:
@@ -136,7 +143,7 @@ class OnnxTrainer(TrainerCheckpoints):
             opts.intra_op_num_threads = threads
         run_path = os.fspath(session_path) if session_path is not None else self.path
         try:
-            self.session = open_session(run_path, opts, providers=providers,
+            self.session = open_session(run_path, opts, providers=providers, disabled_optimizers=skip,
                                         cache=cache_optimized and session_path is None)
         except Exception as e:  # noqa: BLE001
             raise ExportError(f"onnxruntime could not load {run_path}: {e}") from e
