@@ -125,6 +125,7 @@ def _memory_worker(cfg: dict[str, Any]) -> None:
     step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-4), data_parallel=True,
                                shard_frozen=cfg["shard"])
     held_before = step.frozen_bytes_held()
+    compile_peak = status_mb("VmHWM")  # model and compile, before the graph with collectives
     step.distributed_graph_module  # noqa: B018 - builds the graph with collectives (and shards)
     gc.collect()
     build_peak, build_rss = status_mb("VmHWM"), status_mb("VmRSS")  # model, compile, sharding
@@ -137,7 +138,7 @@ def _memory_worker(cfg: dict[str, Any]) -> None:
     for _ in range(2):
         losses.append(float(step(ids)))
     out = {"rank": rank, "weight_bytes": weight_bytes, "held_before_first_step": held_before,
-           "held_after": step.frozen_bytes_held(), "process_peak_mb": process_peak, "build_peak_mb": build_peak,
+           "held_after": step.frozen_bytes_held(), "process_peak_mb": process_peak, "build_peak_mb": build_peak, "compile_peak_mb": compile_peak,
            "build_rss_mb": build_rss, "first_step_peak_mb": first_peak,
            "steps_peak_mb": status_mb("VmHWM"), "rss_end_mb": status_mb("VmRSS"), "losses": losses}
     with open(cfg["out"] + f".{rank}", "w", encoding="utf-8") as f:

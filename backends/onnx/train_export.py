@@ -371,9 +371,11 @@ def _safe_optimize(model: Any) -> None:
     except Exception:  # noqa: BLE001 - optional optimization
         log.info("onnxscript's optimizer passes are unavailable; exporting the graph unoptimized")
         return
+    # no per-node shape inference: the exporter gives every value its static shape already, and
+    # it was half of this phase (2-layer step: 3.4 s vs 8.0 s, 3 fewer Casts folded of ~900 ops)
     passes = [
         common.InlinePass(),
-        ir.passes.PassManager([_constant_folding.FoldConstantsPass(shape_inference=True, input_size_limit=1024,
+        ir.passes.PassManager([_constant_folding.FoldConstantsPass(shape_inference=False, input_size_limit=1024,
                                                                   output_size_limit=1024 * 1024,
                                                                   should_fold=_fold_unless_low_precision),
                                common.RemoveUnusedNodesPass()], steps=2, early_stop=True),
