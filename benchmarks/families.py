@@ -9,7 +9,8 @@ downloads), wrapped so that it takes positional tensors and returns its main out
 (logits, last hidden state). The stages, each recorded as pass / FAIL with its reason:
 
 - ``compile``: ``gp.compile`` with LoRA (r=4, random init) on peft's default target modules
-  for the model type (``"all-linear"`` without the output embedding where peft has none);
+  for the model type (``"all-linear"`` without the output embedding where peft has none; the
+  convolutions of ResNet, which has no linear layer);
 - ``peft``: peft's ``get_peft_model`` with the same weights gives the same outputs;
 - ``merge``: ``cm.merge()`` gives the unmerged outputs;
 - ``onnx``: the merged ONNX export run by onnxruntime gives them too;
@@ -58,6 +59,7 @@ class Family:
     cfg: dict[str, Any] = field(default_factory=dict)
     inputs: str = "text"  # text, encdec, image, whisper, audio
     peft_type: Optional[str] = None  # the key of peft's default-target table, when not ``name``
+    targets: Optional[list[str]] = None  # where "all-linear" finds nothing (a CNN): these modules
 
 
 def _text(**kw: Any) -> dict[str, Any]:
@@ -140,7 +142,8 @@ FAMILIES: list[Family] = [
                                                            num_heads=NH), "encdec"),
     *[Family(n, "encdec", c, m, dict(vocab_size=V, d_model=H, encoder_layers=L, decoder_layers=L,
                                      encoder_attention_heads=NH, decoder_attention_heads=NH, encoder_ffn_dim=FF,
-                                     decoder_ffn_dim=FF, max_position_embeddings=64), "encdec")
+                                     decoder_ffn_dim=FF, max_position_embeddings=64, pad_token_id=1,
+                                     decoder_start_token_id=1), "encdec")
       for n, c, m in (("bart", "BartConfig", "BartModel"), ("mbart", "MBartConfig", "MBartModel"),
                       ("pegasus", "PegasusConfig", "PegasusModel"), ("marian", "MarianConfig", "MarianModel"),
                       ("m2m_100", "M2M100Config", "M2M100Model"))],
@@ -154,7 +157,8 @@ FAMILIES: list[Family] = [
     Family("convnext", "vision", "ConvNextConfig", "ConvNextModel",
            dict(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, image_size=32, layer_scale_init_value=1.0), "image"),
     Family("resnet", "vision", "ResNetConfig", "ResNetModel",
-           dict(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic"), "image"),
+           dict(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic"), "image",
+           targets=["convolution"]),
     Family("siglip_vision_model", "vision", "SiglipVisionConfig", "SiglipVisionModel", _VIT, "image"),
     Family("clip_vision_model", "vision", "CLIPVisionConfig", "CLIPVisionModel", _VIT, "image"),
     Family("clip_text_model", "encoder", "CLIPTextConfig", "CLIPTextModel", _text()),
@@ -162,7 +166,8 @@ FAMILIES: list[Family] = [
     Family("whisper", "speech", "WhisperConfig", "WhisperModel",
            dict(vocab_size=V, d_model=H, encoder_layers=L, decoder_layers=L, encoder_attention_heads=NH,
                 decoder_attention_heads=NH, encoder_ffn_dim=FF, decoder_ffn_dim=FF, num_mel_bins=16,
-                max_source_positions=16, max_target_positions=32), "whisper"),
+                max_source_positions=16, max_target_positions=32, pad_token_id=1, bos_token_id=1,
+                eos_token_id=2, decoder_start_token_id=1), "whisper"),
     *[Family(n, "speech", c, m, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=NH, intermediate_size=FF,
                                      conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4),
                                      num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4), "audio")
@@ -208,11 +213,12 @@ def build(f: Family) -> tuple[Wrapped, tuple[torch.Tensor, ...]]:
 
 
 def targets(f: Family, model: Wrapped) -> tuple[Any, list[str]]:
-    """peft's default target modules for the model type, else ``"all-linear"`` without the output
-    embedding (peft leaves it out of all-linear); and the excluded module names."""
+    """The family's own targets, else peft's default target modules for the model type, else
+    ``"all-linear"`` without the output embedding (peft leaves it out of all-linear); and the
+    excluded module names."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
 
-    names = defaults.get(f.peft_type or f.name)
+    names = f.targets or defaults.get(f.peft_type or f.name)
     if names:
         return list(names), []
     out = model.model.get_output_embeddings() if hasattr(model.model, "get_output_embeddings") else None
