@@ -4,6 +4,7 @@
     python -m benchmarks.quantized_memory --bases fp32,int4,int4+embed8
     python -m benchmarks.quantized_memory --shape 7b --plan-only --bases fp32,int4,int4+embed8
     python -m benchmarks.quantized_memory --shape tiny        # a quick check of the whole path
+    python -m benchmarks.quantized_memory --bases int4 --live # + live tensor bytes of one op-by-op run
 
 Model: a ``transformers`` Qwen2 of the Qwen2-0.5B shape (hidden 896, 24 layers, intermediate 4864,
 14 heads, 2 KV heads, vocab 151936, tied embeddings; 494 M parameters, random weights), LoRA r=8 on
@@ -111,8 +112,10 @@ def write_checkpoint(shape: str, folder: str, seed: int = 0) -> dict[str, Any]:
     return write_random_checkpoint(specs, folder, seed)
 
 
-def worker(shape: str, base: str, folder: Optional[str], steps: int, seq: int) -> dict[str, Any]:
-    """Fresh process: compile on meta, plan the step; with a folder, load, run and measure."""
+def worker(shape: str, base: str, folder: Optional[str], steps: int, seq: int, live: bool = False) -> dict[str, Any]:
+    """Fresh process: compile on meta, plan the step; with a folder, load, run and measure
+    (``live``: also the peak of live tensor storages of one op-by-op run, ``measure_memory``, to
+    tell the graph's memory from what the allocator keeps)."""
     import torch
 
     import graphpeft as gp
@@ -152,6 +155,13 @@ def worker(shape: str, base: str, folder: Optional[str], steps: int, seq: int) -
     losses = [float(step(ids, ids))]  # traces the step again for real tensors
     out["first_step_s"] = time.perf_counter() - t0
     gc.collect()
+    if live:
+        from graphpeft.passes.memory.measure_memory import measure_memory
+
+        measured = measure_memory(step.graph_for(ids, ids), step.flat_inputs(ids, ids))
+        out["live_peak_mb"], out["live_peak_node"] = measured.peak_bytes / 2**20, measured.peak_node
+        gc.collect()
+        out["rss_after_live_mb"] = status_mb("VmRSS")
     out["peak_reset"] = reset_peak()
     out["rss_before_steps_mb"] = status_mb("VmRSS")
     times = []
@@ -205,6 +215,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoint")
     ap.add_argument("--malloc-mmap-threshold", type=int, default=None,
                     help="run the workers with glibc's MALLOC_MMAP_THRESHOLD_ fixed to this many bytes")
+    ap.add_argument("--live", action="store_true",
+                    help="also measure the live tensor bytes of one op-by-op run (slow: the graph runs in Python)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--worker", choices=["write", "step"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--base", default="fp32", help=argparse.SUPPRESS)
@@ -215,7 +227,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     if a.worker == "step":
         logging.basicConfig(level=logging.WARNING)
-        print(json.dumps(worker(a.shape, a.base, a.folder, a.steps, seq)))
+        print(json.dumps(worker(a.shape, a.base, a.folder, a.steps, seq, a.live)))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     env = dict(os.environ)
@@ -229,7 +241,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             log.info("%s", _run(["--worker", "write", "--shape", a.shape, "--folder", folder]))
         for base in a.bases.split(","):
             t0 = time.time()
-            args = ["--worker", "step", "--shape", a.shape, "--base", base, "--seq", str(seq), "--steps", str(a.steps)]
+            args = ["--worker", "step", "--shape", a.shape, "--base", base, "--seq", str(seq), "--steps", str(a.steps),
+                    *(["--live"] if a.live else [])]
             row = _run(args + (["--folder", folder] if folder else []), env)
             row.setdefault("base", base)
             log.info("%s (%.0f s): %s", base, time.time() - t0, json.dumps(row))
