@@ -46,6 +46,7 @@ from .legalize.upcast_low_precision import UpcastLowPrecision
 from .lower.fold_linear_scale import FoldLinearScale
 from .lower.fuse_shared_input_linears import FuseSharedInputLinears
 from .lower.merge_low_rank_branch import MergeLowRankPass
+from .legalize.decompose_attention import DecomposeAttention
 from .memory.plan_memory import PlanMemory
 from .memory.reorder_updates import ReorderUpdates
 from .merge.merge_adapters import MergeAdapters
@@ -76,4 +77,4 @@ __all__ += ["DequantizeForMerge", "Quantize", "QuantizeMethod", "QuantizeWeights
 __all__ += ["AllReduceGradients", "ShardFrozenWeights"]
 __all__ += ["SliceScatterOnnx"]
 __all__ += ["InsertTrainableTokens", "TrainableTokens", "TrainableTokensMethod"]
-__all__ += ["MergeLowRankPass"]
+__all__ += ["MergeLowRankPass", "DecomposeAttention"]

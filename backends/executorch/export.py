@@ -115,7 +115,8 @@ def legalized_copy(gm: fx.GraphModule, *, training: bool, verifier: Optional[Cal
     removal, checked by ``verifier``."""
     new = copy_graph(gm)  # own node meta dicts: the pass edits them
     ctx = PassContext(verify=verify)
-    pipeline = Pipeline("legalize_executorch", [PASSES["legalize_executorch"](training=training),
+    pipeline = Pipeline("legalize_executorch", [PASSES["decompose_attention"](),  # the fused CPU attention as math
+                                                PASSES["legalize_executorch"](training=training),
                                                 PASSES["remove_dead_code"]()])
     result = PassManager(verifier=verifier).run(new, pipeline, ctx)
     return result.gm, dict(ctx.options.get("legalize_executorch", {}))

@@ -77,7 +77,9 @@ def legalized_copy(gm: fx.GraphModule, verify: bool = True,
     # upcast_low_precision: bf16 / fp16 ops computed in float32 between casts (onnxruntime's CPU
     # provider lacks their kernels), attention first in torch's rounding order; no-ops on float32
     # slice_scatter_onnx: slice gradients as Pad / Concat instead of transposed ScatterND
-    pipeline = Pipeline("legalize_onnx", [PASSES["legalize_onnx"](), PASSES["slice_scatter_onnx"](),
+    # decompose_attention: the fused CPU attention the torch executor runs, as math ONNX can express
+    pipeline = Pipeline("legalize_onnx", [PASSES["decompose_attention"](), PASSES["legalize_onnx"](),
+                                          PASSES["slice_scatter_onnx"](),
                                           PASSES["low_precision_attention"](),
                                           PASSES["upcast_low_precision"](), PASSES["remove_dead_code"]()])
     result = PassManager(verifier=verifier).run(new, pipeline, ctx)

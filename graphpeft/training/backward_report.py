@@ -29,7 +29,8 @@ class LayerBackward:
         kind: ``linear`` / ``conv`` / ``embedding`` / ``norm``.
         reached: whether any backward op computes a gradient at this layer.
         computes: what it computes there, e.g. ``["input grad", "weight-slice grad (8 of 32 rows)"]``.
-        matmuls: backward matrix products (``mm``, ``addmm``, ``bmm``, ``convolution_backward``)
+        matmuls: backward matrix products (``mm``, ``addmm``, ``bmm``, ``convolution_backward``, the fused
+            attention backward)
             computing this layer's input gradient or the gradients of its tensors.
         trainable: the layer's tensors that the step updates.
     """

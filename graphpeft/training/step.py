@@ -32,7 +32,6 @@ Shapes are static: a step is compiled for the shapes of the batch it is first gi
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -331,6 +330,10 @@ class TrainingOptions:
         fuse_head_loss: when the logits are an output projection read only by the built-in
             ``causal_lm`` / ``cross_entropy`` loss, compute projection, loss and their gradients
             chunk by chunk (``graphpeft.training.head_loss``): no full logits tensor exists.
+        fused_attention: keep a float32 CPU model's attention (``F.scaled_dot_product_attention``)
+            and its backward as the fused CPU kernels in the step graph, which the torch
+            executor and inductor run; ONNX and ExecuTorch exports rewrite them into math
+            (``passes/legalize/decompose_attention.py``). ``False`` traces the math form.
         fuse_optimizer: update every trainable tensor at once, on their concatenation (a dozen
             ops per step instead of a dozen per tensor; the same numbers); ``"auto"`` (default)
             does when the trainable tensors take at most :data:`FUSED_UPDATE_MAX_BYTES` (adapters),
@@ -376,6 +379,7 @@ class TrainingOptions:
     nonfinite: str = "skip"
     fuse_optimizer: Union[bool, str] = "auto"
     fuse_head_loss: bool = True
+    fused_attention: bool = True
     data_parallel: bool = False
     bucket_cap_mb: float = 25.0
     shard_frozen: Union[bool, str] = False
@@ -483,15 +487,29 @@ def _split_batch(tensors: Sequence[Tensor], k: int) -> list[list[Tensor]]:
     return out
 
 
-def _sdpa_math() -> Any:
-    """Trace attention through its math form so its backward is core ATen (the fused CPU
-    flash-attention backward has no ONNX translation)."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+#: the fused CPU attention ops a step keeps with ``fused_attention`` (exports rewrite them:
+#: ``passes/legalize/decompose_attention.py``)
+FUSED_ATTENTION_OPS = ("_scaled_dot_product_flash_attention_for_cpu", "scaled_dot_product_attention",
+                       "_scaled_dot_product_attention_math")
 
-        return sdpa_kernel([SDPBackend.MATH])
-    except Exception:  # noqa: BLE001 - older torch
-        return contextlib.nullcontext()
+
+def _attention_tracing(fused: bool, tensors: Sequence[Tensor]) -> tuple[Any, dict]:
+    """The attention backend and decomposition table to trace the step with.
+
+    Fused (float32 tensors on the CPU only): ``_scaled_dot_product_flash_attention_for_cpu`` and
+    its backward stay single ops, which the torch executor runs as fused kernels (the causal
+    half skipped; the backward keeps the output and the row log-sum-exp instead of the scores).
+    Otherwise attention is traced in its math form, whose backward is core ATen."""
+    from torch._decomp import core_aten_decompositions
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    table = core_aten_decompositions()
+    floats = [t for t in tensors if t.is_floating_point()]
+    if fused and floats and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in floats):
+        kept = {k for k in table if getattr(getattr(k, "overloadpacket", None), "__name__", "") in FUSED_ATTENTION_OPS}
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]), {k: v for k, v in table.items()
+                                                                             if k not in kept}
+    return sdpa_kernel([SDPBackend.MATH]), table
 
 
 def after_update_hooks(gm: fx.GraphModule, names: Sequence[str]) -> dict[str, tuple[Any, dict[str, Any], str]]:
@@ -628,7 +646,6 @@ def lower_forward(gm: fx.GraphModule, options: TrainingOptions) -> fx.GraphModul
 def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, batch: Sequence[Tensor],
                         options: TrainingOptions, lr: Optional[float] = None) -> fx.GraphModule:
     """Trace one training step of ``cm`` for ``batch`` into a graph (no passes run yet)."""
-    from torch._decomp import core_aten_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
 
     was_training = cm.training
@@ -757,8 +774,9 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
     was_training = cm.training
     cm.train(True)  # adapter dropout on in the training graph
     try:
-        with fxt.preserve_node_meta(), _sdpa_math():
-            traced = make_fx(train_step, decomposition_table=core_aten_decompositions(),
+        attention, table = _attention_tracing(options.fused_attention, params + consts)
+        with fxt.preserve_node_meta(), attention:
+            traced = make_fx(train_step, decomposition_table=table,
                              tracing_mode="fake")(params, consts, example_state, lr_example, *batch)
     except GraphPeftError:
         raise

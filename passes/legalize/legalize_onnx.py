@@ -61,10 +61,10 @@ EMPTY = {aten.empty_permuted.default, aten.empty.memory_format, aten.empty_strid
 PASS_NAME = "legalize_onnx"
 
 
-def _builder(gm: fx.GraphModule, node: fx.Node, rule: str) -> GraphBuilder:
+def _builder(gm: fx.GraphModule, node: fx.Node, rule: str, pass_name: str = PASS_NAME) -> GraphBuilder:
     """A builder inserting right before ``node`` with ``node``'s origin and phase."""
     prov = node.meta.get(META_KEY) or {}
-    p = Provenance(PASS_NAME, rule, prov.get("origin", ""), prov.get("adapter", ""), prov.get("part", ""))
+    p = Provenance(pass_name, rule, prov.get("origin", ""), prov.get("adapter", ""), prov.get("part", ""))
     builder = GraphBuilder(gm, node.prev, p, module_stack=node.meta.get("nn_module_stack"))
     return builder
 
@@ -101,64 +101,114 @@ def _drop_asserts(gm: fx.GraphModule) -> int:
 
 def _decompose(gm: fx.GraphModule, table: Optional[dict] = None) -> int:
     from torch._decomp import core_aten_decompositions
-    from torch.fx.experimental.proxy_tensor import make_fx
 
     todo = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in DECOMPOSE]
     if todo and table is None:
         table = core_aten_decompositions()
-    count = 0
+    cache: dict = {}
     for node in todo:
         # (the table may be a CustomDecompTable, whose .get() does not see lazily added entries)
         decomp = table[node.target] if node.target in table else getattr(node.target, "decompose", None)
         if decomp is None:
             raise ExportError(f"{node.target} has no core ATen decomposition to export it correctly")
-        flat, spec = torch.utils._pytree.tree_flatten((node.args, node.kwargs))
-        tensor_pos = [i for i, a in enumerate(flat) if isinstance(a, fx.Node)]
+        inline_decomposition(gm, node, decomp, table=table, cache=cache)
+    return len(todo)
 
-        def concrete(v: Any) -> Any:
-            if isinstance(v, torch.Tensor):
-                return torch.zeros(v.shape, dtype=v.dtype)
-            return v
 
-        examples = [concrete(_val(flat[i])) for i in tensor_pos]
+def inline_decomposition(gm: fx.GraphModule, node: fx.Node, decomp: Callable, pass_name: str = PASS_NAME,
+                         rule: str = "decompose", table: Optional[dict] = None,
+                         cache: Optional[dict] = None) -> None:
+    """Replace ``node`` by ``decomp`` (a function of the node's arguments) traced into core ATen
+    ops on its inputs' shapes; a tuple result replaces the node's ``getitem`` users. ``cache``
+    (a dict the caller keeps) reuses the traced ops for nodes of the same op, layouts and
+    constant arguments (every layer's attention)."""
+    flat, spec = torch.utils._pytree.tree_flatten((node.args, node.kwargs))
+    tensor_pos = [i for i, a in enumerate(flat) if isinstance(a, fx.Node)]
+    key = (node.target, str(spec), tuple(_layout(_val(a)) if i in tensor_pos else repr(a) for i, a in enumerate(flat)))
+    sub = cache.get(key) if cache is not None else None
+    if sub is None:
+        sub = _trace_decomposition(decomp, flat, spec, tensor_pos, table)
+        if cache is not None:
+            cache[key] = sub
+    _inline(gm, node, sub, [flat[i] for i in tensor_pos], rule, pass_name)
 
-        def fn(*tensors: torch.Tensor, flat: list = flat, spec: Any = spec, tensor_pos: list = tensor_pos,
-               decomp: Callable = decomp) -> Any:
-            values = list(flat)
-            for i, t in zip(tensor_pos, tensors):
-                values[i] = t
-            args, kwargs = torch.utils._pytree.tree_unflatten(values, spec)
-            out = decomp(*args, **kwargs)
-            return tuple(out) if isinstance(out, tuple) else out  # named tuples would be traced as calls
 
-        sub = make_fx(fn, decomposition_table=table)(*examples)
-        builder = _builder(gm, node, "decompose")
-        env: dict[fx.Node, Any] = {}
-        placeholders = iter([flat[i] for i in tensor_pos])
-        result: Any = None
-        for s in sub.graph.nodes:
-            if s.op == "placeholder":
-                env[s] = next(placeholders)
-            elif s.op == "get_attr":
-                raise ExportError(f"the decomposition of {node.target} needs a constant tensor; cannot inline it")
-            elif s.op == "call_function":
-                args, kwargs = torch.fx.node.map_arg((s.args, s.kwargs), lambda a: env[a])
-                env[s] = builder.call(s.target, *args, **kwargs)
-            elif s.op == "output":
-                result = torch.fx.node.map_arg(s.args[0], lambda a: env[a])
-        _finish(builder, node)
-        if isinstance(result, (list, tuple)):
-            for user in list(node.users):
-                if user.target is operator.getitem:
-                    user.replace_all_uses_with(result[user.args[1]])
-                    gm.graph.erase_node(user)
-            if node.users:
-                raise ExportError(f"cannot replace {node.name}: its tuple result is used whole")
-        else:
-            node.replace_all_uses_with(result)
-        gm.graph.erase_node(node)
-        count += 1
-    return count
+def _layout(v: Any) -> Any:
+    return (tuple(v.shape), v.stride(), v.dtype) if isinstance(v, torch.Tensor) else repr(v)
+
+
+def _trace_decomposition(decomp: Callable, flat: list, spec: Any, tensor_pos: list[int],
+                         table: Optional[dict]) -> fx.GraphModule:
+    from torch._decomp import core_aten_decompositions
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    table = core_aten_decompositions() if table is None else table
+
+    def concrete(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):  # the recorded layout: views traced on it stay valid
+            return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype).zero_()
+        return v
+
+    examples = [concrete(_val(flat[i])) for i in tensor_pos]
+
+    def fn(*tensors: torch.Tensor) -> Any:
+        values = list(flat)
+        for i, t in zip(tensor_pos, tensors):
+            values[i] = t
+        args, kwargs = torch.utils._pytree.tree_unflatten(values, spec)
+        out = decomp(*args, **kwargs)
+        return tuple(out) if isinstance(out, tuple) else out  # named tuples would be traced as calls
+
+    return make_fx(fn, decomposition_table=table)(*examples)
+
+
+def _inline(gm: fx.GraphModule, node: fx.Node, sub: fx.GraphModule, inputs: list[fx.Node], rule: str,
+            pass_name: str) -> None:
+    builder = _builder(gm, node, rule, pass_name)
+    env: dict[fx.Node, Any] = {}
+    placeholders = iter(inputs)
+    result: Any = None
+    for s in sub.graph.nodes:
+        if s.op == "placeholder":
+            env[s] = next(placeholders)
+        elif s.op == "get_attr":
+            raise ExportError(f"the decomposition of {node.target} needs a constant tensor; cannot inline it")
+        elif s.op == "call_function":
+            args, kwargs = torch.fx.node.map_arg((s.args, s.kwargs), lambda a: env[a])
+            env[s] = builder.call(s.target, *args, **kwargs)
+        elif s.op == "output":
+            result = torch.fx.node.map_arg(s.args[0], lambda a: env[a])
+    want = _val(node)
+    if isinstance(result, (list, tuple)) and isinstance(want, (list, tuple)):
+        result = [_with_layout(builder, r, w) for r, w in zip(result, want)]
+    elif isinstance(result, fx.Node):
+        result = _with_layout(builder, result, want)
+    _finish(builder, node)
+    if isinstance(result, (list, tuple)):
+        for user in list(node.users):
+            if user.target is operator.getitem:
+                user.replace_all_uses_with(result[user.args[1]])
+                gm.graph.erase_node(user)
+        if node.users:
+            raise ExportError(f"cannot replace {node.name}: its tuple result is used whole")
+    else:
+        node.replace_all_uses_with(result)
+    gm.graph.erase_node(node)
+
+
+def _with_layout(builder: GraphBuilder, value: Any, want: Any) -> Any:
+    """``value`` copied into the memory layout of ``want`` (the replaced op's recorded output)
+    when they differ: the graph's later views were traced on that layout (a fused kernel's
+    output may be stored transposed). ``permute -> clone -> permute back``; no-ops in ONNX."""
+    have = _val(value)
+    if not (isinstance(have, torch.Tensor) and isinstance(want, torch.Tensor)) or have.dim() != want.dim() \
+            or have.stride() == want.stride():
+        return value
+    perm = sorted(range(want.dim()), key=lambda d: -want.stride()[d])  # outermost axis first
+    inverse = [perm.index(d) for d in range(len(perm))]
+    dense = builder.call(aten.clone.default, builder.call(aten.permute.default, value, perm),
+                         memory_format=torch.contiguous_format)
+    return builder.call(aten.permute.default, dense, inverse)
 
 
 def _is_view(node: fx.Node) -> bool:

@@ -35,7 +35,8 @@ from ..update.slice_rows import SLICES_META
 
 aten = torch.ops.aten
 
-MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.convolution_backward.default}
+MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.convolution_backward.default,
+           aten._scaled_dot_product_flash_attention_for_cpu_backward.default}  # fused attention: its products
 _VIEWS = {aten.t.default, aten.permute.default, aten.view.default, aten._unsafe_view.default, aten.reshape.default,
           aten.expand.default, aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default,
           aten.squeeze.dims, aten.alias.default, aten.clone.default, aten._to_copy.default, aten.detach.default,
