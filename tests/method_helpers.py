@@ -266,6 +266,32 @@ class TrainingRun:
                 parity.record(f"{name} train onnxruntime vs torch ({kind})", params))
 
 
+def fx_graph_of(build: Callable[..., Any], *examples: torch.Tensor, part: str = "forward") -> Any:
+    """An fx graph of aten ops with fake values and provenance, as the step compiler makes them."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(build, tracing_mode="fake")(*examples)
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            n.meta[META_KEY] = {"pass_name": "test", "part": part}
+    return gm
+
+
+def check_step_in_onnxruntime(cm: gp.CompiledModel, step: Any, batch: torch.Tensor, tmp_path: Path,
+                              steps: int = 2) -> None:
+    """``step``'s ONNX export run by ``OnnxTrainer`` beside the torch step: the same losses and
+    adapter tensors after ``steps`` steps."""
+    from graphpeft.backends.onnx import OnnxTrainer
+
+    step.export_onnx(tmp_path / "train.onnx")
+    trainer = OnnxTrainer(tmp_path / "train.onnx")
+    for _ in range(steps):
+        torch.testing.assert_close(torch.as_tensor(trainer.step(batch)), step(batch).detach(), rtol=1e-5, atol=1e-5)
+    ours, theirs = cm.adapter_state_dict(), trainer.adapter_state_dict()
+    for k in ours:
+        torch.testing.assert_close(torch.as_tensor(theirs[k]), ours[k], rtol=1e-4, atol=1e-5)
+
+
 def check_training_export(cm: gp.CompiledModel, optimizer: Optional[Any], tmp_path: Path, steps: int = 8,
                           compared: int = 3, *, step: Any = None, start: Optional[dict[str, torch.Tensor]] = None,
                           lockstep: bool = False, **options: Any) -> TrainingRun:

@@ -18,6 +18,7 @@ from graphpeft.infra import PassContext, PassManager, Pipeline, copy_graph
 from graphpeft.registry import PASSES
 from graphpeft.training import verify_training
 from graphpeft.verify import verify
+from method_helpers import check_step_in_onnxruntime, fx_graph_of
 from models import tiny_llama, token_batch
 
 aten = torch.ops.aten
@@ -154,14 +155,7 @@ def test_unknown_lowering_pass_is_a_plan_error() -> None:
 
 
 def _graph(build: Any, *examples: torch.Tensor) -> fx.GraphModule:
-    """An fx graph of aten ops with fake values and provenance, as the step compiler makes them."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    gm = make_fx(build, tracing_mode="fake")(*examples)
-    for n in gm.graph.nodes:
-        if n.op == "call_function":
-            n.meta[META_KEY] = {"pass_name": "test", "part": "forward"}
-    return gm
+    return fx_graph_of(build, *examples)
 
 
 def _simplified(gm: fx.GraphModule) -> tuple[fx.GraphModule, Any]:
@@ -433,15 +427,7 @@ def test_merged_low_rank_step_trains_like_the_plain_one_and_keeps_no_merged_weig
 
 
 def test_merged_low_rank_step_runs_in_onnxruntime(tmp_path) -> None:
-    from graphpeft.backends.onnx import OnnxTrainer
-
     cm = compiled_for(BIG)
     step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-3))
     assert [n for n in step.graph_module.graph.nodes if (n.meta.get(META_KEY) or {}).get("rule") == "merge_low_rank_branch"]
-    step.export_onnx(tmp_path / "train.onnx")
-    trainer = OnnxTrainer(tmp_path / "train.onnx")
-    for _ in range(2):
-        torch.testing.assert_close(torch.as_tensor(trainer.step(BIG)), step(BIG).detach(), rtol=1e-5, atol=1e-5)
-    ours, theirs = cm.adapter_state_dict(), trainer.adapter_state_dict()
-    for k in ours:
-        torch.testing.assert_close(torch.as_tensor(theirs[k]), ours[k], rtol=1e-4, atol=1e-5)
+    check_step_in_onnxruntime(cm, step, BIG, tmp_path)

@@ -14,6 +14,7 @@ import graphpeft as gp
 from graphpeft.graph import META_KEY
 from graphpeft.infra import PassContext
 from graphpeft.registry import PASSES
+from method_helpers import fx_graph_of
 from models import tiny_llama, token_batch
 
 aten = torch.ops.aten
@@ -21,13 +22,7 @@ IDS = token_batch()
 
 
 def _graph(build: Any, *examples: torch.Tensor) -> fx.GraphModule:
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    gm = make_fx(build, tracing_mode="fake")(*examples)
-    for n in gm.graph.nodes:
-        if n.op == "call_function":
-            n.meta[META_KEY] = {"pass_name": "test", "part": "backward"}
-    return gm
+    return fx_graph_of(build, *examples, part="backward")
 
 
 def _run(gm: fx.GraphModule) -> tuple[fx.GraphModule, Any]:

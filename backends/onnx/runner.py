@@ -61,7 +61,9 @@ class OnnxRunner:
         try:
             import onnx
 
-            skip = disabled_optimizers(onnx.load(os.fspath(path), load_external_data=False), training=False)
+            # an .ort file is onnxruntime's own format, optimized already (and not an ONNX proto)
+            skip = [] if os.fspath(path).endswith(".ort") else \
+                disabled_optimizers(onnx.load(os.fspath(path), load_external_data=False), training=False)
             self.session = ort.InferenceSession(os.fspath(path), opts, providers=list(providers),
                                                 disabled_optimizers=skip)
         except Exception as e:  # noqa: BLE001
