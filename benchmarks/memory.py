@@ -304,10 +304,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     names = a.only.split(",") if a.only else list(CONTENDERS) + (["gp_lora_ort"] if a.ort else []) + \
         (list(SPARSE_CONTENDERS) if a.sparse else [])
     rows = run(names, a.seq, a.steps, a.layers)
-    if a.json:
-        with open(a.json, "w", encoding="utf-8") as f:
+    emit(rows, a.json, table(rows))
+
+
+def emit(rows: list[dict[str, Any]], json_path: Optional[str], text: str) -> None:
+    """A benchmark's result rows into ``json_path`` (when given) and its table on stdout."""
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)
-    sys.stdout.write(table(rows) + "\n")
+    sys.stdout.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -250,10 +250,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     finally:
         if folder and not a.keep and not a.folder:
             shutil.rmtree(folder, ignore_errors=True)
-    if a.json:
-        with open(a.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
-    sys.stdout.write(table(rows) + "\n")
+    from .memory import emit
+
+    emit(rows, a.json, table(rows))
 
 
 if __name__ == "__main__":

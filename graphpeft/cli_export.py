@@ -289,8 +289,9 @@ def export_training(cm: Any, loaded: LoadedModel, target: str, out: str, loss: s
 
 
 def _has_random_ops(gm: torch.fx.GraphModule) -> bool:
-    return any(n.op == "call_function" and torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ())
-               for n in gm.graph.nodes)
+    from .graph import is_random
+
+    return any(n.op == "call_function" and is_random(n) for n in gm.graph.nodes)
 
 
 # --- the command ------------------------------------------------------------------------------

@@ -57,6 +57,15 @@ class Provenance:
         return dataclasses.asdict(self)
 
 
+def is_random(node: fx.Node) -> bool:
+    """Whether ``node`` draws random numbers (its order fixes what it draws)."""
+    tags = getattr(node.target, "tags", ()) or ()
+    if torch.Tag.nondeterministic_seeded in tags:
+        return True
+    name = str(getattr(node.target, "__name__", node.target))
+    return any(k in name for k in ("rand", "bernoulli", "dropout", "normal_", "uniform_", "multinomial"))
+
+
 # --- graph-level metadata -------------------------------------------------------------------
 
 

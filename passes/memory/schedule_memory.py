@@ -30,10 +30,9 @@ import heapq
 import logging
 from typing import Any, Optional
 
-import torch
 import torch.fx as fx
 
-from graphpeft.graph import graph_meta, to_networkx
+from graphpeft.graph import graph_meta, is_random, to_networkx  # is_random: re-exported for rematerialize
 from graphpeft.infra import PassBase, PassContext, PassResult
 from graphpeft.registry import register_pass
 from graphpeft.training import UPDATE_PHASES, phase_of
@@ -44,15 +43,6 @@ from .reorder_updates import schedule as place_updates
 log = logging.getLogger(__name__)
 
 SCHEDULE_META = "schedule"
-
-
-def is_random(node: fx.Node) -> bool:
-    """Whether ``node`` draws random numbers (its order fixes what it draws)."""
-    tags = getattr(node.target, "tags", ()) or ()
-    if torch.Tag.nondeterministic_seeded in tags:
-        return True
-    name = str(getattr(node.target, "__name__", node.target))
-    return any(k in name for k in ("rand", "bernoulli", "dropout", "normal_", "uniform_", "multinomial"))
 
 
 def is_mutation(node: fx.Node) -> bool:
