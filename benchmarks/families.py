@@ -373,6 +373,25 @@ def run(families: list[Family], on_row: Optional[Callable[[list[dict[str, Any]]]
     return rows
 
 
+def compile_times(families: list[Family]) -> list[dict[str, Any]]:
+    """``gp.compile`` seconds per family (LoRA as in the full run), after one warm-up compile."""
+    import graphpeft as gp
+
+    rows = []
+    for i, f in enumerate([families[0]] + families):
+        model, xs = build(f)
+        tgt, exclude = targets(f, model)
+        plan = gp.Plan([gp.LoRA(targets=tgt, exclude=exclude or None, r=4, alpha=8, init="random")])
+        t = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gp.compile(model, plan, xs)
+        if i:  # the first compile pays the imports and torch's first-trace caches
+            rows.append({"family": f.name, "kind": f.kind, "compile_s": round(time.perf_counter() - t, 2)})
+            print(f"{f.name:22s} compile {rows[-1]['compile_s']} s", flush=True)
+    return rows
+
+
 def counts(rows: list[dict[str, Any]]) -> dict[str, int]:
     """Families passing each stage, and end to end."""
     out = {s: sum(bool(r["stages"].get(s, {}).get("ok")) for r in rows) for s in STAGES}
@@ -410,6 +429,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", help="family names (model types)")
     parser.add_argument("--kind", help="one kind: decoder, moe, encoder, encdec, vision, speech")
+    parser.add_argument("--compile-times", action="store_true",
+                        help="only time gp.compile per family (run on an idle machine); "
+                             "writes results/families_compile.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     import transformers
@@ -418,9 +440,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     chosen = [f for f in FAMILIES if (not args.only or f.name in args.only) and (not args.kind or f.kind == args.kind)]
     if not chosen:
         parser.error(f"no family matches; known: {', '.join(f.name for f in FAMILIES)}")
+    if args.compile_times:
+        return _save_compile_times(compile_times(chosen))
     rows = run(chosen, save)
     c = counts(rows)
     print(f"\n{len(rows)} families: " + ", ".join(f"{s} {c[s]}" for s in STAGES) + f", end to end {c['all']}")
+    return 0
+
+
+def _save_compile_times(rows: list[dict[str, Any]]) -> int:
+    from graphpeft.paths import atomic_write
+
+    slow = [r for r in rows if r["compile_s"] > 10]
+    summary = {"families": len(rows), "max_s": max(r["compile_s"] for r in rows),
+               "median_s": sorted(r["compile_s"] for r in rows)[len(rows) // 2], "over_10s": len(slow)}
+    os.makedirs(RESULTS, exist_ok=True)
+    atomic_write(os.path.join(RESULTS, "families_compile.json"),
+                 json.dumps({"summary": summary, "rows": rows}, indent=1).encode())
+    print(f"\n{summary}")
     return 0
 
 
