@@ -79,6 +79,9 @@ class LoadReport:
     adapters_initialized: list[str] = dataclasses.field(default_factory=list)
     #: tensors still on the meta device afterwards (the model cannot run until they are loaded)
     still_meta: list[str] = dataclasses.field(default_factory=list)
+    #: with ``shard=(rank, world)``: frozen weight name -> this rank's shard (flattened, padded to
+    #: a multiple of ``world``, as :func:`shard_of` cuts it); their whole tensors stay on meta
+    shards: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict, repr=False)
 
     def __str__(self) -> str:
         lines = [f"loaded {self.loaded} tensors ({self.bytes / 2**20:,.1f} MiB) from {len(self.files)} file(s)"]
@@ -87,6 +90,8 @@ class LoadReport:
                          f"({', '.join(sorted(set(self.converted.values())))})")
         if self.adapters_initialized:
             lines.append(f"  adapters initialized from their weights: {len(self.adapters_initialized)}")
+        if self.shards:
+            lines.append(f"  frozen weights read as this rank's shards only: {len(self.shards)}")
         for what in ("missing", "unexpected", "still_meta"):
             names = getattr(self, what)
             if names:
@@ -296,9 +301,14 @@ def set_tensor(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
 def load_base_weights(cm: "CompiledModel", path: Union[str, os.PathLike], *, strict: bool = True,
                       key_map: Optional[KeyMap] = None, extra: Optional[Mapping[str, torch.Tensor]] = None,
                       cast: bool = False, init_adapters: bool = True,
-                      device: Union[str, torch.device] = "cpu") -> LoadReport:
+                      device: Union[str, torch.device] = "cpu",
+                      shard: Optional[tuple[int, int]] = None) -> LoadReport:
     """Load base weights from a safetensors checkpoint into ``cm``'s graph; see the module doc
-    and :meth:`CompiledModel.load_base_weights`."""
+    and :meth:`CompiledModel.load_base_weights`.
+
+    ``shard=(rank, world)`` (a sharded data-parallel step's load): every frozen floating-point
+    weight in plain form is read as this rank's ``1/world`` slice only (``report.shards``); its
+    graph tensor stays on meta, so the whole weight never exists in this process."""
     load_plugins()
     gm = cm.graph_module
     if cm._bank is not None and any(t.is_meta for t in gm.parameters()):
@@ -313,6 +323,14 @@ def load_base_weights(cm: "CompiledModel", path: Union[str, os.PathLike], *, str
     pending = _pending_adapters(gm) if init_adapters else {}
     device = torch.device(device)
     for target, src in todo:
+        if shard is not None and _shardable(gm, target):
+            report.shards[target.name] = part = _read_shard(src, target, shard, device)
+            report.bytes += part.numel() * part.element_size()
+            report.loaded += 1
+            if pending.get(target.name):
+                report.adapters_initialized += _init_adapters_of_shard(cm, target, src, pending.pop(target.name),
+                                                                       device, cast)
+            continue
         value = _read(src[2], src[1]) if src[0] == "file" else src[1].detach()
         if cast and value.dtype != target.dtype:
             value = value.to(target.dtype)
@@ -329,7 +347,7 @@ def load_base_weights(cm: "CompiledModel", path: Union[str, os.PathLike], *, str
             report.bytes += value.numel() * value.element_size()
         report.loaded += 1
         del value  # the file's pages go with the last view of them
-    report.still_meta = sorted(n for n in roles(gm) if get_tensor(gm, n).is_meta)
+    report.still_meta = sorted(n for n in roles(gm) if get_tensor(gm, n).is_meta and n not in report.shards)
     if report.loaded:
         retarget(gm, device)
     cm._weights_changed()
@@ -338,6 +356,58 @@ def load_base_weights(cm: "CompiledModel", path: Union[str, os.PathLike], *, str
                     "cm.load_adapter) before running the model", len(report.still_meta), _some(report.still_meta))
     log.info("%s", report)
     return report
+
+
+def _shardable(gm: fx.GraphModule, target: _Target) -> bool:
+    """A frozen floating-point weight in plain form: what a sharded load reads as its shard
+    (stored forms are encoded from the whole float weight, so they load whole)."""
+    return target.fmt is None and roles(gm).get(target.name) == Role.FROZEN and target.dtype.is_floating_point
+
+
+def _read_shard(src: Any, target: _Target, shard: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """This rank's flat shard of one weight (``shard_of`` of the whole, bit for bit), read
+    from the file as the rows that hold it: at most the shard plus two rows is ever read."""
+    from .training.distributed import pad_shard, shard_range
+
+    rank, world = shard
+    numel = 1
+    for d in target.shape:
+        numel *= d
+    start, stop, chunk = shard_range(numel, rank, world)
+    if src[0] != "file":
+        part = src[1].detach().reshape(-1)[start:stop]
+    elif not target.shape or start >= stop:
+        part = _read(src[2], src[1]).reshape(-1)[start:stop]  # a scalar, or an empty shard
+    else:
+        row = numel // target.shape[0]
+        first, last = start // row, -(-stop // row)
+        from safetensors import safe_open
+
+        with safe_open(src[2], framework="pt") as f:
+            rows = f.get_slice(src[1])[first:last]
+        part = rows.reshape(-1)[start - first * row:stop - first * row]
+    if part.dtype != target.dtype:
+        part = part.to(target.dtype)
+    return pad_shard(part.to(device), chunk)
+
+
+def _init_adapters_of_shard(cm: "CompiledModel", target: _Target, src: Any,
+                            pending: list[tuple[str, dict[str, Any]]], device: torch.device, cast: bool) -> list[str]:
+    """Initialize the meta adapters on a weight loaded as a shard. Methods whose initialization
+    reads only the weight's shape (LoRA) get it from a fake weight; one that reads its values
+    (DoRA's magnitude) gets the whole weight read once, as a plain load would."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    try:
+        tensors = [_layer_adapter_tensors(cm, rec, None, stand_in=target) for _, rec in pending]
+        if not any(isinstance(t, FakeTensor) or t.is_meta for ts in tensors for t in ts.values()):
+            return _init_adapters(cm, target.name, torch.empty(0), pending, device, given=tensors)
+    except Exception:  # noqa: BLE001 - reading the weight's values on meta fails: read it below
+        pass
+    log.info("initializing the adapters of %s reads its whole weight once", target.name)
+    value = _read(src[2], src[1]) if src[0] == "file" else src[1].detach()
+    value = value.to(target.dtype) if cast and value.dtype != target.dtype else value
+    return _init_adapters(cm, target.name, value, pending, device)
 
 
 def retarget(gm: fx.GraphModule, device: Union[str, torch.device], source: Optional[str] = "meta",
@@ -373,14 +443,16 @@ def _pending_adapters(gm: fx.GraphModule) -> dict[str, list[tuple[str, dict[str,
 
 
 def _init_adapters(cm: "CompiledModel", weight: str, value: torch.Tensor,
-                   pending: list[tuple[str, dict[str, Any]]], device: torch.device) -> list[str]:
+                   pending: list[tuple[str, dict[str, Any]]], device: torch.device,
+                   given: Optional[list[dict[str, torch.Tensor]]] = None) -> list[str]:
     """Initialize the meta adapters on ``weight``'s layer from its real value: the method's own
     rewrite, run on a graph of that one layer, gives the tensors a compile from real weights
-    gives (same rule, same seed); they are copied into ``cm``'s graph by name."""
+    gives (same rule, same seed); they are copied into ``cm``'s graph by name (``given``: the
+    tensors per pending adapter, already made)."""
     done = []
-    for aid, rec in pending:
+    for i, (aid, rec) in enumerate(pending):
         try:
-            tensors = _layer_adapter_tensors(cm, rec, value)
+            tensors = given[i] if given is not None else _layer_adapter_tensors(cm, rec, value)
         except Exception as e:  # noqa: BLE001 - a method that cannot init on one layer stays meta (reported)
             log.warning("could not initialize adapter %s (%s) from its weight: %s; load it with cm.load_adapter",
                         aid, rec["method"], e)
@@ -393,8 +465,12 @@ def _init_adapters(cm: "CompiledModel", weight: str, value: torch.Tensor,
     return done
 
 
-def _layer_adapter_tensors(cm: "CompiledModel", rec: dict[str, Any], value: torch.Tensor) -> dict[str, torch.Tensor]:
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def _layer_adapter_tensors(cm: "CompiledModel", rec: dict[str, Any], value: Optional[torch.Tensor],
+                           stand_in: Optional[_Target] = None) -> dict[str, torch.Tensor]:
+    """The adapter tensors of ``rec`` made from its layer's weight ``value`` (``stand_in``: from
+    a fake weight of that shape on the CPU instead, whose values cannot be read: a method that
+    reads them returns fake tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     from .infra import PassContext
     from .rewrite import MatchResult
@@ -408,7 +484,10 @@ def _layer_adapter_tensors(cm: "CompiledModel", rec: dict[str, Any], value: torc
     rewrite = next(iter(getattr(method.make_pass([rule]), "rules", [])), None)
     if rewrite is None or not hasattr(rewrite, "rewrite"):
         raise WeightsError(f"{rec['method']} has no per-layer rewrite")
-    mini = _layer_graph(gm, rec, value, FakeTensorMode(allow_non_fake_inputs=True))
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    if stand_in is not None:
+        value = FakeTensor(mode, torch.empty(stand_in.shape, dtype=stand_in.dtype, device="meta"), torch.device("cpu"))
+    mini = _layer_graph(gm, rec, value, mode)
     layer = next(l for l in find_layers(mini) if l.path == rec["layer"])
     seed = cm._ctx.seed if cm._ctx is not None else 0
     ctx = PassContext(plan=cm.plan, verify=False, seed=seed)

@@ -222,7 +222,7 @@ def test_sharded_frozen_weights_store_half_and_train_the_same(two_ranks: dict[st
         assert after == sharded["shard_bytes"] and sharded["released"] == 4 * sum(whole.values())
         assert sharded["meta"] == sorted(whole)
         assert "released by a sharded" in sharded["refused"]["forward"]
-        assert "batch shapes compiled before" in sharded["refused"]["new_shape"]
+        assert "new_shape" not in sharded["refused"]  # another batch shape trains on the same shards
         for i in range(STEPS):
             assert all(torch.equal(sharded["params"][i][k], r["params"][i][k]) for k in r["params"][i])
 

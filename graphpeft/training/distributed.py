@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -47,6 +47,28 @@ COMMUNICATION_META = "communication"
 COMMUNICATE_PHASE = "communicate"
 #: roles whose bytes full fine-tuning would all-reduce (the base model's own weights)
 BASE_WEIGHT_ROLES = (Role.FROZEN, Role.TRAINABLE, Role.TRAINABLE_SLICE)
+#: the sharded graph stores a frozen weight's shard under ``<name><SHARD_SUFFIX>``
+SHARD_SUFFIX = "_shard"
+
+
+def shard_range(numel: int, rank: int, world: int) -> tuple[int, int, int]:
+    """``(start, stop, chunk)``: the elements of a flattened tensor of ``numel`` elements that
+    ``rank`` stores, and the shard's length (the tensor is zero-padded to ``world * chunk``)."""
+    chunk = -(-numel // world)
+    return min(rank * chunk, numel), min((rank + 1) * chunk, numel), chunk
+
+
+def pad_shard(part: Tensor, chunk: int) -> Tensor:
+    """``part`` (a flat slice) as a shard of its own memory, zero-padded to ``chunk`` elements."""
+    return torch.nn.functional.pad(part, (0, chunk - part.numel())) if part.numel() < chunk else part.clone()
+
+
+def shard_of(t: Tensor, rank: int, world: int) -> Tensor:
+    """This rank's part of ``t`` flattened and zero-padded to a multiple of ``world`` (a copy;
+    only the shard is padded, so no second whole-size tensor is made)."""
+    flat = t.detach().reshape(-1)
+    start, stop, chunk = shard_range(flat.numel(), rank, world)
+    return pad_shard(flat[start:stop], chunk)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,10 +163,12 @@ class CommunicationReport:
 
 
 def data_parallel_graph(gm: fx.GraphModule, group: ProcessGroupInfo, options: "TrainingOptions",
-                        release: Optional[Callable[[str], None]] = None) -> fx.GraphModule:
+                        release: Optional[Callable[[str], None]] = None,
+                        shards: Optional[Mapping[str, Tensor]] = None) -> fx.GraphModule:
     """A copy of the single-device training graph ``gm`` (sharing its tensors) with the
     collectives inserted by the ``allreduce_gradients`` pass; ``gm`` is unchanged. With
-    ``shard_frozen``, ``release(name)`` is called as each frozen weight's shard is stored."""
+    ``shard_frozen``, ``release(name)`` is called as each frozen weight's shard is stored, and
+    ``shards`` (name -> this rank's shard) are used as they are (their whole tensors may be meta)."""
     from .step import verify_training
 
     names = [ALLREDUCE_PASS] + ([SHARD_PASS] if options.shard_frozen else [])
@@ -156,7 +180,7 @@ def data_parallel_graph(gm: fx.GraphModule, group: ProcessGroupInfo, options: "T
                                      bucket_cap_bytes=int(options.bucket_cap_mb * (1 << 20)))]
     if options.shard_frozen:
         passes.append(PASSES[SHARD_PASS](group_name=group.group_name, world_size=group.world_size, rank=group.rank,
-                                         release=release))
+                                         release=release, shards=shards))
     ctx = PassContext(verify=options.verify, hooks=list(options.hooks))
     dp = PassManager(verifier=verify_training).run(dp, Pipeline("data_parallel", passes), ctx).gm
     log.info("%s", graph_meta(dp).get(COMMUNICATION_META))
@@ -266,6 +290,7 @@ def check_same_frozen(gm: fx.GraphModule) -> None:
 
 
 __all__ = ["ALLREDUCE_PASS", "COMMUNICATE_PHASE", "COMMUNICATION_META", "CommunicationReport", "ProcessGroupInfo", "SHARD_PASS",
+           "SHARD_SUFFIX", "pad_shard", "shard_of", "shard_range",
            "barrier", "broadcast_from_rank0", "check_same_frozen", "data_parallel_graph", "held_frozen_bytes",
            "release_whole_weights",
            "is_main_process", "process_group"]

@@ -36,7 +36,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -49,7 +49,7 @@ from ..infra import PassContext, PassHook, PassManager, Pipeline, TimingHook, co
 from .losses import Loss, LossSpec, make_loss
 from .head_loss import FusedHeadLoss, find_head, without_logits
 from .optim import STEP_KEY, Optimizer, make_optimizer
-from .distributed import (COMMUNICATION_META, CommunicationReport, ProcessGroupInfo, barrier, broadcast_from_rank0,
+from .distributed import (COMMUNICATION_META, SHARD_SUFFIX, CommunicationReport, ProcessGroupInfo, barrier, broadcast_from_rank0,
                           check_same_frozen, data_parallel_graph, held_frozen_bytes, is_main_process, process_group,
                           release_whole_weights)
 from ..registry import PASSES, get_backend, get_method, load_plugins
@@ -644,8 +644,11 @@ def lower_forward(gm: fx.GraphModule, options: TrainingOptions) -> fx.GraphModul
 
 
 def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, batch: Sequence[Tensor],
-                        options: TrainingOptions, lr: Optional[float] = None) -> fx.GraphModule:
-    """Trace one training step of ``cm`` for ``batch`` into a graph (no passes run yet)."""
+                        options: TrainingOptions, lr: Optional[float] = None,
+                        stand_ins: Collection[str] = ()) -> fx.GraphModule:
+    """Trace one training step of ``cm`` for ``batch`` into a graph (no passes run yet).
+    ``stand_ins``: frozen tensors that are meta here but real on every rank as shards (a sharded
+    step's released weights): traced as fake tensors on the device of the others."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     was_training = cm.training
@@ -679,7 +682,8 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
     out_spec = cm._traced.out_spec
     params = [get_tensor(src, n).detach() for n in param_names]
     consts = [get_tensor(src, n).detach() for n in const_names]
-    if any(t.is_meta for t in params + consts):
+    fake_mode = None
+    if any(t.is_meta for n, t in zip(param_names + const_names, params + consts) if n not in stand_ins):
         # a model compiled on the meta device (its memory report): trace every tensor on meta,
         # real ones (buffers of accelerate.init_empty_weights, the batch) included, as fake
         # tensors must share one device
@@ -688,6 +692,9 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
         params, consts = [t.to("meta") for t in params], [t.to("meta") for t in consts]
         batch = [t.to("meta") if isinstance(t, Tensor) else t for t in batch]
         src = retarget(copy_graph(src), "meta", source=None, fake_values=False)
+    elif any(t.is_meta for t in consts):
+        fake_mode, consts = _fake_stand_ins(const_names, consts, params, stand_ins)
+        params, batch = [fake_mode.from_tensor(t) for t in params], [_fake(fake_mode, t) for t in batch]
     state = optimizer.init_state(dict(zip(param_names, params)))
     lr_value = float(optimizer.lr if lr is None else lr)
     # methods with a step of their own after the optimizer's (SoRA's proximal L1 step)
@@ -869,6 +876,27 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
     return gm
 
 
+def _fake_stand_ins(const_names: Sequence[str], consts: Sequence[Tensor], params: Sequence[Tensor],
+                    stand_ins: Collection[str]) -> tuple[Any, list[Tensor]]:
+    """A fake mode and the constants as its fake tensors: each meta stand-in on the device of
+    the real tensors (its values are never read: the trace needs shapes, dtypes and strides)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    mode = FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True)  # as make_fx's own fake tracing
+    device = next((t.device for t in [*params, *consts] if not t.is_meta), torch.device("cpu"))
+    out = []
+    for name, t in zip(const_names, consts):
+        if t.is_meta and name not in stand_ins:
+            raise TraceError(f"internal: {name} is on the meta device but is no released weight")
+        out.append(FakeTensor(mode, t, device) if t.is_meta else mode.from_tensor(t))
+    return mode, out
+
+
+def _fake(mode: Any, t: Any) -> Any:
+    return mode.from_tensor(t) if isinstance(t, Tensor) else t
+
+
 def _rename(node: fx.Node, name: str) -> None:
     try:
         node._rename(name)  # type: ignore[attr-defined]
@@ -1039,8 +1067,11 @@ def _batch_key(batch: Sequence[Any]) -> tuple:
 
 
 def _on_meta(cm: "CompiledModel") -> bool:
-    """Whether ``cm`` holds tensors on the meta device (compiled without weights)."""
-    return any(t.is_meta for t in cm.graph_module.parameters()) or any(t.is_meta for t in cm.graph_module.buffers())
+    """Whether ``cm`` holds tensors on the meta device (compiled without weights); whole weights
+    a sharded data-parallel step released (or read as shards only) do not count."""
+    released = cm.__dict__.get("_released_weights", set())
+    gm = cm.graph_module
+    return any(t.is_meta and n not in released for n, t in (*gm.named_parameters(), *gm.named_buffers()))
 
 
 class TrainingStep:
@@ -1081,6 +1112,9 @@ class TrainingStep:
         #: frozen weights released after sharding (``shard_frozen=True``)
         self._released: set[str] = set()
         self._released_bytes = 0
+        #: this rank's shard of each sharded frozen weight (read by a sharded load, or stored by
+        #: the first sharded graph): every batch shape's sharded graph shares them
+        self._shards: dict[str, Tensor] = {}
         batch = self.options.example_batch
         if batch is None:
             batch = self._default_batch()
@@ -1117,7 +1151,8 @@ class TrainingStep:
             self.cm._check_inputs(list(batch[:n_in]))  # a wrong dtype/rank: InputError naming the signature
         timing = TimingHook()
         start = time.perf_counter()
-        gm = trace_training_step(self.cm, self.loss, self.optimizer, batch, self.options, self.lr)
+        gm = trace_training_step(self.cm, self.loss, self.optimizer, batch, self.options, self.lr,
+                                 stand_ins=self._shards)
         traced_at = time.perf_counter()
         names = list(self.options.passes if self.options.passes is not None else DEFAULT_TRAINING_PASSES)
         if self.options.memory_budget is not None:  # met by passes/memory/rematerialize.py
@@ -1166,7 +1201,7 @@ class TrainingStep:
         """Run one training step on ``batch``; returns the loss (a detached scalar; with
         ``data_parallel``, this rank's part of the batch and the global mean loss)."""
         self._check_weights(batch)
-        if self._released and _batch_key(batch) not in self._graphs:
+        if self._released - self._shards.keys() and _batch_key(batch) not in self._graphs:
             raise WeightsError(f"this sharded step released the whole frozen weights (shard_frozen=True): it runs "
                                f"the batch shapes compiled before ({[k for k in self._graphs]}), not {_batch_key(batch)}; "
                                "compile with example_batch=... per shape first, or with shard_frozen='keep'")
@@ -1202,8 +1237,33 @@ class TrainingStep:
         and make the step ready to run on them: the optimizer state of a meta compile is
         created again (zeros) and the next real batch traces the step for real tensors (graphs
         traced on meta stay cached for their memory reports)."""
+        if self._dp is not None and self.options.shard_frozen is True:
+            return self._load_shards(path, options)
         report = self.cm.load_base_weights(path, **options)
         self._reinit_meta_state()
+        return report
+
+    def _load_shards(self, path: Union[str, os.PathLike], options: Mapping[str, Any]) -> Any:
+        """``shard_frozen=True``: each frozen weight is read as this rank's shard only; its whole
+        tensor stays meta (released), and every sharded graph stores the shard as it is read."""
+        from ..weights import load_base_weights
+
+        assert self._dp is not None
+        report = load_base_weights(self.cm, path, shard=(self._dp.rank, self._dp.world_size), **options)
+        names = list(report.shards)
+        release_whole_weights(names, [self.cm.graph_module, *self._graphs.values()])  # a reload into real weights
+        with torch.no_grad():
+            for name, part in report.shards.items():
+                held = self._shards.get(name)
+                if held is not None and held.shape == part.shape and held.dtype == part.dtype:
+                    held.copy_(part)  # sharded graphs built before store this very tensor
+                else:
+                    self._shards[name] = part
+        self._released.update(names)
+        self.cm.__dict__.setdefault("_released_weights", set()).update(names)
+        self.cm._weights_changed()
+        self._reinit_meta_state()
+        self._dp_synced = False  # rank 0's trainable tensors are broadcast again
         return report
 
     def _reinit_meta_state(self) -> None:
@@ -1229,7 +1289,12 @@ class TrainingStep:
                 if not self._dp_synced:
                     self._sync_ranks()  # the ranks' whole weights are compared first
                 release = self._release_whole_weight
-            self._dp_graphs[key] = dp = data_parallel_graph(gm, self._dp, self.options, release)
+            shards = self._shards if self.options.shard_frozen is True else None
+            self._dp_graphs[key] = dp = data_parallel_graph(gm, self._dp, self.options, release, shards)
+            if shards is not None:  # later batch shapes share the shards stored here
+                held = roles(dp)
+                shards.update({n: get_tensor(dp, n + SHARD_SUFFIX) for n in self._released
+                               if n not in shards and n + SHARD_SUFFIX in held})
             report = graph_meta(dp).get(COMMUNICATION_META)
             if release is not None and report is not None:
                 report.released_bytes, self._released_bytes = self._released_bytes, 0
@@ -1258,7 +1323,10 @@ class TrainingStep:
         graphs and, with ``data_parallel``, its sharded graphs (distinct storages only). With
         ``shard_frozen=True`` about ``1/world`` of the unsharded figure after the first step
         (when nothing else, e.g. the original ``nn.Module``, keeps the whole weights)."""
-        return held_frozen_bytes([self.cm.graph_module, *self._graphs.values(), *self._dp_graphs.values()])
+        held = held_frozen_bytes([self.cm.graph_module, *self._graphs.values(), *self._dp_graphs.values()])
+        counted = {t.untyped_storage().data_ptr() for g in self._dp_graphs.values() for t in g.parameters()}
+        return held + sum(t.untyped_storage().nbytes() for t in self._shards.values()
+                          if t.untyped_storage().data_ptr() not in counted)
 
     @property
     def distributed_graph_module(self) -> fx.GraphModule:
@@ -1267,6 +1335,9 @@ class TrainingStep:
         if self._dp is None:
             raise GraphPeftError("this step is not data-parallel: compile it with data_parallel=True")
         key = next(k for k, g in self._graphs.items() if g is self.graph_module)
+        if key[0][-1] == "meta" and any(k[0][-1] != "meta" for k in self._dp_graphs):
+            # compiled on meta, then loaded: the first shape that ran on real tensors
+            return next(g for k, g in self._dp_graphs.items() if k[0][-1] != "meta")
         return self._distributed_graph(key, self.graph_module)
 
     def communication_report(self) -> "CommunicationReport":

@@ -7,7 +7,9 @@ that exports see keeps its whole weights).
 Rule, per frozen floating-point weight the graph reads:
 
 * match: its ``get_attr`` node;
-* check (with a reason): a floating-point, contiguous tensor that is not on the meta device;
+* check (with a reason): a floating-point, contiguous tensor that is not on the meta device, or
+  one whose shard was made before (``shards``: read from the checkpoint by a sharded
+  ``load_base_weights``, its whole tensor never loaded);
 * rewrite: the graph keeps only this rank's ``1/world`` of the flattened weight (padded to a
   multiple of the world size) as ``<name>_shard``; each window of use — the forward's uses, then
   the backward's — gets the whole weight back with a ``_c10d_functional.all_gather_into_tensor``,
@@ -25,21 +27,21 @@ to the step's :class:`~graphpeft.training.distributed.CommunicationReport`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.fx as fx
 
+from graphpeft.errors import GraphPeftError
 from graphpeft.graph import META_KEY, Provenance, Role, get_tensor, graph_meta, register_tensor, remove_tensor, roles
 from graphpeft.infra import PassBase, PassContext, PassResult
 from graphpeft.registry import register_pass
 from graphpeft.training import phase_of
-from graphpeft.training.distributed import COMMUNICATE_PHASE, COMMUNICATION_META
+from graphpeft.training.distributed import COMMUNICATE_PHASE, COMMUNICATION_META, SHARD_SUFFIX, shard_of
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
 
-SHARD_SUFFIX = "_shard"
 #: phases whose uses of a weight make up its forward window (the rest: its backward window)
 FORWARD_PHASES = ("forward", "loss")
 
@@ -55,15 +57,6 @@ def check_shardable(t: torch.Tensor) -> Optional[str]:
     return None
 
 
-def shard_of(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """This rank's part of ``t`` flattened and zero-padded to a multiple of ``world`` (a copy;
-    only the shard is padded, so no second whole-size tensor is made)."""
-    flat = t.detach().reshape(-1)
-    chunk = -(-flat.numel() // world)
-    part = flat[min(rank * chunk, flat.numel()):(rank + 1) * chunk]
-    return torch.nn.functional.pad(part, (0, chunk - part.numel())) if part.numel() < chunk else part.clone()
-
-
 @register_pass
 class ShardFrozenWeights(PassBase):
     """Replaces every frozen weight by this rank's shard plus all-gathers before its uses."""
@@ -71,10 +64,14 @@ class ShardFrozenWeights(PassBase):
     name = "shard_frozen_weights"
 
     def __init__(self, group_name: str = "", world_size: int = 1, rank: int = 0,
-                 release: Optional[Callable[[str], None]] = None) -> None:
+                 release: Optional[Callable[[str], None]] = None,
+                 shards: Optional[Mapping[str, torch.Tensor]] = None) -> None:
         self.group_name = group_name
         self.world_size = int(world_size)
         self.rank = int(rank)
+        #: this rank's shards made before (read from the checkpoint by a sharded load, or stored
+        #: by an earlier batch shape's graph): used as they are, the whole tensor may be meta
+        self.shards = dict(shards or {})
         #: called with each weight's name once its shard is stored: the caller drops the whole
         #: tensor from its other graphs, so a rank never holds every whole weight and every shard
         self.release = release
@@ -87,24 +84,26 @@ class ShardFrozenWeights(PassBase):
         first_op = next(n for n in nodes if n.op not in ("placeholder", "get_attr"))
         windows: list[tuple[int, fx.Node, list[fx.Node], fx.Node, torch.Size]] = []
         stored = gathered = 0
+        pos = {n: i for i, n in enumerate(nodes)}
         for attr in [n for n in nodes if n.op == "get_attr" and role_map.get(n.target) == Role.FROZEN]:
             weight = get_tensor(gm, attr.target)
-            why = check_shardable(weight)
+            shard = self._given_shard(attr.target, weight)
+            why = None if shard is not None else check_shardable(weight)
             if why:
                 self.declined[attr.target] = why
                 continue
-            shard = shard_of(weight, self.rank, self.world_size)
+            if shard is None:
+                shard = shard_of(weight, self.rank, self.world_size)
             register_tensor(gm, attr.target + SHARD_SUFFIX, shard, Role.FROZEN)
             with gm.graph.inserting_before(first_op):
                 shard_node = gm.graph.get_attr(attr.target + SHARD_SUFFIX)
             self._tag(shard_node, attr.target, "shard", _fake_like(attr, shard.shape))
             stored += shard.numel() * shard.element_size()
             shape = weight.shape
-            if self.release is not None:  # the whole tensor leaves this graph and the caller's
+            if self.release is not None and not weight.is_meta:  # the whole tensor leaves this graph and the caller's
                 register_tensor(gm, attr.target, torch.empty_like(weight, device="meta"), Role.FROZEN)
                 del weight
                 self.release(attr.target)
-            pos = {n: i for i, n in enumerate(nodes)}
             for group in self._windows(attr):
                 windows.append((min(pos[u] for u in group), attr, group, shard_node, shape))
                 gathered += shard.numel() * shard.element_size() * self.world_size
@@ -123,6 +122,17 @@ class ShardFrozenWeights(PassBase):
                 report, frozen_shard_bytes=stored, gathered_bytes=gathered, frozen_whole=dict(self.declined),
                 frozen_sharded=sorted({w[1].target for w in windows}))
         return PassResult(gm, bool(windows))
+
+    def _given_shard(self, name: str, weight: torch.Tensor) -> Optional[torch.Tensor]:
+        """The shard of ``name`` made before, checked against the weight's size and dtype."""
+        shard = self.shards.get(name)
+        if shard is None:
+            return None
+        chunk = -(-weight.numel() // self.world_size)
+        if tuple(shard.shape) != (chunk,) or shard.dtype != weight.dtype:
+            raise GraphPeftError(f"the shard given for {name} is {shard.dtype} {list(shard.shape)}; "
+                                 f"{self.world_size} ranks need {weight.dtype} [{chunk}] (reload the weights)")
+        return shard
 
     @staticmethod
     def _windows(attr: fx.Node) -> list[list[fx.Node]]:
