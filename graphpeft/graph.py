@@ -304,7 +304,7 @@ class Layer:
     """One weight-carrying op of the graph, named by its module path."""
 
     path: str
-    kind: str  # "linear" | "conv" | "embedding" | "norm" (see find_norms)
+    kind: str  # "linear" | "conv" | "embedding" | "norm" (find_norms) | "parameter" (find_parameters)
     node: fx.Node
     weight: str
     bias: Optional[str]
@@ -443,6 +443,43 @@ def find_norms(gm: fx.GraphModule) -> list[Layer]:
     for layer in norms:
         layer.deepest_index = max(indices, default=None)
     return norms
+
+
+#: ``graph_meta`` key: module paths whose 3-D parameters are stored ``(experts, in, out)``
+#: (a module's ``is_transposed``, which PEFT's ``ParamWrapper`` reads); recorded at trace time
+TRANSPOSED_MODULES_KEY = "transposed_modules"
+
+
+def find_parameters(gm: fx.GraphModule) -> list[Layer]:
+    """Every floating-point 2-D or 3-D model parameter the graph reads, in model order, as a
+    :class:`Layer` of kind ``"parameter"`` named by the parameter's own path
+    (``model.layers.0.mlp.experts.gate_up_proj``): the candidates of PEFT's
+    ``target_parameters``, LoRA on the tensor itself wherever the graph reads it.
+
+    Features follow PEFT's ``ParamWrapper``: a 2-D ``(out, in)``; a 3-D ``(experts, out, in)``,
+    or ``(experts, in, out)`` (``fan_in_fan_out``) when its module sets ``is_transposed``.
+    ``node`` is the first ``get_attr`` reading it.
+    """
+    role_map = roles(gm)
+    first: dict[str, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and META_KEY not in node.meta and role_map.get(node.target) in (Role.FROZEN,
+                                                                                                Role.TRAINABLE):
+            first.setdefault(node.target, node)
+    transposed = set(graph_meta(gm).get(TRANSPOSED_MODULES_KEY) or ())
+    found = []
+    for name in role_map:  # model order: PEFT nests the wrappers of one module in this order
+        tensor = get_tensor(gm, name) if name in first else None
+        if tensor is None or tensor.dim() not in (2, 3) or not tensor.is_floating_point():
+            continue
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        user = next(iter(first[name].users), None)
+        cls = _module_of(user, name)[1] if user is not None else ""
+        flip = tensor.dim() == 3 and owner in transposed
+        out_f, in_f = (tensor.shape[-1], tensor.shape[-2]) if flip else (tensor.shape[-2], tensor.shape[-1])
+        found.append(Layer(name, "parameter", first[name], name, None, in_f, out_f, cls, fan_in_fan_out=flip))
+    _set_deepest(found)
+    return found
 
 
 #: the convolution ops a layer can be (``padding="same"``/``"valid"`` give the ``.padding`` forms)

@@ -54,6 +54,7 @@ from .paths import check_output_folder
 from .graph import (DEFAULT_ADAPTER, Layer, Role, adapter_name_of, adapters, find_layers, get_tensor, graph_meta,
                     register_tensor, roles, unscoped_tensor_name)
 from .plan import Plan, Rule
+from .trace import CLASSIFIER_HEAD_KEY, classifier_head_path
 from .registry import METHODS, RULES, get_method, load_plugins
 
 if TYPE_CHECKING:
@@ -120,18 +121,21 @@ def _fixed_note(config: dict[str, Any]) -> str:
 
 
 def plan_from_peft(config: dict[str, Any], layers: Sequence[Layer], method: Optional[str] = None,
-                   input_embeddings: Optional[str] = None) -> Plan:
+                   input_embeddings: Optional[str] = None, classifier_head: Optional[str] = None) -> Plan:
     """The plan equivalent to a PEFT adapter config, for a model with ``layers``.
 
     Per-layer overrides (LoRA's ``rank_pattern`` / ``alpha_pattern``) become one rule per group
     of layers that share their values, matched as PEFT matches them. ``modules_to_save`` and
     LoRA's ``trainable_token_indices`` become rules of their own; the latter's list form names
     the model's ``input_embeddings`` (a module path; PEFT falls back on ``embed_tokens``).
+    LoRA's ``target_parameters`` become the rule's own. ``target_modules="all-linear"`` with
+    ``task_type="SEQ_CLS"`` leaves out ``classifier_head`` too (the model's ``score`` or
+    ``classifier``: :func:`graphpeft.trace.classifier_head_path`), as PEFT does.
     """
     m = method_for(config, method)
     known = (IGNORED | set(COMMON_OPTIONS.values()) | set(m.peft_options.values()) | set(m.peft_fixed)
-             | set(m.peft_patterns) | {"modules_to_save"} | ({"trainable_token_indices"} if m.peft_type == "LORA"
-                                                               else set()))
+             | set(m.peft_patterns) | {"modules_to_save"}
+             | ({"trainable_token_indices", "target_parameters"} if m.peft_type == "LORA" else set()))
     unsupported = sorted(k for k, v in config.items()
                          if k not in known and v not in _DEFAULTISH and v != {} and v != [])
     if unsupported:
@@ -142,9 +146,15 @@ def plan_from_peft(config: dict[str, Any], layers: Sequence[Layer], method: Opti
         value = config.get(theirs)
         if value is not None and value != []:
             body[ours] = sorted(value) if isinstance(value, (set, frozenset)) else value
-    if "targets" not in body:
+    if m.peft_type == "LORA" and config.get("target_parameters"):
+        body["target_parameters"] = list(config["target_parameters"])
+        if any(config.get(k) for k in m.peft_patterns):
+            raise AdapterFileError("the PEFT config has target_parameters and rank_pattern/alpha_pattern together, "
+                                   "which graphpeft does not import yet; save the adapter without per-layer patterns")
+    if "targets" not in body and "target_parameters" not in body:
         raise AdapterFileError("the PEFT config has no target_modules: save it again from a PEFT model (saved "
                                "configs list the modules PEFT adapted)")
+    _exclude_classifier(body, config, classifier_head)
     try:
         rule = m.rule.from_body(body)
     except PlanError as e:
@@ -171,6 +181,22 @@ def plan_from_peft(config: dict[str, Any], layers: Sequence[Layer], method: Opti
         except (PlanError, TypeError) as e:
             raise AdapterFileError(f"the PEFT config's per-layer values {dict(overrides)} do not fit: {e}") from e
     return Plan([*(rules or [rule]), *saved])
+
+
+def _exclude_classifier(body: dict[str, Any], config: dict[str, Any], head: Optional[str]) -> None:
+    """PEFT's ``"all-linear"`` under ``task_type="SEQ_CLS"`` also leaves the classification head
+    out (``_maybe_include_all_linear_layers``): add its exact path to the rule's ``exclude``."""
+    targets = body.get("targets")
+    if head is None or config.get("task_type") != "SEQ_CLS" or not (
+            isinstance(targets, str) and targets.lower() == "all-linear"):
+        return
+    exclude = body.get("exclude")
+    if exclude is None:
+        body["exclude"] = re.escape(head)
+    elif isinstance(exclude, str):
+        body["exclude"] = f"(?:{exclude})|{re.escape(head)}"
+    else:
+        body["exclude"] = [*exclude, head]
 
 
 def _modules_to_save_rule(config: dict[str, Any]) -> list[Rule]:
@@ -223,11 +249,24 @@ def _file_keys(m: "AdapterMethod", recs: Sequence[dict[str, Any]], adapter_name:
                 unsaved.add(key)
             elif rec["method"] == TOKENS and m.name != TOKENS:
                 special[key] = f"{PREFIX}{rec['layer']}.token_adapter.trainable_tokens_delta"
+            elif rec["kind"] == "parameter":
+                # PEFT names a parameter's tensors after its module (nested wrappers: base_layer.)
+                special[key] = f"{PREFIX}{_parameter_prefix(rec, recs)}.{key.rsplit('.', 2)[-2]}.weight"
             elif _attention_out_proj(rec) and key.startswith(rec["layer"] + "."):
                 # PEFT wraps the attention module; its out_proj sits under the wrapper's base_layer
                 parent = rec["layer"].rsplit(".", 1)[0]
                 special[key] = f"{PREFIX}{parent}.base_layer.out_proj{key[len(rec['layer']):]}"
     return {k: special.get(k) or m.peft_key(k) for k in live if k not in unsaved}
+
+
+def _parameter_prefix(record: dict[str, Any], records: Sequence[dict[str, Any]]) -> str:
+    """PEFT's module path for the tensors of an adapter on a parameter (``target_parameters``):
+    the owning module, under one ``base_layer.`` per parameter of that module adapted after it
+    (PEFT wraps them in model order, each ``ParamWrapper`` around the previous one)."""
+    module = record["layer"].rsplit(".", 1)[0]
+    later = [r for r in records if r["kind"] == "parameter" and r["layer"].rsplit(".", 1)[0] == module
+             and r["order"] > record["order"]]
+    return module + ".base_layer" * len(later)
 
 
 def _attention_out_proj(rec: dict[str, Any]) -> bool:
@@ -249,7 +288,7 @@ def _peft_targets(recs: Sequence[dict[str, Any]], adapter_name: str) -> list[str
         raise AdapterFileError(f"adapter {adapter_name!r} adapts {alone} without their nn.MultiheadAttention's "
                                "in_proj: PEFT adapts both together (it would ignore out_proj alone); target the "
                                "attention module, or save with cm.save_adapter")
-    return [r["layer"] for r in recs if not _attention_out_proj(r)]
+    return [r["layer"] for r in recs if not _attention_out_proj(r) and r["kind"] != "parameter"]
 
 
 def saved_modules(cm: "CompiledModel") -> dict[str, list[str]]:
@@ -338,11 +377,15 @@ def peft_config(cm: "CompiledModel", adapter_name: str = DEFAULT_ADAPTER) -> dic
     config.update({
         "modules_to_save": sorted(modules) or None,
         "target_modules": _peft_targets(recs, adapter_name),  # exactly our layers, whatever the rules said
-        "fan_in_fan_out": any(r.get("fan_in_fan_out") for r in recs),
+        # a 3-D parameter stored (experts, in, out) is its module's is_transposed, not fan_in_fan_out
+        "fan_in_fan_out": any(r.get("fan_in_fan_out") for r in recs if r["kind"] != "parameter"),
         "task_type": None,
         "base_model_name_or_path": None,
         "inference_mode": True,
     })
+    params = [r["layer"] for r in recs if r["kind"] == "parameter"]
+    if params:
+        config["target_parameters"] = params  # exactly our parameters (PEFT matches them as suffixes)
     if tokens:
         if m.peft_type != "LORA":
             raise AdapterFileError(f"adapter {adapter_name!r} has trainable tokens beside {m.name}: PEFT holds them "
@@ -417,7 +460,8 @@ def import_peft(model: Union[torch.nn.Module, "CompiledModel"], folder: Union[st
                                "gp.import_peft(base_model, folder, example_inputs)")
     if isinstance(model, CompiledModel):
         cm = model
-        plan = plan_from_peft(config, find_layers(cm.graph_module), method)
+        plan = plan_from_peft(config, find_layers(cm.graph_module), method,
+                              classifier_head=graph_meta(cm.graph_module).get(CLASSIFIER_HEAD_KEY))
         _add(cm, adapter_name, plan, seed)
     else:
         traced_layers = None
@@ -425,7 +469,8 @@ def import_peft(model: Union[torch.nn.Module, "CompiledModel"], folder: Union[st
             from .trace import trace
 
             traced_layers = find_layers(trace(model, example_inputs, example_kwargs).gm)
-        plan = plan_from_peft(config, traced_layers or [], method, _input_embeddings(model))
+        plan = plan_from_peft(config, traced_layers or [], method, _input_embeddings(model),
+                              classifier_head_path(model))
         try:
             cm = compile_model(model, plan if adapter_name == DEFAULT_ADAPTER else Plan([]), example_inputs,
                                example_kwargs, seed=seed, **compile_options)

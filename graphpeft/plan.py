@@ -25,7 +25,7 @@ import re
 from typing import Any, ClassVar, Iterable, Optional, Sequence, Union
 
 from .errors import PlanError
-from .graph import META_KEY, Layer, find_layers, find_norms
+from .graph import META_KEY, Layer, find_layers, find_norms, find_parameters
 from .registry import RULES, load_plugins
 
 PLAN_VERSION = 1
@@ -143,6 +143,12 @@ class Rule:
         well as weight layers; such rules make :meth:`Plan.layers_of` include them."""
         return False
 
+    @property
+    def selects_parameters(self) -> bool:
+        """Whether the rule chooses among model parameters (:func:`~graphpeft.graph.find_parameters`,
+        PEFT's ``target_parameters``) as well; such rules make :meth:`Plan.layers_of` include them."""
+        return False
+
     # -- data form ---------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -167,6 +173,9 @@ class Rule:
                     raise PlanError(f"{cls.key}: give {ours!r} or PEFT's {alias!r}, not both")
                 body[ours] = body.pop(alias)
         unknown = sorted(set(body) - fields)
+        if "target_parameters" in unknown:
+            raise PlanError(f"{cls.key}: target_parameters (adapting a parameter itself) is an option of 'lora' only "
+                            "(PEFT's ParamWrapper is a LoRA layer); use a lora rule for those parameters")
         if unknown:
             hints = []
             for u in unknown:
@@ -384,10 +393,13 @@ class Plan:
 
     def layers_of(self, gm: Any) -> list[Layer]:
         """The candidates this plan's rules choose among in graph ``gm``: every weight layer
-        (:func:`~graphpeft.graph.find_layers`), plus the norm modules when a rule selects them."""
+        (:func:`~graphpeft.graph.find_layers`), plus the norm modules or the parameters
+        (``target_parameters``) when a rule selects them."""
         layers = find_layers(gm)
         if any(r.selects_norms for r in self.rules):
             layers += find_norms(gm)
+        if any(r.selects_parameters for r in self.rules):
+            layers += find_parameters(gm)
         return layers
 
     def resolve(self, layers: Sequence[Layer]) -> Resolution:

@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from .errors import InputError, TraceError
-from .graph import Role, attach_tensor, graph_meta, roles
+from .graph import TRANSPOSED_MODULES_KEY, Role, attach_tensor, graph_meta, roles
 from .linear_forms import canonicalize_linears
 from .opaque_ops import expand_grouped_mm
 
@@ -130,6 +130,33 @@ def linear_module_paths(model: torch.nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, kinds)]
 
 
+def transposed_modules(model: torch.nn.Module) -> list[str]:
+    """Module paths whose ``is_transposed`` is true: MoE experts storing ``(experts, in, out)``."""
+    return [name for name, m in model.named_modules() if getattr(m, "is_transposed", False) is True]
+
+
+#: ``graph_meta`` key: the classification head PEFT's ``"all-linear"`` leaves out with ``task_type="SEQ_CLS"``
+CLASSIFIER_HEAD_KEY = "classifier_head"
+#: attributes PEFT looks for, in order, as a sequence classifier's head (peft's ``SEQ_CLS_HEAD_NAMES``)
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")
+
+
+def classifier_head_path(model: torch.nn.Module) -> Optional[str]:
+    """The module PEFT's ``"all-linear"`` also excludes under ``task_type="SEQ_CLS"``: for a
+    transformers ``PreTrainedModel`` without output embeddings, its first attribute named
+    ``score`` or ``classifier`` (only that module: a head made of several linears, RoBERTa's
+    ``classifier.dense``/``out_proj``, keeps them selected, as in PEFT); else none."""
+    transformers = sys.modules.get("transformers")
+    pretrained = getattr(transformers, "PreTrainedModel", None) if transformers is not None else None
+    if pretrained is None or not isinstance(model, pretrained) or output_head_path(model) is not None:
+        return None
+    for attr in SEQ_CLS_HEAD_NAMES:
+        head = getattr(model, attr, None)
+        if isinstance(head, torch.nn.Module):
+            return next((name for name, module in model.named_modules() if module is head), None)
+    return None
+
+
 def trace(
     model: torch.nn.Module,
     example_inputs: Sequence[Any] = (),
@@ -164,6 +191,8 @@ def trace(
                          len(traced.gm.graph.nodes))
                 graph_meta(traced.gm)[OUTPUT_HEAD_KEY] = output_head_path(model)
                 graph_meta(traced.gm)[LINEAR_MODULES_KEY] = linear_module_paths(model)
+                graph_meta(traced.gm)[CLASSIFIER_HEAD_KEY] = classifier_head_path(model)
+                graph_meta(traced.gm)[TRANSPOSED_MODULES_KEY] = transposed_modules(model)
                 return traced
             except TraceError:
                 raise

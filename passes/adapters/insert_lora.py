@@ -37,6 +37,7 @@ from graphpeft.registry import register_method, register_pass, register_rule
 from graphpeft.rewrite import MatchResult
 from graphpeft.task_arithmetic import COMBINATIONS, combine as combine_tensors
 
+from .lora_parameters import UNSUPPORTED, LoRAParameterRewrite, delta_weight as parameter_delta, parameter_reason
 from .layer_rewrite import (LayerRewrite, LayerRewritePass, adapter_dropout, branch_builder, join_output, layer_calls,
                             layer_generator, layer_input, plain_conv, record_adapter, tied_weights_reason,
                             warn_large_rank)
@@ -62,6 +63,11 @@ class LoRA(Rule):
             std ``1/r``, B zero) or ``"random"`` (both random: a non-identity start, for tests).
         lora_bias: give B a trainable bias (PEFT's ``lora_bias``); merging adds it, scaled,
             to the layer's bias. Linear and conv layers; plain LoRA only.
+        target_parameters: parameters to adapt themselves (PEFT's ``target_parameters``; names
+            matched as a ``targets`` list: ``["experts.gate_up_proj"]``): the graph reads
+            ``W + ΔW`` where it read ``W``, 2-D or 3-D (MoE expert stacks, one ``A``/``B`` block
+            per expert; see ``lora_parameters``). ``targets`` may then be left out. Plain LoRA
+            without dropout or ``lora_bias`` (PEFT's ``ParamWrapper`` refuses them).
     """
 
     key: ClassVar[str] = "lora"
@@ -73,9 +79,11 @@ class LoRA(Rule):
     use_rslora: bool = False
     init: str = "default"
     lora_bias: bool = False
+    target_parameters: Optional[Sequence[str]] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._check_target_parameters()
         check_positive_int(self, "r")
         check_number(self, "alpha", "dropout")
         check_probability(self, "dropout")
@@ -84,11 +92,46 @@ class LoRA(Rule):
         if self.lora_bias and self.key != "lora":
             raise PlanError(f"{self.key}: lora_bias is an option of plain LoRA (PEFT has it for LoRA only, not DoRA)")
 
+    def _check_target_parameters(self) -> None:
+        tp = self.target_parameters
+        if tp is None:
+            return
+        if (not isinstance(tp, (list, tuple)) or not tp or not all(isinstance(t, str) and t for t in tp)):
+            raise PlanError(f"{self.key}: target_parameters must be a non-empty list of parameter names "
+                            f"(['experts.gate_up_proj']), got {tp!r}")
+        self.target_parameters = list(tp)
+        if self.key != "lora":
+            raise PlanError(f"{self.key}: target_parameters is an option of plain LoRA (PEFT's ParamWrapper refuses "
+                            "DoRA and other variants); use gp.LoRA for the parameters")
+        for option, why in UNSUPPORTED.items():
+            if getattr(self, option):
+                raise PlanError(f"{self.key}: {option} does not work with target_parameters ({why}; PEFT refuses it "
+                                "too); put the parameters in a rule of their own without it")
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> "Rule":
+        if isinstance(body, dict) and body.get("target_parameters") and not {"targets", "target_modules"} & set(body):
+            body = {**body, "targets": ""}  # parameters only: no layer targets
+        return super().from_body(body)
+
+    @property
+    def name(self) -> str:
+        if not self.target_parameters:
+            return super().name
+        layers = super().name[len(self.key) + 1:-1]
+        return f"{self.key}[{layers + ';' if layers else ''}params:{','.join(self.target_parameters)}]"
+
+    @property
+    def selects_parameters(self) -> bool:
+        return bool(self.target_parameters)
+
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def select(self, layer: Layer) -> Optional[str]:
+        if layer.kind == "parameter":
+            return self._select_parameter(layer)
         why = super().select(layer)
         if why is not None and self.key == "lora" and is_attention_out_proj(layer):
             # PEFT's LoRA on an nn.MultiheadAttention adapts its in_proj and its out_proj together
@@ -96,7 +139,19 @@ class LoRA(Rule):
                 return None
         return why
 
+    def _select_parameter(self, layer: Layer) -> Optional[str]:
+        wanted = self.target_parameters or []
+        if not any(layer.path == t or layer.path.endswith("." + t) for t in wanted):
+            return f"parameter does not match target_parameters {wanted!r}"
+        layers = self.layers if isinstance(self.layers, (list, tuple)) or self.layers is None else [self.layers]
+        if layers is not None and layer.layer_index not in {i if i >= 0 else (layer.deepest_index or 0) + 1 + i
+                                                            for i in layers}:
+            return f"layer index {layer.layer_index} is not in layers={list(layers)}"
+        return None
+
     def check(self, layer: Layer) -> Optional[str]:
+        if layer.kind == "parameter":
+            return parameter_reason(layer)
         warn_large_rank(self.key, self.r, layer)  # PEFT allows r > min(in, out): a warning, not a refusal
         # a module called several times: LoRA and DoRA put a branch at each call
         reason = tied_weights_reason(layer, calls_ok=self.key in ("lora", "dora"))
@@ -252,6 +307,11 @@ class InsertLoRA(LayerRewritePass):
     name = "insert_lora"
     rewrite_class = LoRARewrite
 
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        super().__init__(rules)
+        # target_parameters: a second rewrite per such rule, on the parameters' reads
+        self.rules += [LoRAParameterRewrite(r, self.name) for r in rules if r.selects_parameters]
+
 
 class LoRAMethod(AdapterMethod):
     name = "lora"
@@ -282,6 +342,9 @@ class LoRAMethod(AdapterMethod):
     def delta_weight(self, gm: fx.GraphModule, record: dict[str, Any]) -> torch.Tensor:
         a = get_tensor(gm, record["tensors"]["A"]).detach()
         b = get_tensor(gm, record["tensors"]["B"]).detach()
+        if record["kind"] == "parameter":
+            shape = get_tensor(gm, record["weight"]).shape
+            return parameter_delta(a, b, record["scaling"], shape, record["fan_in_fan_out"])
         if record["kind"] == "conv" and b.shape[1] != a.shape[0]:
             # B grouped: ΔW reads every input channel, a grouped weight only its group's
             raise PassError("merge_adapters", f"the LoRA adapter on {record['layer']} is on a grouped "
@@ -322,6 +385,9 @@ class LoRAMethod(AdapterMethod):
                            svd_rank: Optional[int] = None, **options: Any) -> dict[str, Any]:
         if any(b.get("lora_bias") for adapter in bodies for b in adapter):
             raise ValueError("adapters with lora_bias cannot be combined (PEFT has no rule for their biases)")
+        if any(b.get("target_parameters") for adapter in bodies for b in adapter):
+            raise ValueError("adapters on parameters (target_parameters) cannot be combined yet: their factors hold "
+                             "one block per expert")
         ranks = [max(b.get("r", LoRA.r) for b in adapter) for adapter in bodies]
         if combination_type in COMBINATIONS:
             if len(set(ranks)) != 1:
