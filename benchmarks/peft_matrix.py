@@ -7,7 +7,7 @@ merge the same, and export back?
 The cases follow peft's custom-model tests (``tests/test_custom_models.py``: an MLP, an Embedding
 feeding transformers' ``Conv1D``, Conv1d, Conv2d, grouped Conv2d, Conv3d and
 ``nn.MultiheadAttention`` models with LoRA, DoRA, IA3, VeRA, RandLoRA, SHiRA and TrainableTokens
-configs), restricted to the methods and options graphpeft has (``target_parameters`` is not done).
+configs, and LoRA's ``target_parameters`` on the MLP), restricted to the methods and options graphpeft has.
 The models are written here to the same shapes. For each case: peft builds the adapter with
 non-identity weights and saves it; ``gp.import_peft`` compiles it; outputs are compared unmerged
 and merged (a merge both refuse counts as agreeing); ``gp.export_peft`` writes it back and peft
@@ -161,6 +161,8 @@ def _cases() -> list[tuple[str, str, str, dict[str, Any]]]:
         ("Conv3d lora_bias", "Conv3d", {"target_modules": ["conv3d"], "lora_bias": True, "lora_alpha": 32}),
         ("MHA 1", "MHA", {"target_modules": ["mha"]}),
         ("MHA 2", "MHA", {"target_modules": ["mha", "lin0"]}),
+        ("MLP target_parameters 1", "MLP", {"target_modules": [], "target_parameters": ["lin0.weight"]}),
+        ("MLP target_parameters 2", "MLP", {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}),
     ]
     ia3 = [
         ("MLP 1", "MLP", {"target_modules": "lin0", "feedforward_modules": []}),

@@ -105,7 +105,7 @@ def test_plain_parameter_matches_peft(options):
     _peft_roundtrip(MLP().eval(), torch.randn(4, 10), {}, **options)
 
 
-def test_mixtral_experts_match_peft():
+def test_mixtral_experts_match_peft_export_and_train(tmp_path):
     model, ids, kw = _mixtral()
     cm = _peft_roundtrip(model, ids, kw, r=2, lora_alpha=4, target_modules=["q_proj"],
                          target_parameters=["experts.gate_up_proj", "experts.down_proj"])
@@ -115,6 +115,7 @@ def test_mixtral_experts_match_peft():
                       "model.layers.0.mlp.experts.lora_parameters.gate_up_proj.lora_B.weight": (48, 6),
                       "model.layers.0.mlp.experts.lora_parameters.down_proj.lora_A.weight": (6, 24),
                       "model.layers.0.mlp.experts.lora_parameters.down_proj.lora_B.weight": (16, 6)}
+    _check_onnx_and_training(cm, ids, "causal_lm", tmp_path=tmp_path)
 
 
 def test_transposed_experts_match_peft():
@@ -122,37 +123,46 @@ def test_transposed_experts_match_peft():
     _peft_roundtrip(MoENet().eval(), torch.randn(5, 6), {}, r=2, target_parameters=["experts.up", "experts.down"])
 
 
-def test_plan_option_structure_onnx_and_training(tmp_path):
+def _check_onnx_and_training(cm, x, loss, *extra, tmp_path, lr=0.5):
+    """Unmerged ONNX in onnxruntime, then two SGD steps in torch and onnxruntime: same losses,
+    falling, every adapter tensor moved the same way."""
     from graphpeft.backends.onnx import OnnxRunner, OnnxTrainer
 
-    model, ids, kw = _mixtral()
-    rule = gp.LoRA(r=2, target_parameters=["experts.gate_up_proj", "experts.down_proj"])
-    assert gp.Plan.from_dict(gp.Plan([rule]).to_dict()) == gp.Plan([rule])
-    cm = gp.compile(model, gp.Plan([rule]), (ids,), kw)
-    with torch.no_grad():
-        assert _diff(cm(ids).logits, model(ids, **kw).logits) < 1e-6  # B starts at zero (the traced experts: 1e-8)
-    joins = [n for n in cm.graph_module.graph.nodes if (n.meta.get("graphpeft") or {}).get("part") == "join"]
-    assert sorted(str(n.target) for n in joins) == ["aten.baddbmm.default"] * 2
-    assert all(n.meta["graphpeft"]["pass_name"] == "insert_lora" for n in joins)
-    for k, v in cm.trainable_parameters().items():  # a non-identity adapter
-        with torch.no_grad():
-            v.copy_(torch.randn(v.shape, generator=torch.Generator().manual_seed(len(k))) * 0.3)
     cm.export_onnx(tmp_path / "u.onnx", merged=False)
     with torch.no_grad():
-        want = cm(ids).logits
-        assert _diff(torch.from_numpy(OnnxRunner(tmp_path / "u.onnx").run(cm.flat_inputs(ids))[0]), want) < 1e-5
-    step = cm.compile_training("causal_lm", gp.optim.SGD(lr=0.5))
+        want = _out(cm(x))
+        assert _diff(torch.from_numpy(OnnxRunner(tmp_path / "u.onnx").run(cm.flat_inputs(x))[0]), want) < 1e-5
+    step = cm.compile_training(loss, gp.optim.SGD(lr=lr))
     step.export_onnx(tmp_path / "t.onnx")
     trainer = OnnxTrainer(tmp_path / "t.onnx")
     before = {k: v.detach().clone() for k, v in cm.trainable_parameters().items()}
-    torch_losses = [float(step(ids)) for _ in range(2)]
-    ort_losses = [float(trainer.step(ids)) for _ in range(2)]
+    torch_losses = [float(step(x, *extra)) for _ in range(2)]
+    ort_losses = [float(trainer.step(x, *extra)) for _ in range(2)]
     assert torch_losses[1] < torch_losses[0]
     assert max(abs(a - b) for a, b in zip(torch_losses, ort_losses)) < 1e-5
     after = cm.trainable_parameters()
     assert all(not torch.equal(before[k], after[k]) for k in before)
     for k, v in trainer.adapter_state_dict().items():
         assert _diff(torch.as_tensor(v), after[k]) < 1e-5
+
+
+def test_plan_option_structure_onnx_and_training(tmp_path):
+    torch.manual_seed(0)
+    model, x = MoENet().eval(), torch.randn(5, 6)
+    rule = gp.LoRA(r=2, target_parameters=["experts.up", "experts.down"])
+    assert rule.name == "lora[params:experts.up,experts.down]"
+    assert gp.Plan.from_dict(gp.Plan([rule]).to_dict()) == gp.Plan([rule])
+    cm = gp.compile(model, gp.Plan([rule]), (x,))
+    with torch.no_grad():
+        assert _diff(cm(x), model(x)) < 1e-6  # B starts at zero
+    joins = [n for n in cm.graph_module.graph.nodes if (n.meta.get("graphpeft") or {}).get("part") == "join"]
+    assert sorted(str(n.target) for n in joins) == ["aten.baddbmm.default"] * 2
+    assert all(n.meta["graphpeft"]["pass_name"] == "insert_lora" for n in joins)
+    assert "+ experts.up (parameter Experts 6->8)" in cm.explain()
+    for k, v in cm.trainable_parameters().items():  # a non-identity adapter
+        with torch.no_grad():
+            v.copy_(torch.randn(v.shape, generator=torch.Generator().manual_seed(len(k))) * 0.3)
+    _check_onnx_and_training(cm, x, "mse", torch.randn(5, 2), tmp_path=tmp_path, lr=1e-3)
 
 
 def test_refusals(tmp_path):
@@ -197,8 +207,7 @@ def _seq_cls(arch: str):
     return tf.LlamaForSequenceClassification(cfg).eval(), {"use_cache": False}
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama"])
-@pytest.mark.parametrize("task_type", ["SEQ_CLS", None])
+@pytest.mark.parametrize("arch,task_type", [("bert", "SEQ_CLS"), ("bert", None), ("llama", "SEQ_CLS")])
 def test_all_linear_follows_the_task_type(arch, task_type):
     from graphpeft.graph import adapters, find_layers
     from graphpeft.peft_interop import plan_from_peft
