@@ -49,6 +49,7 @@ from ..infra import PassContext, PassHook, PassManager, Pipeline, TimingHook, co
 from .losses import Loss, LossSpec, make_loss
 from .head_loss import FusedHeadLoss, find_head, without_logits
 from .optim import STEP_KEY, Optimizer, make_optimizer
+from .runner import TensorRefs, native_runner
 from .distributed import (COMMUNICATION_META, SHARD_SUFFIX, CommunicationReport, ProcessGroupInfo, barrier, broadcast_from_rank0,
                           check_same_frozen, data_parallel_graph, held_frozen_bytes, is_main_process, process_group,
                           release_whole_weights)
@@ -315,7 +316,9 @@ class TrainingOptions:
             model's example inputs (plus targets shaped by a named loss); with a user loss
             callable, the first call compiles.
         executor: what runs the finished graph in PyTorch. ``None`` (default) runs the fx
-            graph as is (decomposed ATen ops one by one); ``"inductor"`` hands it to
+            graph's ATen ops one by one through PyTorch's Python bindings
+            (:mod:`graphpeft.training.runner`: bit-identical, less dispatch per node);
+            ``"fx"`` runs the ``fx.GraphModule`` itself; ``"inductor"`` hands it to
             ``torch.compile`` (fused kernels: on an H100 the compiled LoRA step ran 0.41× the
             time of peft eager, the plain graph 1.64×, ``python -m benchmarks.gpu_step``; the
             first call per batch shape compiles, tens of seconds); or any callable taking the
@@ -416,7 +419,8 @@ def _inductor(gm: fx.GraphModule) -> Callable[..., Any]:
 
 
 #: named executors of :attr:`TrainingOptions.executor`
-EXECUTORS: dict[str, Callable[[fx.GraphModule], Callable[..., Any]]] = {"inductor": _inductor}
+EXECUTORS: dict[str, Callable[[fx.GraphModule], Callable[..., Any]]] = {"inductor": _inductor,
+                                                                    "fx": lambda gm: gm}
 
 
 # --- tracing ------------------------------------------------------------------------------------
@@ -1205,20 +1209,25 @@ class TrainingStep:
             raise WeightsError(f"this sharded step released the whole frozen weights (shard_frozen=True): it runs "
                                f"the batch shapes compiled before ({[k for k in self._graphs]}), not {_batch_key(batch)}; "
                                "compile with example_batch=... per shape first, or with shard_frozen='keep'")
-        gm = self.graph_for(*batch)
+        key = _batch_key(batch)
+        gm = self._graphs.get(key)  # a compiled real batch skips compile()'s scan for meta tensors
+        if gm is None:
+            gm = self.graph_for(*batch)
         sig = signature_of(gm)
         if self._dp is not None:
-            gm = self._distributed_graph(_batch_key(batch), gm)
+            gm = self._distributed_graph(key, gm)
             if not self._dp_synced:
                 self._sync_ranks()
-        inputs = self.flat_inputs(*batch)
-        run = self._runner(_batch_key(batch), gm)
+        params = self._trainable_refs(sig.params)
+        inputs = [*(t.detach() for t in params.get()), *[self._state[s] for s in sig.state],
+                  torch.tensor(self.lr, dtype=torch.float32), *batch]
+        run = self._runner(key, gm)
         with torch.no_grad():
             out = run(*inputs)
             n_p = len(sig.params)
-            for name, new in zip(sig.params, out[1:1 + n_p]):
-                get_tensor(self.cm.graph_module, name).copy_(new)
-            self._state = dict(zip(sig.state, (t.detach() for t in out[1 + n_p:])))
+            for old, new in zip(params.get(), out[1:1 + n_p]):
+                old.copy_(new)
+            self._state = dict(zip(sig.state, (t.detach() if t.requires_grad else t for t in out[1 + n_p:])))
             skipped = sig.outputs[-1].kind == "skipped" and bool(out[-1])
         if skipped:
             self.skipped_steps += 1
@@ -1351,8 +1360,15 @@ class TrainingStep:
             executor = self.options.executor
             if isinstance(executor, str):
                 executor = EXECUTORS[executor]
-            run = self._runners[key] = executor(gm) if executor is not None else gm
+            run = self._runners[key] = executor(gm) if executor is not None else native_runner(gm)
         return run
+
+    def _trainable_refs(self, names: Sequence[str]) -> TensorRefs:
+        """The trainable tensors ``names`` of the model, resolved once per model graph."""
+        refs = self.__dict__.get("_refs")
+        if refs is None or not refs.valid_for(self.cm.graph_module) or refs.names != list(names):
+            refs = self.__dict__["_refs"] = TensorRefs(self.cm.graph_module, names)
+        return refs
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -1474,6 +1490,7 @@ class TrainingStep:
         state["_graphs"] = {key: graph_module_state(gm) for key, gm in self._graphs.items()}
         state["_main"] = next((key for key, gm in self._graphs.items() if gm is self._main), None)
         state["_runners"] = {}  # executors (torch.compile ...) are rebuilt on the next call
+        state.pop("_refs", None)  # module references: resolved again on the next call
         state["_dp_graphs"], state["_dp_synced"] = {}, False  # rebuilt in the process group of the next call
         state["ctx"] = None
         return state

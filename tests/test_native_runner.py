@@ -1,0 +1,68 @@
+"""The torch executor's runner (graphpeft.training.runner): the step graph run through PyTorch's
+Python bindings instead of ``torch.ops`` calls, bit-identical to the fx graph module; trainable
+tensors resolved to their owner modules once."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+import graphpeft as gp
+from graphpeft.training.runner import NATIVE_FUNCTIONS, NATIVE_METHODS, NativeRunner, TensorRefs, native_graph
+
+from models import tiny_llama, token_batch
+
+IDS = token_batch()
+
+
+def _model() -> gp.CompiledModel:
+    return gp.compile(tiny_llama(), gp.Plan([gp.LoRA(targets=["q_proj", "v_proj", "down_proj"], r=4, init="random")]),
+                      (IDS,), {"use_cache": False})
+
+
+def test_native_graph_structure() -> None:
+    """Every op of the tables becomes a torch function / tensor method; the rest is copied."""
+    step = _model().compile_training("causal_lm", gp.optim.AdamW(lr=1e-3), example_batch=(IDS,))
+    graph = step.graph_module.graph
+    mapped = sum(1 for n in graph.nodes if n.op == "call_function" and (n.target in NATIVE_FUNCTIONS or n.target in NATIVE_METHODS))
+    native = native_graph(graph)
+    assert [n.name for n in native.nodes] == [n.name for n in graph.nodes]
+    assert mapped > 100
+    assert not any(n.target in NATIVE_FUNCTIONS or n.target in NATIVE_METHODS
+                   for n in native.nodes if n.op == "call_function")
+    assert sum(1 for n in native.nodes if n.op == "call_method") == sum(
+        1 for n in graph.nodes if n.op == "call_function" and n.target in NATIVE_METHODS)
+    assert NativeRunner(step.graph_module).num_native == mapped
+
+
+def test_native_runner_is_bit_identical_to_the_fx_graph() -> None:
+    """Default executor vs executor="fx": same loss, tensors and AdamW state, step after step."""
+    a, b = _model(), _model()
+    b.load_adapter_state_dict(a.adapter_state_dict())
+    sa = a.compile_training("causal_lm", gp.optim.AdamW(lr=1e-2, weight_decay=0.1))
+    sb = b.compile_training("causal_lm", gp.optim.AdamW(lr=1e-2, weight_decay=0.1), executor="fx")
+    for _ in range(3):
+        assert torch.equal(sa(IDS), sb(IDS))
+    pa, pb = a.trainable_parameters(), b.trainable_parameters()
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert all(torch.equal(sa.state_dict()["optimizer"][k], sb.state_dict()["optimizer"][k])
+               for k in sa.state_dict()["optimizer"])
+
+
+def test_native_runner_reads_frozen_weights_from_the_graph_module() -> None:
+    """get_attr reads go to the graph module at each call: a replaced weight is the one used."""
+    lin = torch.nn.Linear(3, 2)
+    gm = fx.symbolic_trace(lin)
+    x = torch.randn(4, 3)
+    run = NativeRunner(gm)
+    assert torch.equal(run(x), lin(x))
+    gm.weight = torch.nn.Parameter(torch.zeros(2, 3))
+    assert torch.equal(run(x), gm.bias.expand(4, 2))
+
+
+def test_tensor_refs_follow_a_replaced_parameter() -> None:
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    refs = TensorRefs(m, ["0.weight", "0.bias"])
+    assert refs.get()[0] is m[0].weight and refs.valid_for(m) and not refs.valid_for(torch.nn.Linear(1, 1))
+    m[0].weight = torch.nn.Parameter(torch.ones(2, 2))
+    assert refs.get()[0] is m[0].weight
