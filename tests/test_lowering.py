@@ -316,9 +316,11 @@ def test_fused_update_is_off_for_methods_with_their_own_step_and_on_request() ->
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_cross_entropy_matches_torch_in_chunks(bias: bool) -> None:
+def test_linear_cross_entropy_matches_torch_in_chunks(bias: bool, monkeypatch) -> None:
+    from graphpeft.training import head_loss
     from graphpeft.training.head_loss import linear_cross_entropy
 
+    monkeypatch.setattr(head_loss, "MIN_CHUNK_ROWS", 1)
     torch.manual_seed(0)
     h = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
@@ -338,6 +340,7 @@ def test_fused_head_loss_step_trains_like_the_plain_one_without_full_logits(head
     from graphpeft.training import head_loss
 
     monkeypatch.setattr(head_loss, "CHUNK_BYTES", 4 * 128 * 4)  # 4 tokens of logits per chunk: 4 chunks
+    monkeypatch.setattr(head_loss, "MIN_CHUNK_ROWS", 1)
     rules = [gp.LoRA(targets=ALL, r=4, alpha=8, init="random")]
     if head_trains:
         rules.append(gp.Update(targets=["lm_head"]))
@@ -357,6 +360,20 @@ def test_fused_head_loss_step_trains_like_the_plain_one_without_full_logits(head
     assert ("lm_head.weight" in pb) == head_trains
     for k in pa:
         torch.testing.assert_close(pb[k], pa[k], rtol=1e-4, atol=1e-6)
+
+
+def test_linear_cross_entropy_chunks_hold_at_least_min_chunk_rows_tokens(monkeypatch) -> None:
+    # a large vocabulary must not shrink chunks to a few tokens: each chunk's GEMMs read the whole
+    # weight (Qwen2's 151936-token head made 43 chunks of 3 tokens, one onnxruntime prepack each)
+    from graphpeft.training import head_loss
+
+    h, w = torch.randn(200, 8), torch.randn(151936, 8)
+    labels = torch.randint(0, 151936, (200,))
+    seen: list[int] = []
+    real = head_loss._LinearCrossEntropy.apply
+    monkeypatch.setattr(head_loss._LinearCrossEntropy, "apply", lambda *a: seen.append(a[5]) or real(*a))
+    head_loss.linear_cross_entropy(h, w, None, labels, -100, w_grad=False)
+    assert seen == [67]  # 3 even chunks of >= MIN_CHUNK_ROWS (64) tokens, not 67 of 3
 
 
 def test_fused_head_loss_keeps_logits_that_a_user_loss_reads() -> None:

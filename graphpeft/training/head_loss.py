@@ -28,6 +28,10 @@ from .losses import CausalLM, CrossEntropy, Loss, _need_target, primary_output
 
 Tensor = torch.Tensor
 CHUNK_BYTES = 2 * 2**20  # logits per chunk: small next to the activations, large enough for GEMM speed
+#: fewest tokens per chunk: each chunk reads the whole weight twice (its logits and ``p @ W``), and
+#: below ~64 rows that reading sets the GEMMs' time (Qwen2's 151936-token head at 128 tokens: 43 chunks of
+#: 3 rows took 5-10x the time of 2 chunks, and onnxruntime prepacked the 545 MB weight once per GEMM at load)
+MIN_CHUNK_ROWS = 64
 
 
 @dataclasses.dataclass
@@ -127,11 +131,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(h: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, ignore_index: int, *,
                          w_grad: bool, b_grad: bool = False, chunk_bytes: Optional[int] = None) -> Tensor:
     """``F.cross_entropy(F.linear(h, w, b), labels)`` for ``(N, H)`` inputs, chunked over N
-    (chunks of about ``chunk_bytes`` of logits; default :data:`CHUNK_BYTES`)."""
+    (chunks of about ``chunk_bytes`` of logits, default :data:`CHUNK_BYTES`, and at least
+    :data:`MIN_CHUNK_ROWS` tokens)."""
     chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     rows = h.shape[0]
     chunk = max(1, min(rows, chunk_bytes // (4 * max(1, int(w.shape[0])))))
-    chunk = math.ceil(rows / math.ceil(rows / chunk))  # even chunks
+    if chunk < MIN_CHUNK_ROWS:  # fewer, larger even chunks (or one of all the rows)
+        chunk = math.ceil(rows / max(1, rows // MIN_CHUNK_ROWS))
+    else:
+        chunk = math.ceil(rows / math.ceil(rows / chunk))  # even chunks
     return _LinearCrossEntropy.apply(h, w, b, labels, ignore_index, chunk, w_grad, b_grad)[0]
 
 
