@@ -228,3 +228,9 @@ def test_all_linear_follows_the_task_type(arch, task_type):
     head = "classifier" if arch == "bert" else "score"
     assert (head in ours) == (task_type is None)
     assert {l.path for l in find_layers(cm.graph_module)} >= ours
+
+
+def test_a_weight_is_adapted_once():
+    x = torch.randn(3, 10)
+    with pytest.raises(gp.PlanError, match="targets also selects lin0"):
+        gp.compile(MLP().eval(), gp.Plan([gp.LoRA(targets=["lin0"], target_parameters=["lin0.weight"])]), (x,))

@@ -149,9 +149,19 @@ class LoRA(Rule):
             return f"layer index {layer.layer_index} is not in layers={list(layers)}"
         return None
 
+    def _module_also_selected(self, param: Layer) -> Optional[str]:
+        """Why ``param`` cannot take LoRA when ``targets`` also selects a layer computing with it."""
+        gm = param.node.graph.owning_module
+        both = [l.path for l in (find_layers(gm) if gm is not None else []) if l.weight == param.weight
+                and self.select(l) is None]
+        if both:
+            return (f"targets also selects {both[0]}, whose weight this is: one adapter per weight (PEFT would stack "
+                    "two); drop it from targets or from target_parameters")
+        return None
+
     def check(self, layer: Layer) -> Optional[str]:
         if layer.kind == "parameter":
-            return parameter_reason(layer)
+            return parameter_reason(layer) or self._module_also_selected(layer)
         warn_large_rank(self.key, self.r, layer)  # PEFT allows r > min(in, out): a warning, not a refusal
         # a module called several times: LoRA and DoRA put a branch at each call
         reason = tied_weights_reason(layer, calls_ok=self.key in ("lora", "dora"))
