@@ -152,6 +152,8 @@ def test_plan_option_structure_onnx_and_training(tmp_path):
     rule = gp.LoRA(r=2, target_parameters=["experts.up", "experts.down"])
     assert rule.name == "lora[params:experts.up,experts.down]"
     assert gp.Plan.from_dict(gp.Plan([rule]).to_dict()) == gp.Plan([rule])
+    data = {"rules": [{"lora": {"r": 2, "target_parameters": ["experts.up", "experts.down"]}}]}  # no targets
+    assert gp.Plan.from_dict(data) == gp.Plan([rule])
     cm = gp.compile(model, gp.Plan([rule]), (x,))
     with torch.no_grad():
         assert _diff(cm(x), model(x)) < 1e-6  # B starts at zero
