@@ -14,8 +14,10 @@ and AdamW, each in fresh processes run one configuration at a time:
 
 ``--memory`` measures per-process memory instead (issue 15 item 3): 2 gloo processes train a
 bigger Llama (hidden 1024, 8 layers, vocab 8192: 0.47 GB of fp32 weights; quick: 4 layers) with
-LoRA r=8 on q/v, once with whole frozen weights on every rank and once with ``shard_frozen=True``
-(each rank keeps half of every frozen weight; the whole ones are released after the first step).
+LoRA r=8 on q/v, once with whole frozen weights on every rank, once with ``shard_frozen=True``
+(each rank keeps half of every frozen weight; the whole ones are released as the sharded graph is
+built), and once compiled on meta with each rank reading only its shards from a safetensors file
+(``step.load_base_weights``; its first step traces and builds the sharded graph).
 Per rank: the peak RSS (VmHWM) of building, compiling and sharding, then of the first step, then
 of steps 2-3 (the mark reset with ``/proc/self/clear_refs`` in between), RSS at the end, and the
 frozen bytes the step holds (``step.frozen_bytes_held()``). Workers run with glibc's
@@ -115,7 +117,14 @@ def _memory_worker(cfg: dict[str, Any]) -> None:
     rank, world = cfg["rank"], cfg["world"]
     dist.init_process_group("gloo", init_method=f"file://{cfg['store']}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=900))
-    model = _memory_model(cfg["quick"])
+    load = cfg["shard"] == "load"  # compiled on meta, then each rank reads only its shards
+    if load:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            model = _memory_model(cfg["quick"])
+    else:
+        model = _memory_model(cfg["quick"])
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     ids = torch.randint(0, 8192, (1, 64), generator=torch.Generator().manual_seed(rank))
     cm = gp.compile(model, gp.Plan([gp.LoRA(targets=["q_proj", "v_proj"], r=8, alpha=16)]), (ids,),
@@ -123,10 +132,13 @@ def _memory_worker(cfg: dict[str, Any]) -> None:
     del model
     gc.collect()
     step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-4), data_parallel=True,
-                               shard_frozen=cfg["shard"])
+                               shard_frozen=True if load else cfg["shard"])
+    if load:
+        step.load_base_weights(cfg["checkpoint"])
     held_before = step.frozen_bytes_held()
-    compile_peak = status_mb("VmHWM")  # model and compile, before the graph with collectives
-    step.distributed_graph_module  # noqa: B018 - builds the graph with collectives (and shards)
+    compile_peak = status_mb("VmHWM")  # model and compile (and load), before the graph with collectives
+    if not load:  # loaded: the first step traces for real tensors and builds it
+        step.distributed_graph_module  # noqa: B018 - builds the graph with collectives (and shards)
     gc.collect()
     build_peak, build_rss = status_mb("VmHWM"), status_mb("VmRSS")  # model, compile, sharding
     reset_peak()
@@ -168,11 +180,16 @@ def _run(name: str, world: int, threads: int, data_parallel: bool, quick: bool, 
 
 def _run_memory(name: str, shard: Any, quick: bool) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = os.path.join(tmp, "model.safetensors")
+        if shard == "load":  # the same random base the other configurations build (seed 0)
+            from safetensors.torch import save_model
+
+            save_model(_memory_model(quick), checkpoint)
         out = os.path.join(tmp, "rank")
         env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
         cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.distributed", "--memory-worker",
-                                   json.dumps({"rank": r, "world": 2, "shard": shard, "quick": quick,
+                                   json.dumps({"rank": r, "world": 2, "shard": shard, "quick": quick, "checkpoint": checkpoint,
                                                "store": os.path.join(tmp, "store"), "out": out})], env=env, cwd=cwd)
                  for r in range(2)]
         for p in procs:
@@ -188,16 +205,17 @@ def _run_memory(name: str, shard: Any, quick: bool) -> list[dict[str, Any]]:
 def memory_main(quick: bool) -> None:
     """Per-process memory of 2 gloo ranks, whole frozen weights against ``shard_frozen=True``."""
     print(f"data-parallel memory, 2 gloo processes ({'quick' if quick else 'full'}):", flush=True)
-    rows = [*_run_memory("whole frozen weights", False, quick), *_run_memory("shard_frozen=True", True, quick)]
+    rows = [*_run_memory("whole frozen weights", False, quick), *_run_memory("shard_frozen=True", True, quick),
+            *_run_memory("shard_frozen=True, meta compile + step.load_base_weights", "load", quick)]
     mib = 1 / 2**20
-    print("\n| configuration | rank | frozen MiB held | peak MiB: build + compile | first step | steps 2-3 "
-          "| RSS at end MiB |\n|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| configuration | rank | frozen MiB held | peak MiB: model + compile (+ load) | + graph with collectives "
+          "| first step | steps 2-3 | process peak | RSS at end MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['name']} | {r['rank']} | {r['held_after'] * mib:.1f} of {r['weight_bytes'] * mib:.1f} | "
-              f"{r['build_peak_mb']:.0f} | {r['first_step_peak_mb']:.0f} | {r['steps_peak_mb']:.0f} | "
-              f"{r['rss_end_mb']:.0f} |")
-    same = [a["losses"] == b["losses"] for a, b in zip(rows[:2], rows[2:])]
-    print(f"losses sharded == whole, per rank: {same}")
+              f"{r['compile_peak_mb']:.0f} | {r['build_peak_mb']:.0f} | {r['first_step_peak_mb']:.0f} | "
+              f"{r['steps_peak_mb']:.0f} | {r['process_peak_mb']:.0f} | {r['rss_end_mb']:.0f} |")
+    same = [[a["losses"] == b["losses"] for a, b in zip(rows[:2], other)] for other in (rows[2:4], rows[4:])]
+    print(f"losses == whole, per rank (sharded, loaded as shards): {same}")
     from graphpeft.paths import atomic_write
 
     os.makedirs(os.path.dirname(MEMORY_RESULTS), exist_ok=True)

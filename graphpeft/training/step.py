@@ -33,6 +33,7 @@ Shapes are static: a step is compiled for the shapes of the batch it is first gi
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import time
@@ -365,9 +366,10 @@ class TrainingOptions:
             were compared) its whole tensor is released from the compiled model and the
             single-device graphs, so the process keeps ``1/world`` of
             them (when nothing else, e.g. the original ``nn.Module``, holds them): the model's
-            own forward and exports then need ``cm.load_base_weights`` again, and the step runs
-            only the batch shapes compiled before. ``"keep"``: shard, but keep the whole
-            weights (exports, other batch shapes; no memory saved).
+            own forward and exports then need ``cm.load_base_weights`` again (other batch
+            shapes train on the same shards). Compiled on meta, ``step.load_base_weights``
+            reads only this rank's shards. ``"keep"``: shard, but keep the whole weights
+            (exports; no memory saved).
     """
 
     accumulation_steps: int = 1
@@ -1245,7 +1247,9 @@ class TrainingStep:
         """Load the model's base weights (:meth:`CompiledModel.load_base_weights`, same options)
         and make the step ready to run on them: the optimizer state of a meta compile is
         created again (zeros) and the next real batch traces the step for real tensors (graphs
-        traced on meta stay cached for their memory reports)."""
+        traced on meta stay cached for their memory reports). On a ``data_parallel`` step with
+        ``shard_frozen=True`` each frozen floating-point weight is read as this rank's
+        ``1/world`` slice only (its whole tensor never exists here; headers are checked first)."""
         if self._dp is not None and self.options.shard_frozen is True:
             return self._load_shards(path, options)
         report = self.cm.load_base_weights(path, **options)
@@ -1298,6 +1302,10 @@ class TrainingStep:
                 if not self._dp_synced:
                     self._sync_ranks()  # the ranks' whole weights are compared first
                 release = self._release_whole_weight
+                # the compile's temporaries (graph copies sharing the weights, closures) sit in
+                # reference cycles: until the cyclic collector runs they keep every released
+                # weight alive, and the shards pile up on top (+the shards' bytes at the peak)
+                gc.collect()
             shards = self._shards if self.options.shard_frozen is True else None
             self._dp_graphs[key] = dp = data_parallel_graph(gm, self._dp, self.options, release, shards)
             if shards is not None:  # later batch shapes share the shards stored here
