@@ -11,8 +11,9 @@ and ``lora_B.weight (out, r·E)``, columns expert-minor (expert ``e``'s ``B`` is
 then ``ΔW[e] = (s·B_e@A_e)ᵀ``. The forward folds it as PEFT does, ``baddbmm(W, lhs, rhs, alpha=s)``.
 
 PEFT names the tensors after the module, not the parameter (``experts.lora_A.weight``); two
-parameters of one module nest wrappers, the earlier one under ``base_layer.`` (the folder
-keys are mapped in ``graphpeft.peft_interop``; records keep the parameter's model ``order``). Ours are named after the parameter (``experts.lora_parameters.gate_up_proj.lora_A.weight``).
+parameters of one module nest wrappers, the earlier one under ``base_layer.`` (the folder keys
+are mapped in ``graphpeft.peft_interop``; records keep the parameter's model ``order``). Ours
+are named after the parameter (``experts.lora_parameters.gate_up_proj.lora_A.weight``).
 """
 
 from __future__ import annotations
