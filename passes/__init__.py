@@ -33,6 +33,7 @@ from .adapters.insert_svfit import SVFit
 from .adapters.insert_trainable_tokens import InsertTrainableTokens, TrainableTokens, TrainableTokensMethod
 from .adapters.insert_vera import InsertVeRA, VeRA, VeRAMethod
 from .adapters.layer_rewrite import LayerRewrite
+from .cleanup.causal_attention import UseCausalAttention
 from .cleanup.eliminate_common_subexpressions import EliminateCommonSubexpressions
 from .cleanup.remove_dead_code import RemoveDeadCode
 from .cleanup.simplify_algebra import SimplifyAlgebra
@@ -78,3 +79,4 @@ __all__ += ["AllReduceGradients", "ShardFrozenWeights"]
 __all__ += ["SliceScatterOnnx"]
 __all__ += ["InsertTrainableTokens", "TrainableTokens", "TrainableTokensMethod"]
 __all__ += ["MergeLowRankPass", "DecomposeAttention"]
+__all__ += ["UseCausalAttention"]

@@ -8,7 +8,8 @@ milliseconds per step. :func:`native_runner` generates the step's code again wit
 bindings for the ops in :data:`NATIVE_FUNCTIONS` / :data:`NATIVE_METHODS` — each binding
 dispatches to the very same ATen kernel (a ``Scalar`` overload to its ``Tensor`` twin with a
 wrapped number, which is how ATen implements the ``Scalar`` one), so results are bit-identical;
-every other op keeps its ``torch.ops`` call. The stored graph (what passes, reports and exports
+every other op keeps its ``torch.ops`` call; ``alias`` and the optimizer's copy-then-flatten of
+a gradient go (see :func:`native_graph`). The stored graph (what passes, reports and exports
 read) is not changed: the runner is a view of it for the torch executor only.
 
 :class:`TensorRefs` resolves the trainable tensors' dotted names to their owner modules once,
@@ -45,15 +46,41 @@ NATIVE_METHODS: dict[Any, str] = {
 }
 
 
+def _mutates(graph: fx.Graph) -> bool:
+    return any(getattr(getattr(n.target, "_schema", None), "is_mutable", False)
+               for n in graph.nodes if n.op == "call_function")
+
+
+def _copy_then_view(node: fx.Node) -> bool:
+    """``clone(x)`` read only by a ``view``: the optimizer's flattening of a gradient (a copy
+    made so that the view is valid whatever strides the kernel returns)."""
+    return (node.target == aten.clone.default and len(node.users) == 1
+            and next(iter(node.users)).target == aten.view.default and next(iter(node.users)).args[0] is node
+            and node.kwargs.get("memory_format", torch.contiguous_format) == torch.contiguous_format)
+
+
 def native_graph(graph: fx.Graph) -> fx.Graph:
     """A copy of ``graph`` whose nodes in the native tables call PyTorch's Python bindings
-    (same names, same order; metadata copied)."""
+    (same names, same order; metadata copied). In a graph that writes into no tensor, an
+    ``alias`` is its input and ``view(clone(x))`` is ``x.reshape(...)`` (a copy only when ``x``
+    cannot be viewed so: the same values, one op fewer)."""
     out = fx.Graph()
     out._codegen = graph._codegen  # the same signature handling (flat inputs and outputs)
     env: dict[fx.Node, fx.Node] = {}
+    functional = not _mutates(graph)
+    reshaped: set[fx.Node] = set()
     for node in graph.nodes:
         args, kwargs = fx.map_arg(node.args, env.__getitem__), fx.map_arg(node.kwargs, env.__getitem__)
-        if node.op == "call_function" and node.target in NATIVE_FUNCTIONS:
+        if functional and node.target == aten.alias.default:
+            env[node] = args[0]
+            continue
+        if functional and _copy_then_view(node):
+            env[node] = args[0]
+            reshaped.add(node)
+            continue
+        if node.target == aten.view.default and node.args[0] in reshaped:
+            new = out.create_node("call_method", "reshape", args, kwargs, name=node.name)
+        elif node.op == "call_function" and node.target in NATIVE_FUNCTIONS:
             new = out.create_node("call_function", NATIVE_FUNCTIONS[node.target], args, kwargs, name=node.name)
         elif node.op == "call_function" and node.target in NATIVE_METHODS:
             new = out.create_node("call_method", NATIVE_METHODS[node.target], args, kwargs, name=node.name)

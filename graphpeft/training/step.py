@@ -70,6 +70,7 @@ Tensor = torch.Tensor
 DEFAULT_TRAINING_PASSES: tuple[str, ...] = (
     "simplify_algebra",
     "eliminate_common_subexpressions",
+    "use_causal_attention",  # before dead code: the constant causal mask's ops die
     "remove_dead_code",
     "check_gradient_flow",
     "reorder_updates",
