@@ -177,6 +177,35 @@ def test_verifier_accepts_a_compiled_graph_and_checks_roles(mlp):
         gp.verify(g)
 
 
+def test_verifier_rechecks_only_nodes_whose_inputs_or_values_changed(mlp, monkeypatch):
+    import importlib
+    import weakref
+
+    from torch.utils import _pytree as pytree
+
+    verify_mod = importlib.import_module("graphpeft.verify")
+    from graphpeft.graph import META_KEY
+
+    cm = gp.compile(mlp, gp.Plan([gp.LoRA(targets=["fc1"], r=2)]), example_inputs=(X,))
+    g = cm.graph_module
+    stamped = [n for n in g.graph.nodes if n.op == "call_function" and META_KEY in n.meta
+               and isinstance(n.meta.get("val"), torch.Tensor)]
+    evaluated = []
+    real = verify_mod.fake_eval
+    monkeypatch.setattr(verify_mod, "fake_eval", lambda mode, t, a, k: evaluated.append(t) or real(mode, t, a, k))
+    gp.verify(g)
+    gp.verify(g)
+    assert stamped and len(evaluated) <= len(stamped)  # the second run re-evaluates nothing
+    node = stamped[-1]
+    node.meta["val"] = torch.empty(3, 3, device="meta")  # a pass recording a wrong value: checked again
+    with pytest.raises(gp.VerificationError, match=f"node {node.name} records"):
+        gp.verify(g)
+    # the memo holds nodes weakly and no node in what it remembers (a node leads to its graph and weights)
+    assert isinstance(verify_mod._checked, weakref.WeakKeyDictionary)
+    leaves = [x for v in verify_mod._checked.values() for x in pytree.tree_leaves(v)]
+    assert leaves and not any(isinstance(x, fx.Node) for x in leaves)
+
+
 # --- hooks -----------------------------------------------------------------------------------
 
 
