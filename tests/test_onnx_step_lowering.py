@@ -173,6 +173,24 @@ def test_trainer_reuses_onnxruntime_optimized_model(llama_step: Any, tmp_path: A
     assert len(now) == 1 and now != cached
 
 
+def test_trainer_without_prepacked_weights_trains_the_same(llama_step: Any, tmp_path: Any, monkeypatch: Any) -> None:
+    import onnxruntime as ort
+
+    from graphpeft.backends.onnx import OnnxTrainer
+
+    _, step = llama_step
+    path = tmp_path / "train.onnx"
+    step.export_onnx(path)
+    entries: list[tuple[str, str]] = []
+    real = ort.SessionOptions.add_session_config_entry
+    monkeypatch.setattr(ort.SessionOptions, "add_session_config_entry",
+                        lambda self, k, v: entries.append((k, v)) or real(self, k, v))
+    lean = OnnxTrainer(path, prepack_weights=False, cache_optimized=False)
+    assert ("session.disable_prepacking", "1") in entries
+    packed = OnnxTrainer(path, cache_optimized=False)
+    assert [lean.step(IDS) for _ in range(2)] == [packed.step(IDS) for _ in range(2)]
+
+
 def test_fold_transposes_into_gemm_structure_numerics_and_declines() -> None:
     import numpy as np
     import onnx

@@ -93,6 +93,11 @@ class OnnxTrainer(TrainerCheckpoints):
         cache_optimized: keep onnxruntime's optimized graph beside ``path`` (``<path>.ortopt-<key>.onnx``)
             and load that on later runs, skipping graph optimization (see
             :mod:`graphpeft.backends.onnx.session_cache`).
+        prepack_weights: let onnxruntime lay out each stored GEMM weight for its kernels when
+            the session is created (its default). Most of a large step's load time, and a packed
+            copy of the weights beside the file's: ``False`` loads a Qwen2-0.5B-shaped step about
+            10x faster holding no weight copy, but each step repacks them (that step: 1.38x slower;
+            a small Llama's: the same). For short runs and evaluation of big models.
 
     Attributes:
         signature: the training signature stored in the file.
@@ -106,7 +111,8 @@ class OnnxTrainer(TrainerCheckpoints):
     def __init__(self, path: Union[str, os.PathLike], *, providers: Sequence[str] = ("CPUExecutionProvider",),
                  threads: int = 0, io_binding: bool = True, session_options: Any = None,
                  disabled_optimizers: Optional[Sequence[str]] = None,
-                 session_path: Optional[Union[str, os.PathLike]] = None, cache_optimized: bool = True) -> None:
+                 session_path: Optional[Union[str, os.PathLike]] = None, cache_optimized: bool = True,
+                 prepack_weights: bool = True) -> None:
         import onnx
         import onnxruntime as ort
         from onnx import numpy_helper
@@ -141,6 +147,8 @@ class OnnxTrainer(TrainerCheckpoints):
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
+        if not prepack_weights:
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         run_path = os.fspath(session_path) if session_path is not None else self.path
         try:
             self.session = open_session(run_path, opts, providers=providers, disabled_optimizers=skip,
