@@ -158,22 +158,27 @@ def measure_qwen(folder: str) -> dict[str, Any]:
     weight_mib = sum(t.numel() * t.element_size() for t in {id(p): p for p in model.parameters()}.values()) / 2**20
     ids = torch.randint(0, cfg.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
     row: dict[str, Any] = {"weights MiB": weight_mib}
+    peak_model = _vm_hwm_mib()
     t = time.perf_counter()
     cm = gp.compile(model, gp.Plan([gp.LoRA(targets=["q_proj", "v_proj"], r=16, alpha=32)]), (ids,),
                     {"use_cache": False})
     row["compile"] = time.perf_counter() - t
+    hwm = {"model": peak_model, "compile": _vm_hwm_mib()}  # which phase sets the peak
     t = time.perf_counter()
     step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-4), example_batch=(ids,))
     row["training compile"] = time.perf_counter() - t
+    hwm["training compile"] = _vm_hwm_mib()
     row["fx nodes"] = len(step.graph_module.graph.nodes)
     path = os.path.join(folder, "qwen.onnx")
     t = time.perf_counter()
     res = step.export_onnx(path)
     row["step export"] = time.perf_counter() - t
     row["export phases"] = res.timings
+    hwm["step export"] = _vm_hwm_mib()
     t = time.perf_counter()
     trainer = OnnxTrainer(path)
     row["ort load"] = time.perf_counter() - t
+    hwm["ort load"] = _vm_hwm_mib()
     row["loss ort"] = trainer.step(ids)
     del trainer
     t = time.perf_counter()
@@ -181,6 +186,7 @@ def measure_qwen(folder: str) -> dict[str, Any]:
     row["ort reload"] = time.perf_counter() - t
     row["total"] = row["compile"] + row["training compile"] + row["step export"] + row["ort load"]
     row["peak RSS MiB"] = _vm_hwm_mib()
+    row["peak RSS after"] = hwm
     print(f"\nQwen2-0.5B shape ({weight_mib:.0f} MiB of weights), LoRA q/v r=16, batch 1x128, "
           f"{row['fx nodes']} fx nodes, {res.num_nodes} ONNX nodes")
     for k in ("compile", "training compile", "step export", "ort load", "total", "ort reload"):
@@ -188,6 +194,7 @@ def measure_qwen(folder: str) -> dict[str, Any]:
     print("  export phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in res.timings.items()))
     print(f"  peak RSS {row['peak RSS MiB']:.0f} MiB = {row['peak RSS MiB'] / weight_mib:.2f}x the weights; "
           f"first onnxruntime loss {row['loss ort']:.4f}")
+    print("  peak RSS after each phase (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in hwm.items()))
     return row
 
 
