@@ -125,3 +125,37 @@ def test_meta_compile_loads_into_the_tied_quantized_embedding(tmp_path) -> None:
     with torch.no_grad():
         assert torch.equal(cm(IDS).logits, ref(IDS).logits)
     assert float(step(IDS, IDS)) > 0
+
+
+def test_quantized_head_fuses_with_the_loss_in_row_blocks() -> None:
+    """A row-block (quantized) head and the causal-LM loss run as one op blocked over the vocabulary:
+    no tokens x vocab logits in the step; same loss and updates as the unfused step."""
+    fused = gp.compile(qwen(), rules(), **KW)
+    plain = gp.compile(qwen(), rules(), **KW)
+    a = fused.compile_training("causal_lm", gp.optim.SGD(lr=0.1), example_batch=(IDS, IDS))
+    b = plain.compile_training("causal_lm", gp.optim.SGD(lr=0.1), example_batch=(IDS, IDS), fuse_head_loss=False)
+    gm = a.graph_module
+    qdata = qw.quantized(fused.graph_module)[TIED]["tensors"]["qdata"]
+    # structure: each of the 3 row blocks dequantized twice (the second sweep is not merged by CSE)
+    slices = [n for n in gm.graph.nodes if n.target is aten.slice.Tensor and n.args[0].op == "get_attr"
+              and n.args[0].target == qdata]
+    assert len(slices) == 6, len(slices)
+    tokens = IDS.numel()
+    big = [n.name for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)
+           and n.meta["val"].is_floating_point() and n.meta["val"].numel() >= tokens * 128]
+    assert not big, big
+    assert a.memory_report().peak_bytes < b.memory_report().peak_bytes
+    # numerics: the unfused step's losses and updates
+    for _ in range(3):
+        la, lb = float(a(IDS, IDS)), float(b(IDS, IDS))
+        assert abs(la - lb) <= 1e-6 * lb, (la, lb)
+    pa, pb = fused.trainable_parameters(), plain.trainable_parameters()
+    assert max(rel(pa[k], pb[k]) for k in pa) <= 1e-6
+
+
+def test_quantized_head_fused_loss_trains_in_onnxruntime(tmp_path) -> None:
+    from method_helpers import check_step_in_onnxruntime
+
+    cm = gp.compile(qwen(), rules(), **KW)
+    step = cm.compile_training("causal_lm", gp.optim.SGD(lr=0.1), example_batch=(IDS,))
+    check_step_in_onnxruntime(cm, step, IDS, tmp_path)

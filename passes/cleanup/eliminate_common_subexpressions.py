@@ -9,7 +9,8 @@ One exception keeps training steps lean: a pointwise op the backward recomputes 
 ``silu``'s backward) is not merged into its forward twin when that twin has no backward reader
 yet and the recompute's inputs are alive in the backward anyway. Merging would keep the forward
 value alive from the forward to the backward (a saved activation) to spare one elementwise op;
-torch's min-cut partitioner makes the same trade.
+torch's min-cut partitioner makes the same trade. Likewise a loss that sweeps a quantized head's
+blocks twice (``graphpeft.training.head_loss``) marks its second sweep as a recompute, and it stays.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def _saved(node: fx.Node) -> bool:
 
 def keeps_recompute(dup: fx.Node, first: fx.Node) -> Optional[str]:
     """Why ``dup`` (a backward recompute of ``first``) should stay, or None to merge."""
+    if _sweep_recompute(dup, first):
+        return "a second sweep of the loss recomputes it rather than keep it (a quantized head's blocks)"
     if phase_of(first) != "forward" or phase_of(dup) == "forward" or _saved(first):
         return None
     if (dup.meta.get(META_KEY) or {}).get("recompute"):
@@ -90,6 +93,15 @@ def keeps_recompute(dup: fx.Node, first: fx.Node) -> Optional[str]:
     if all(phase_of(a) != "forward" or _saved(a) for a in dup.all_input_nodes):
         return "a pointwise backward recompute whose inputs are saved anyway: merging would save its output too"
     return None
+
+
+def _sweep_recompute(dup: fx.Node, first: fx.Node) -> bool:
+    """``dup`` is a loss-phase recompute of a loss-phase value that no later phase reads
+    (``blocked_linear_cross_entropy``'s second sweep): merging would keep every block alive."""
+    if phase_of(first) != "loss" or phase_of(dup) != "loss" or any(phase_of(u) != "loss" for u in first.users):
+        return False
+    return bool((dup.meta.get(META_KEY) or {}).get("recompute")) and \
+        not (first.meta.get(META_KEY) or {}).get("recompute")
 
 
 def _keep_tags(dup: fx.Node, first: fx.Node) -> None:
