@@ -506,17 +506,30 @@ def _attention_tracing(fused: bool, tensors: Sequence[Tensor]) -> tuple[Any, dic
     Fused (float32 tensors on the CPU only): ``_scaled_dot_product_flash_attention_for_cpu`` and
     its backward stay single ops, which the torch executor runs as fused kernels (the causal
     half skipped; the backward keeps the output and the row log-sum-exp instead of the scores).
-    Otherwise attention is traced in its math form, whose backward is core ATen."""
+    float32 meta tensors (a meta plan of the step the CPU runs after loading) get the kernel the
+    CPU would pick (:mod:`.meta_attention`). Otherwise attention is traced in its math form, whose
+    backward is core ATen."""
     from torch._decomp import core_aten_decompositions
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     table = core_aten_decompositions()
     floats = [t for t in tensors if t.is_floating_point()]
-    if fused and floats and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in floats):
+    if fused and floats and all(t.dtype == torch.float32 for t in floats):
         kept = {k for k in table if getattr(getattr(k, "overloadpacket", None), "__name__", "") in FUSED_ATTENTION_OPS}
-        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]), {k: v for k, v in table.items()
-                                                                             if k not in kept}
-    return sdpa_kernel([SDPBackend.MATH]), table
+        table = {k: v for k, v in table.items() if k not in kept}
+        backend = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+        if all(t.device.type == "cpu" for t in floats):
+            return backend, table
+        if all(t.device.type == "meta" for t in floats):  # a meta plan of the CPU step: the CPU's kernel
+            import contextlib
+
+            from .meta_attention import CpuAttentionOnMeta
+
+            stack = contextlib.ExitStack()
+            stack.enter_context(backend)
+            stack.enter_context(CpuAttentionOnMeta())
+            return stack, table
+    return sdpa_kernel([SDPBackend.MATH]), core_aten_decompositions()
 
 
 def after_update_hooks(gm: fx.GraphModule, names: Sequence[str]) -> dict[str, tuple[Any, dict[str, Any], str]]:
