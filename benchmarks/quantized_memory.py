@@ -5,6 +5,7 @@
     python -m benchmarks.quantized_memory --shape 7b --plan-only --bases fp32,int4,int4+embed8
     python -m benchmarks.quantized_memory --shape tiny        # a quick check of the whole path
     python -m benchmarks.quantized_memory --bases int4 --live # + live tensor bytes of one op-by-op run
+    python -m benchmarks.quantized_memory --shape 7b --plan-only --bases int4+embed4+head4 --memory-budget 5800
 
 Model: a ``transformers`` Qwen2 of the Qwen2-0.5B shape (hidden 896, 24 layers, intermediate 4864,
 14 heads, 2 KV heads, vocab 151936, tied embeddings; 494 M parameters, random weights), LoRA r=8 on
@@ -112,10 +113,12 @@ def write_checkpoint(shape: str, folder: str, seed: int = 0) -> dict[str, Any]:
     return write_random_checkpoint(specs, folder, seed)
 
 
-def worker(shape: str, base: str, folder: Optional[str], steps: int, seq: int, live: bool = False) -> dict[str, Any]:
+def worker(shape: str, base: str, folder: Optional[str], steps: int, seq: int, live: bool = False,
+           budget_mb: Optional[float] = None) -> dict[str, Any]:
     """Fresh process: compile on meta, plan the step; with a folder, load, run and measure
     (``live``: also the peak of live tensor storages of one op-by-op run, ``measure_memory``, to
-    tell the graph's memory from what the allocator keeps)."""
+    tell the graph's memory from what the allocator keeps; ``budget_mb``: the step's
+    ``memory_budget``, met by rematerialization)."""
     import torch
 
     import graphpeft as gp
@@ -132,7 +135,9 @@ def worker(shape: str, base: str, folder: Optional[str], steps: int, seq: int, l
     out["params"] = sum(p.numel() for p in model.parameters())
     cm = gp.compile(model, gp.Plan(plan_rules(base, SHAPES[shape]["config"]["tie_word_embeddings"])), example_inputs=(ids,), example_kwargs={"use_cache": False})
     del model
-    step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-4), example_batch=(ids, ids))
+    budget = None if budget_mb is None else int(budget_mb * 2**20)
+    out["memory_budget_mb"] = budget_mb
+    step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-4), example_batch=(ids, ids), memory_budget=budget)
     out["compile_s"] = time.perf_counter() - t0
     report = step.memory_report()
     out["planned_peak_mb"] = report.peak_bytes / 2**20
@@ -217,6 +222,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                     help="run the workers with glibc's MALLOC_MMAP_THRESHOLD_ fixed to this many bytes")
     ap.add_argument("--live", action="store_true",
                     help="also measure the live tensor bytes of one op-by-op run (slow: the graph runs in Python)")
+    ap.add_argument("--memory-budget", type=float, default=None,
+                    help="compile each step with this memory_budget (MiB): rematerialization; refused when unreachable")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--worker", choices=["write", "step"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--base", default="fp32", help=argparse.SUPPRESS)
@@ -227,7 +234,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     if a.worker == "step":
         logging.basicConfig(level=logging.WARNING)
-        print(json.dumps(worker(a.shape, a.base, a.folder, a.steps, seq, a.live)))
+        print(json.dumps(worker(a.shape, a.base, a.folder, a.steps, seq, a.live, a.memory_budget)))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     env = dict(os.environ)
@@ -242,7 +249,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         for base in a.bases.split(","):
             t0 = time.time()
             args = ["--worker", "step", "--shape", a.shape, "--base", base, "--seq", str(seq), "--steps", str(a.steps),
-                    *(["--live"] if a.live else [])]
+                    *(["--live"] if a.live else []),
+                    *(["--memory-budget", str(a.memory_budget)] if a.memory_budget is not None else [])]
             row = _run(args + (["--folder", folder] if folder else []), env)
             row.setdefault("base", base)
             log.info("%s (%.0f s): %s", base, time.time() - t0, json.dumps(row))
