@@ -61,3 +61,19 @@ def test_masks_that_are_not_constant_causal_decline() -> None:
     assert not is_causal_pattern(torch.ones(4, 4, dtype=torch.bool), 4)  # no masking at all
     assert not is_causal_pattern(torch.zeros(4, 4).masked_fill(~keep, -1e9), 4)  # finite: not exact
     assert not is_causal_pattern(keep, 3)
+
+
+def test_a_meta_plan_gets_the_flag_too() -> None:
+    """A step traced on meta (no weights) evaluates the mask's constants on the CPU: its graph
+    has the CPU step's attention."""
+    from accelerate import init_empty_weights
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(1))
+    with init_empty_weights(include_buffers=False):
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, max_position_embeddings=128)).eval()
+    cm = gp.compile(model, [gp.LoRA(targets=["q_proj"], r=4)], example_inputs=(ids,), example_kwargs={"use_cache": False})
+    step = cm.compile_training("causal_lm", gp.optim.SGD(lr=0.1), example_batch=(ids, ids))
+    nodes = _attention(step.graph_module)
+    assert nodes and all("attn_mask" not in n.kwargs for n in nodes)

@@ -10,9 +10,10 @@ its backward get ``is_causal=True`` and no mask. The kernels then skip the block
 diagonal instead of adding ``-inf`` to them, and the mask's ops die (``remove_dead_code``).
 Bit-identical: masked scores contribute ``exp(-inf) = 0`` either way.
 
-Declines (with the reason): a mask computed from an input (padding), from a model tensor, on
-the meta device, not causal, a non-square score matrix, or non-float32 attention
-(``low_precision_attention`` handles those masks itself).
+A step traced on the meta device (a plan for a model without weights) computes the mask's
+constants on the CPU, so its graph is the CPU step's. Declines (with the reason): a mask
+computed from an input (padding) or from a model tensor, one that is not causal, a non-square
+score matrix, or non-float32 attention (``low_precision_attention`` handles those masks itself).
 """
 
 from __future__ import annotations
@@ -61,11 +62,15 @@ def constant_value(mask: fx.Node) -> tuple[Optional[torch.Tensor], str]:
             return None, f"the mask reads the graph input {n.name!r} (a padding mask)"
         if n.op != "call_function":
             return None, f"the mask reads the model tensor {n.target!r}"
-        v = val(n)
-        if isinstance(v, torch.Tensor) and v.device.type == "meta":
-            return None, "the mask is on the meta device (no values)"
         args, kwargs = fx.map_arg((n.args, n.kwargs), env.__getitem__)
-        env[n] = n.target(*args, **kwargs)
+        if kwargs.get("device") == torch.device("meta"):  # a meta plan: the same constants, on the CPU
+            kwargs = {**kwargs, "device": torch.device("cpu")}
+        try:
+            env[n] = n.target(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any failure: the mask stays as traced
+            return None, f"evaluating the mask failed at {n.name!r}: {type(e).__name__}: {e}"
+    if not isinstance(env[mask], torch.Tensor) or env[mask].device.type == "meta":
+        return None, "the mask has no values (meta device)"
     return env[mask], ""
 
 
