@@ -1,7 +1,7 @@
 """A constant causal attention mask becomes the fused attention's ``is_causal`` flag.
 
 Tracing a decoder (``torch.export`` of a transformers model) materializes its causal mask as
-~45 ops on ``arange`` (positions, ``cumsum``, ``index``, ``le``, ``where``) whose result is a
+~35 ops on ``arange`` (positions, ``cumsum``, ``index``, ``le``, ``where``) whose result is a
 ``[batch, 1, L, L]`` tensor of ``0`` / ``-inf`` that every attention op of the step reads,
 forward and backward. When the mask depends on no graph input and no model tensor, its value
 is known at compile time: if it is exactly the causal pattern (``0`` / ``True`` on and below
