@@ -286,14 +286,15 @@ def _sparse_rules(case: Case, scheme: str, model: nn.Module) -> list:
     raise KeyError(scheme)
 
 
-def _gp_sparse_step(case: Case, scheme: str):
+def _gp_sparse_step(case: Case, scheme: str, **options: Any):
+    """A graphpeft step training ``scheme``'s tensors (``options``: of ``compile_training``)."""
     import graphpeft as gp
 
     model = case.build().eval()
     cm = gp.compile(model, gp.Plan(_sparse_rules(case, scheme, model)), case.batch, case.kwargs)
     loss_fn = case.loss if case.loss == "causal_lm" else "cross_entropy"
     batch = (*cm.flat_inputs(*case.batch, **case.kwargs), *_targets(case))
-    step = cm.compile_training(loss=loss_fn, optimizer=gp.optim.AdamW(lr=1e-4), example_batch=batch)
+    step = cm.compile_training(loss=loss_fn, optimizer=gp.optim.AdamW(lr=1e-4), example_batch=batch, **options)
     return step, batch
 
 

@@ -19,7 +19,8 @@ step's inputs (``plan_extra_mb``).
 Contenders: eager full fine-tuning, eager last block + head, peft LoRA (all linear, r=8), graphpeft
 LoRA (torch graph), graphpeft LoRA with ``memory_budget`` = half its unconstrained planned peak
 (when that is infeasible, the smallest feasible budget the error names: reported as such),
-graphpeft last block + head (torch graph); ``--ort`` adds graphpeft LoRA in onnxruntime.
+graphpeft last block + head (torch graph), and the same with a ``memory_budget`` chosen the same way
+as the LoRA one; ``--ort`` adds graphpeft LoRA in onnxruntime.
 
 ``--malloc-mmap-threshold BYTES`` runs every worker with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed
 (e.g. 65536): tensors above it are mapped and unmapped, so freed memory goes back to the OS at
@@ -47,7 +48,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-CONTENDERS = ("eager_full", "eager_last_layer", "peft_lora_eager", "gp_lora", "gp_lora_budget_half", "gp_last_layer")
+CONTENDERS = ("eager_full", "eager_last_layer", "peft_lora_eager", "gp_lora", "gp_lora_budget_half", "gp_last_layer",
+              "gp_last_layer_budget")
 #: sparse schemes (issue 11 item 5), each as an eager PyTorch step and a graphpeft step (``--sparse``):
 #: last2 = the last 2 blocks + final norm + head; norm = every norm weight; bias = every linear bias
 #: (on the same Llama built with attention and MLP biases); rows = 25 % of the rows (largest norm) of
@@ -185,20 +187,32 @@ def make(name: str, c: Any) -> tuple[Callable[[], Any], Callable[[], dict[str, A
         if name == "gp_lora":
             step = cm.compile_training("causal_lm", opt, example_batch=batch)
             return (lambda: step(*batch)), _gp_info(step)
-        unconstrained = cm.compile_training("causal_lm", opt, example_batch=batch).memory_report().peak_bytes
-        budget, note = unconstrained // 2, "half"
-        try:
-            step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-4), example_batch=batch, memory_budget=budget)
-        except gp.GraphPeftError as e:
-            found = re.search(r"smallest feasible budget is (\d+) bytes", str(e))
-            if found is None:
-                raise
-            budget, note = int(found.group(1)), "half infeasible; smallest feasible"
-            step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-4), example_batch=batch, memory_budget=budget)
-        return (lambda: step(*batch)), _gp_info(step, budget_mb=budget / 2**20, budget_note=note,
-                                               budget_fraction=budget / unconstrained,
-                                               unconstrained_planned_mb=unconstrained / 2**20)
+        return _budget_half(lambda **kw: cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-4),
+                                                             example_batch=batch, **kw), batch)
+    if name == "gp_last_layer_budget":
+        return _budget_half(lambda **kw: cases._gp_sparse_step(c, "last_layer", **kw)[0],
+                            cases._gp_sparse_step(c, "last_layer")[1])
     raise KeyError(f"unknown contender {name}; known: {CONTENDERS + ('gp_lora_ort',)}")
+
+
+def _budget_half(compile_step: Callable[..., Any], batch: Any) -> tuple[Callable[[], Any], Callable[[], dict[str, Any]]]:
+    """The step compiled with ``memory_budget`` = half its unconstrained plan, or, when that is
+    infeasible, the smallest feasible budget the error names (reported as such)."""
+    import graphpeft as gp
+
+    unconstrained = compile_step().memory_report().peak_bytes
+    budget, note = unconstrained // 2, "half"
+    try:
+        step = compile_step(memory_budget=budget)
+    except gp.GraphPeftError as e:
+        found = re.search(r"smallest feasible budget is (\d+) bytes", str(e))
+        if found is None:
+            raise
+        budget, note = int(found.group(1)), "half infeasible; smallest feasible"
+        step = compile_step(memory_budget=budget)
+    return (lambda: step(*batch)), _gp_info(step, budget_mb=budget / 2**20, budget_note=note,
+                                           budget_fraction=budget / unconstrained,
+                                           unconstrained_planned_mb=unconstrained / 2**20)
 
 
 def worker(name: str, seq: int, steps: int, layers: int) -> dict[str, Any]:
@@ -244,8 +258,8 @@ def run(contenders: list[str], seq: int, steps: int, layers: int) -> list[dict[s
 def table(rows: list[dict[str, Any]]) -> str:
     by = {r["contender"]: r for r in rows}
 
-    def ratio(a: str, b: str) -> str:
-        x, y = by.get(a, {}).get("extra_mb"), by.get(b, {}).get("extra_mb")
+    def ratio(a: str, b: str, key: str = "extra_mb") -> str:
+        x, y = by.get(a, {}).get(key), by.get(b, {}).get(key)
         return f"{x / y:.2f}x" if x and y else "n/a"
 
     lines = ["| step | extra MiB | first step extra MiB | ms | plan MiB | measured (live storage) MiB | plan/measured "
@@ -268,6 +282,10 @@ def table(rows: list[dict[str, Any]]) -> str:
                  f"graphpeft last block / eager last block: {ratio('gp_last_layer', 'eager_last_layer')}; "
                  f"graphpeft LoRA / peft LoRA: {ratio('gp_lora', 'peft_lora_eager')}; "
                  f"LoRA with budget / LoRA: {ratio('gp_lora_budget_half', 'gp_lora')}")
+    lines.append("first steps: graphpeft last block / eager full: "
+                 f"{ratio('gp_last_layer', 'eager_full', 'first_step_extra_mb')}, with its smallest budget "
+                 f"{ratio('gp_last_layer_budget', 'eager_full', 'first_step_extra_mb')}; later steps, with the budget: "
+                 f"{ratio('gp_last_layer_budget', 'eager_full')}")
     sparse = [f"{s} {ratio(f'gp_{s}', f'eager_{s}')}" for s in SPARSE_SCHEMES if f"gp_{s}" in by]
     if sparse:
         lines.append("sparse schemes, graphpeft / eager: " + "; ".join(sparse))

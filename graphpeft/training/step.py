@@ -339,11 +339,11 @@ class TrainingOptions:
             and its backward as the fused CPU kernels in the step graph, which the torch
             executor and inductor run; ONNX and ExecuTorch exports rewrite them into math
             (``passes/legalize/decompose_attention.py``). ``False`` traces the math form.
-        fuse_optimizer: update every trainable tensor at once, on their concatenation (a dozen
-            ops per step instead of a dozen per tensor; the same numbers); ``"auto"`` (default)
-            does when the trainable tensors take at most :data:`FUSED_UPDATE_MAX_BYTES` (adapters),
-            ``False`` keeps one update per tensor, each placed right after its gradient by
-            ``reorder_updates`` (what frees gradient memory early when many bytes train).
+        fuse_optimizer: update the trainable tensors on their concatenation, a chunk of
+            :data:`FUSED_CHUNK_BYTES` at a time (a dozen ops per chunk instead of a dozen per
+            tensor; the same numbers); ``"auto"`` (default) does when the trainable tensors take
+            at most :data:`FUSED_UPDATE_MAX_BYTES` (adapters), ``False`` keeps one update per
+            tensor. Either way the updates run once the finite flag (every gradient) exists.
         nonfinite: a step whose loss, any gradient or the learning rate is NaN or infinite
             leaves the trainable tensors and the optimizer state unchanged (a ``where`` on a
             finite flag inside the graph, so the exported step does the same) and is counted
@@ -568,6 +568,9 @@ def apply_after_update(cm: "CompiledModel", lr: float, methods: Optional[Sequenc
 
 #: ``fuse_optimizer="auto"`` fuses the update when the trainable tensors take at most this many bytes
 FUSED_UPDATE_MAX_BYTES = 64 << 20
+#: a fused update runs on concatenations of at most this many bytes of trainable tensors at a time:
+#: its flat copies (tensors, slots, gradients, results: ~8x the bytes) then stay small
+FUSED_CHUNK_BYTES = 1 << 20
 
 
 def _fuse_update(option: Union[bool, str], params: Sequence[Tensor]) -> bool:
@@ -577,69 +580,98 @@ def _fuse_update(option: Union[bool, str], params: Sequence[Tensor]) -> bool:
     return bool(option) and len({p.dtype for p in params}) == 1
 
 
-def _skip_nonfinite(loss: Tensor, lr_t: Tensor, olds: Sequence[Tensor],
-                    news: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
-    """``news``, or ``olds`` when the loss, the lr or any of ``news`` is not finite (a ``where``
-    on one flag, so the exported step skips the same way), and the flag "skipped".
-
-    A non-finite loss, lr or gradient makes the update or the state non-finite, so the results
-    are checked, at the end ("check" is not an update phase: reordering leaves it there and no
-    flag is alive during the backward). A NaN or inf anywhere makes a sum non-finite: one
-    reduction per tensor and one ``isfinite``, instead of ``isfinite`` + ``all`` per tensor
-    (seven ops each once decomposed); only sums beyond float32's range (~3e38) would skip a
-    finite step."""
+def _finite_flag(loss: Tensor, lr_t: Tensor, grads: Sequence[Tensor]) -> Tensor:
+    """True when the loss, the lr and every gradient are finite: checked once the gradients
+    exist and before any update, so each update is kept or dropped (a ``where`` on this flag,
+    which the exported step does the same way) as soon as it is computed, and no updated
+    tensor waits for the others. A NaN or inf anywhere makes a sum non-finite: one reduction
+    per tensor and one ``isfinite`` (only sums beyond float32's range, ~3e38, would skip a
+    finite step)."""
     with _annotate("check"):
-        sums = [torch.sum(t, dtype=torch.float32) for t in news]
-        finite = torch.isfinite(torch.stack([loss.float(), lr_t.float(), *sums]).sum())
-        kept = [torch.where(finite, new, old) for old, new in zip(olds, news)]
-        return kept, torch.logical_not(finite)
+        sums = [torch.sum(g, dtype=torch.float32) for g in grads]
+        return torch.isfinite(torch.stack([loss.float(), lr_t.float(), *sums]).sum())
+
+
+def _keep_if(finite: Tensor, olds: Sequence[Tensor], news: Sequence[Tensor]) -> list[Tensor]:
+    return [torch.where(finite, new, old) for old, new in zip(olds, news)]
 
 
 def _update_each(optimizer: Optimizer, names: Sequence[str], pdict: Mapping[str, Tensor], grads: Mapping[str, Tensor],
-                 sdict: Mapping[str, Tensor], shared: dict[str, Any], lr_t: Tensor
-                 ) -> tuple[list[Tensor], dict[str, Tensor]]:
-    """The update one parameter at a time (each can run right after its gradient exists)."""
-    new_params, new_state = [], {STEP_KEY: shared["step"]}
+                 sdict: Mapping[str, Tensor], shared: dict[str, Any], lr_t: Tensor, finite: Tensor,
+                 hooks: Mapping[str, Any]) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """The update one parameter at a time, each kept or dropped on ``finite`` right away
+    (``hooks``: methods' own steps after the optimizer's, e.g. SoRA's proximal step)."""
+    new_params, new_state = [], {}
     for n in names:
         with _annotate("optimizer", param=n):
             slots = {s: sdict[f"{n}:{s}"] for s in optimizer.param_slots()}
             new_p, new_slots = optimizer.update_one(pdict[n], grads[n], slots, shared, lr_t)
-        new_params.append(new_p)
-        new_state.update({f"{n}:{s}": v for s, v in new_slots.items()})
+            if n in hooks:
+                method, rec, key = hooks[n]
+                new_p = method.after_update(rec, key, new_p, lr_t)
+            keys = list(new_slots)
+            kept = _keep_if(finite, [pdict[n], *(slots[s] for s in keys)], [new_p, *(new_slots[s] for s in keys)])
+        new_params.append(kept[0])
+        new_state.update({f"{n}:{s}": v for s, v in zip(keys, kept[1:])})
     return new_params, new_state
 
 
-def _update_fused(optimizer: Optimizer, names: Sequence[str], pdict: Mapping[str, Tensor],
-                  grads: Mapping[str, Tensor], sdict: Mapping[str, Tensor], shared: dict[str, Any], lr_t: Tensor,
-                  loss: Tensor) -> tuple[list[Tensor], dict[str, Tensor], Tensor]:
-    """The update of every parameter at once, on their concatenation (a multi-tensor update,
-    like ``torch.optim``'s foreach path), non-finite check included: the optimizers' updates
-    are elementwise, so each element gets the very same arithmetic, in a dozen ops instead of a
-    dozen per tensor (dozens of small adapter tensors made the per-tensor form mostly dispatch
-    overhead); the concatenated copies cost a few times the (small) trainable bytes."""
-    sizes = [pdict[n].numel() for n in names]
+def _chunks(names: Sequence[str], pdict: Mapping[str, Tensor], limit: int) -> list[list[str]]:
+    """``names`` in order, cut into runs of at most ``limit`` bytes (a bigger tensor alone)."""
+    out: list[list[str]] = []
+    size = limit
+    for n in names:
+        b = pdict[n].numel() * pdict[n].element_size()
+        if size + b > limit:
+            out.append([])
+            size = 0
+        out[-1].append(n)
+        size += b
+    return out
+
+
+def _flat(ts: Sequence[Tensor], copy: bool = False) -> Tensor:
+    # gradients are copied contiguous first: a kernel may hand back other strides than the
+    # trace saw (convolution weight gradients), and a view traced as valid would then fail
+    return torch.cat([(t.clone(memory_format=torch.contiguous_format) if copy else t).reshape(-1) for t in ts])
+
+
+def _flat_grads(names: Sequence[str], pdict: Mapping[str, Tensor], grads: Mapping[str, Tensor]
+                ) -> list[tuple[list[str], Tensor]]:
+    """The gradients of a fused update, concatenated per chunk of :data:`FUSED_CHUNK_BYTES` (the
+    finite check then sums a few flat tensors instead of every gradient)."""
+    with _annotate("optimizer"):
+        return [(chunk, _flat([grads[n] for n in chunk], copy=True))
+                for chunk in _chunks(names, pdict, FUSED_CHUNK_BYTES)]
+
+
+def _update_fused(optimizer: Optimizer, pdict: Mapping[str, Tensor], flat_grads: Sequence[tuple[list[str], Tensor]],
+                  sdict: Mapping[str, Tensor], shared: dict[str, Any], lr_t: Tensor,
+                  finite: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The update of many parameters at once, on their concatenation (a multi-tensor update,
+    like ``torch.optim``'s foreach path), a chunk of :func:`_flat_grads` at a time: the
+    optimizers' updates are elementwise, so each element gets the very same arithmetic, in a
+    dozen ops per chunk instead of a dozen per tensor (dozens of small adapter tensors made the
+    per-tensor form mostly dispatch overhead); the concatenated copies cost a few times a
+    chunk's bytes."""
     slot_names = list(optimizer.param_slots())
-
-    def flat(ts: Sequence[Tensor], copy: bool = False) -> Tensor:
-        # gradients are copied contiguous first: a kernel may hand back other strides than the
-        # trace saw (convolution weight gradients), and a view traced as valid would then fail
-        return torch.cat([(t.clone(memory_format=torch.contiguous_format) if copy else t).reshape(-1) for t in ts])
-
-    def unflat(t: Tensor) -> list[Tensor]:
-        return [part.view(pdict[n].shape) for n, part in zip(names, torch.split(t, sizes))]
-
-    with _annotate("optimizer"):
-        old_p = flat([pdict[n] for n in names])
-        old_slots = [flat([sdict[f"{n}:{s}"] for n in names]) for s in slot_names]
-        new_p, new_slots = optimizer.update_one(old_p, flat([grads[n] for n in names], copy=True),
-                                                dict(zip(slot_names, old_slots)), shared, lr_t)
-    news = [new_p, *[new_slots[s] for s in slot_names], shared["step"]]
-    kept, skipped = _skip_nonfinite(loss, lr_t, [old_p, *old_slots, sdict[STEP_KEY]], news)
-    with _annotate("optimizer"):
-        new_state = {STEP_KEY: kept[-1]}
-        for s, v in zip(slot_names, kept[1:-1]):
-            new_state.update({f"{n}:{s}": part for n, part in zip(names, unflat(v))})
-        return unflat(kept[0]), new_state, skipped
+    new_params: dict[str, Tensor] = {}
+    new_state: dict[str, Tensor] = {}
+    for chunk, grad in flat_grads:
+        sizes = [pdict[n].numel() for n in chunk]
+        with _annotate("optimizer"):
+            old_p = _flat([pdict[n] for n in chunk])
+            old_slots = [_flat([sdict[f"{n}:{s}"] for n in chunk]) for s in slot_names]
+            new_p, slots = optimizer.update_one(old_p, grad, dict(zip(slot_names, old_slots)), shared, lr_t)
+            kept = _keep_if(finite, [old_p, *old_slots], [new_p, *[slots[s] for s in slot_names]])
+            for key, v in zip([None, *slot_names], kept):
+                for n, part in zip(chunk, torch.split(v, sizes)):
+                    part = part.view(pdict[n].shape)
+                    if key is None:
+                        new_params[n] = part
+                    else:
+                        new_state[f"{n}:{key}"] = part
+    return new_params, new_state
 
 
 def _passes_named(names: Sequence[str], what: str) -> list[Any]:
@@ -777,27 +809,28 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
                 grads = {n: grads[n] * coef for n in param_names}
         for n in param_names:
             _tag_traced(grads[n], FINAL_GRAD_KEY, n)
+        flat_grads = _flat_grads(param_names, pdict, grads) if fuse_update else []
+        finite = _finite_flag(loss_value, lr_t, [g for _, g in flat_grads] or [grads[n] for n in param_names])
         with _annotate("optimizer"):
             shared = optimizer.prepare(sdict, lr_t)
+            (step_count,) = _keep_if(finite, [sdict[STEP_KEY]], [shared["step"]])
         if fuse_update:
-            new_params, new_state, skipped = _update_fused(optimizer, param_names, pdict, grads, sdict, shared,
-                                                           lr_t, loss_value)
+            by_name, new_state = _update_fused(optimizer, pdict, flat_grads, sdict, shared, lr_t, finite)
+            new_params = [by_name[n] for n in param_names]
         else:
-            new_params, new_state = _update_each(optimizer, param_names, pdict, grads, sdict, shared, lr_t)
-            for i, n in enumerate(param_names):
-                if n in hooks:
-                    with _annotate("optimizer", param=n):
-                        method, rec, key = hooks[n]
-                        new_params[i] = method.after_update(rec, key, new_params[i], lr_t)
-            olds = [pdict[n] for n in param_names] + [sdict[k] for k in state_names]
-            kept, skipped = _skip_nonfinite(loss_value, lr_t, olds, new_params + [new_state[k] for k in state_names])
-            new_params, new_state = kept[:len(param_names)], dict(zip(state_names, kept[len(param_names):]))
+            new_params, new_state = _update_each(optimizer, param_names, pdict, grads, sdict, shared, lr_t, finite,
+                                                 hooks)
+        new_state[STEP_KEY] = step_count
+        with _annotate("check"):
+            skipped = torch.logical_not(finite)
         return (loss_value, *new_params, *[new_state[s] for s in state_names], skipped)
 
     lr_example = torch.tensor(lr_value, dtype=torch.float32)
     example_state = [state[s] for s in state_names]
     if params and params[0].is_meta:  # a meta trace (above): every input on meta
         lr_example, example_state = lr_example.to("meta"), [t.to("meta") for t in example_state]
+    elif fake_mode is not None:  # stand-ins (above): every input fake, in their mode
+        lr_example, example_state = fake_mode.from_tensor(lr_example), [_fake(fake_mode, t) for t in example_state]
     was_training = cm.training
     cm.train(True)  # adapter dropout on in the training graph
     try:

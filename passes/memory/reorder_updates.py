@@ -10,7 +10,8 @@ Scheduling: the forward and backward keep their order. An update op (phase ``acc
 value it needs is produced; update ops that only read inputs (the decayed weight, a momentum
 buffer times beta, the bias corrections) run just before their first user, so hoisting never
 makes them live longer. With gradient clipping every update waits for the global norm, which
-needs every gradient: only the per-gradient norms move early then.
+needs every gradient: only the per-gradient norms move early then. Likewise every update waits
+for the step's finite flag (loss, lr and every gradient finite), which keeps or drops it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def schedule(gm: fx.GraphModule, nodes: Optional[Sequence[fx.Node]] = None) -> l
     pos = {n: i for i, n in enumerate(rest)}
     ready: dict[fx.Node, int] = {}
     driven: dict[fx.Node, bool] = {}
+    # updates are kept or dropped on the step's finite flag (a "check" value they read): none
+    # runs before it, or its results would wait for the flag, alive beside the backward's values
+    floor = max((pos[a] for n in update for a in n.all_input_nodes
+                 if a not in update and a is not output and phase_of(a) == "check"), default=-1)
     for n in nodes:
         if n not in update:
             continue
@@ -45,7 +50,7 @@ def schedule(gm: fx.GraphModule, nodes: Optional[Sequence[fx.Node]] = None) -> l
             else:
                 r = max(r, pos[a])
                 d = d or a.op not in ("placeholder", "get_attr")
-        ready[n], driven[n] = r, d
+        ready[n], driven[n] = (max(r, floor) if d else r), d
     at: dict[int, list[fx.Node]] = defaultdict(list)
     for n in nodes:
         if n in update and driven[n]:
@@ -87,7 +92,7 @@ def schedule(gm: fx.GraphModule, nodes: Optional[Sequence[fx.Node]] = None) -> l
 
 @register_pass
 class ReorderUpdates(PassBase):
-    """Moves each update next to its gradient (same ops, new order); in place."""
+    """Moves each update to where its inputs (gradient, finite flag) exist (same ops, new order); in place."""
 
     name = "reorder_updates"
 

@@ -16,7 +16,7 @@ What never moves relative to each other:
   and before the readers that came after it.
 
 The update (phases ``accumulate``, ``clip``, ``optimizer``) is left to PockEngine's rule of
-:mod:`.reorder_updates`: each update right after the gradient it needs, so gradients die at once.
+:mod:`.reorder_updates`: each update as soon as its gradient and the step's finite flag exist.
 The scheduler treats a gradient the update reads as consumed when it is made.
 
 The pass plans the peak of the new order (:func:`.plan_memory.liveness`) and keeps it only if it is
