@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import graphpeft as gp
+from test_distributed import _join
 
 WORLD = 2
 STEPS = 3
@@ -106,17 +107,7 @@ def ranks(tmp_path_factory: Any) -> dict[str, Any]:
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, __file__, str(r), str(out)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-3000:]}"
+    _join(procs)
     frozen = {n: p.numel() for n, p in model.named_parameters()}
     return {"ranks": [torch.load(out / f"rank{r}.pt") for r in range(WORLD)], "frozen": frozen}
 

@@ -29,7 +29,7 @@ from graphpeft.graph import (META_KEY, GraphBuilder, Layer, Provenance, Role, ad
 from graphpeft.infra import PassContext
 from graphpeft.rewrite import MatchResult, RewriteRule
 
-from .layer_rewrite import layer_generator, record_adapter
+from .layer_rewrite import layer_generator, layer_output, record_adapter
 
 aten = torch.ops.aten
 
@@ -124,7 +124,7 @@ class LoRAParameterRewrite(RewriteRule):
         a, b = init_factors(layer, weight, rule.r, rule.init, ctx.seed)
         names = {k: scoped_tensor_name(v, ctx.adapter_name) for k, v in tensor_names(layer.path).items()}
         aid = adapter_id(layer.path, ctx.adapter_name)
-        out = _current_value(layer)
+        out = layer_output(layer)  # the read, or the last join of adapters already on it
         stack = next((u.meta.get("nn_module_stack") for u in layer.node.users), None)
         g = GraphBuilder(gm, out, Provenance(self.pass_name, rule.name, layer.path, adapter=aid), module_stack=stack)
         a_node = g.param(names["A"], a, Role.ADAPTER)
@@ -137,19 +137,6 @@ class LoRAParameterRewrite(RewriteRule):
         out.replace_all_uses_with(joined, delete_user_cb=lambda user: user not in g.created)
         record_adapter(gm, aid, layer, ctx, rule, "lora", names, joined, scaling=rule.scaling,
                        experts=experts_of(weight), order=list(roles(gm)).index(layer.weight))
-
-
-def _current_value(layer: Layer) -> fx.Node:
-    """The node holding the parameter's value so far: its read, or the last join of the named
-    adapters already on it (they stack, as PEFT's active adapters add up)."""
-    node = layer.node
-    while True:
-        nxt = next((u for u in node.users if u.args and u.args[0] is node
-                    and (u.meta.get(META_KEY) or {}).get("part") == "join"
-                    and u.meta[META_KEY].get("origin") == layer.path), None)
-        if nxt is None:
-            return node
-        node = nxt
 
 
 def _join(g: GraphBuilder, w: fx.Node, a: fx.Node, b: fx.Node, weight: torch.Tensor, scaling: float,
