@@ -1,17 +1,19 @@
-"""Reorder a training graph so each optimizer update runs as soon as its gradient exists.
+"""Reorder a training graph so each optimizer update runs as soon as its inputs exist.
 
 PockEngine's operator reordering: traced naively, a training step computes every gradient and
 only then updates, so all gradients are alive together at the end of the backward. Moving each
-parameter's update right after the op that produces its gradient lets the gradient die at once;
-peak memory no longer holds every gradient at the same time.
+parameter's update right after the op that produces its gradient lets the gradient die at once.
+graphpeft's steps keep or drop every update on the step's finite flag (loss, lr and every
+gradient finite), so there the updates run right after that flag, at the end of the backward:
+a functional step's update makes new tensors (up to 3x the gradient's bytes with AdamW) that
+would otherwise wait, alive, for the flag. Graphs without such a flag get PockEngine's order.
 
 Scheduling: the forward and backward keep their order. An update op (phase ``accumulate``,
 ``clip`` or ``optimizer``) that depends on a computed value runs right after the last such
 value it needs is produced; update ops that only read inputs (the decayed weight, a momentum
 buffer times beta, the bias corrections) run just before their first user, so hoisting never
 makes them live longer. With gradient clipping every update waits for the global norm, which
-needs every gradient: only the per-gradient norms move early then. Likewise every update waits
-for the step's finite flag (loss, lr and every gradient finite), which keeps or drops it.
+needs every gradient: only the per-gradient norms move early then; likewise for the finite flag.
 """
 
 from __future__ import annotations
