@@ -229,16 +229,9 @@ def step_time(repeats: int = 10, layers: int = 4) -> dict[str, float]:
     contenders = {"PEFT LoRA eager (torch.optim.AdamW)": peft_step,
                   "graphpeft compiled step, torch": lambda: step(ids),
                   "graphpeft compiled step, onnxruntime": lambda: trainer.step(ids)}
-    for fn in contenders.values():
-        fn()
-        fn()
-    samples: dict[str, list[float]] = {k: [] for k in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            t = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t)
-    out = {k: 1000 * statistics.median(v) for k, v in samples.items()}
+    from .harness import interleave
+
+    out = {k: st.median for k, st in interleave(contenders, warmup=2, repeats=repeats).items()}
     print(f"\nStep time, Llama hidden {HIDDEN} x {layers} layers, batch {BATCH}x{SEQ}, LoRA r=8 all linear, "
           f"AdamW (median of {repeats}, interleaved; threads {torch.get_num_threads()})")
     base = out["PEFT LoRA eager (torch.optim.AdamW)"]

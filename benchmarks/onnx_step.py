@@ -19,13 +19,12 @@ import argparse
 import collections
 import logging
 import os
-import statistics
 import tempfile
-import time
 import warnings
 from typing import Any, Callable, Sequence
 
 from .compile_time import LINEAR, batch, build_llama
+from .harness import interleave
 
 
 def _kinds(path: str) -> collections.Counter:
@@ -50,14 +49,8 @@ def _optimized_kinds(path: str) -> collections.Counter:
 
 
 def _interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """Median seconds of each function, run alternately ``rounds`` times."""
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    """Median seconds of each function, run alternately ``rounds`` times (no warm-up)."""
+    return {k: st.median / 1000 for k, st in interleave(fns, warmup=0, repeats=rounds).items()}
 
 
 def export_pair(step: Any, folder: str) -> dict[str, str]:

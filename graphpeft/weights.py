@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
 
@@ -370,9 +371,7 @@ def _read_shard(src: Any, target: _Target, shard: tuple[int, int], device: torch
     from .training.distributed import pad_shard, shard_range
 
     rank, world = shard
-    numel = 1
-    for d in target.shape:
-        numel *= d
+    numel = math.prod(target.shape)
     start, stop, chunk = shard_range(numel, rank, world)
     if src[0] != "file":
         part = src[1].detach().reshape(-1)[start:stop]

@@ -33,6 +33,7 @@ Shapes are static: a step is compiled for the shapes of the batch it is first gi
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import gc
 import logging
 import os
@@ -515,21 +516,19 @@ def _attention_tracing(fused: bool, tensors: Sequence[Tensor]) -> tuple[Any, dic
     table = core_aten_decompositions()
     floats = [t for t in tensors if t.is_floating_point()]
     if fused and floats and all(t.dtype == torch.float32 for t in floats):
-        kept = {k for k in table if getattr(getattr(k, "overloadpacket", None), "__name__", "") in FUSED_ATTENTION_OPS}
-        table = {k: v for k, v in table.items() if k not in kept}
+        fused_table = {k: v for k, v in table.items()
+                       if getattr(getattr(k, "overloadpacket", None), "__name__", "") not in FUSED_ATTENTION_OPS}
         backend = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
         if all(t.device.type == "cpu" for t in floats):
-            return backend, table
+            return backend, fused_table
         if all(t.device.type == "meta" for t in floats):  # a meta plan of the CPU step: the CPU's kernel
-            import contextlib
-
             from .meta_attention import CpuAttentionOnMeta
 
             stack = contextlib.ExitStack()
             stack.enter_context(backend)
             stack.enter_context(CpuAttentionOnMeta())
-            return stack, table
-    return sdpa_kernel([SDPBackend.MATH]), core_aten_decompositions()
+            return stack, fused_table
+    return sdpa_kernel([SDPBackend.MATH]), table
 
 
 def after_update_hooks(gm: fx.GraphModule, names: Sequence[str]) -> dict[str, tuple[Any, dict[str, Any], str]]:
@@ -1247,8 +1246,11 @@ class TrainingStep:
         """The graph's flat inputs for one call: trainable tensors, state, lr, batch."""
         self._check_weights(batch)
         sig = signature_of(self.graph_for(*batch))
-        params = [get_tensor(self.cm.graph_module, n).detach() for n in sig.params]
-        return [*params, *[self._state[s] for s in sig.state], torch.tensor(self.lr, dtype=torch.float32), *batch]
+        return self._graph_inputs(sig, self._trainable_refs(sig.params).get(), batch)
+
+    def _graph_inputs(self, sig: TrainingSignature, params: Sequence[Tensor], batch: Sequence[Tensor]) -> list[Tensor]:
+        return [*(t.detach() for t in params), *[self._state[s] for s in sig.state],
+                torch.tensor(self.lr, dtype=torch.float32), *batch]
 
     def __call__(self, *batch: Tensor) -> Tensor:
         """Run one training step on ``batch``; returns the loss (a detached scalar; with
@@ -1268,8 +1270,7 @@ class TrainingStep:
             if not self._dp_synced:
                 self._sync_ranks()
         params = self._trainable_refs(sig.params)
-        inputs = [*(t.detach() for t in params.get()), *[self._state[s] for s in sig.state],
-                  torch.tensor(self.lr, dtype=torch.float32), *batch]
+        inputs = self._graph_inputs(sig, params.get(), batch)
         run = self._runner(key, gm)
         with torch.no_grad():
             out = run(*inputs)
