@@ -46,7 +46,7 @@ def _ab(a: Callable[[], Any], b: Callable[[], Any], rounds: int) -> tuple[float,
 def main(argv: Any = None) -> int:
     from graphpeft.graph import get_tensor
     from graphpeft.training.runner import NativeRunner, native_graph
-    from graphpeft.training.step import DEFAULT_TRAINING_PASSES
+    from graphpeft.training.options import DEFAULT_TRAINING_PASSES
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", default="llama", choices=sorted(CASES))

@@ -9,7 +9,7 @@ import torch.fx as fx
 
 import graphpeft as gp
 from graphpeft.passes.cleanup.causal_attention import BACKWARD, FORWARD, constant_value, is_causal_pattern
-from graphpeft.training.step import DEFAULT_TRAINING_PASSES
+from graphpeft.training.options import DEFAULT_TRAINING_PASSES
 
 from method_helpers import check_step_in_onnxruntime
 from models import tiny_llama, token_batch

@@ -14,7 +14,7 @@ from graphpeft.passes.memory.plan_memory import _categories, liveness
 from graphpeft.passes.memory.schedule_memory import is_random, memory_schedule, ordering_edges
 from graphpeft.registry import PASSES
 from graphpeft.training import UPDATE_PHASES, phase_of
-from graphpeft.training.step import DEFAULT_TRAINING_PASSES
+from graphpeft.training.options import DEFAULT_TRAINING_PASSES
 
 from models import tiny_llama, token_batch
 

@@ -15,7 +15,7 @@ from graphpeft.errors import VerificationError
 from graphpeft.graph import META_KEY, Provenance, get_tensor, roles
 from graphpeft.registry import PASSES
 from graphpeft.training import ORDER_KEY, PHASES, UPDATE_PHASES, phase_of, signature_of, verify_training
-from graphpeft.training.step import DEFAULT_TRAINING_PASSES
+from graphpeft.training.options import DEFAULT_TRAINING_PASSES
 from graphpeft.passes.memory.plan_memory import liveness, nbytes
 from graphpeft.passes.memory.plan_memory import _categories as memory_categories
 from graphpeft.backends.onnx.train_export import legalized_copy

@@ -202,7 +202,8 @@ def _lowered(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """``gm`` after the forward lowering the training step gets too (LoRA scaling folded into
     ``B``, shared-input ``A`` factors as one MatMul): with the adapters as initializers,
     onnxruntime folds the scaled and concatenated weights once at load time."""
-    from graphpeft.training.step import INFERENCE_FORWARD_LOWERING, TrainingOptions, lower_forward
+    from graphpeft.training.options import INFERENCE_FORWARD_LOWERING, TrainingOptions
+    from graphpeft.training.trace_step import lower_forward
 
     return lower_forward(gm, TrainingOptions(lowering=INFERENCE_FORWARD_LOWERING))
 

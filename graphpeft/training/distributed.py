@@ -31,7 +31,7 @@ from ..infra import PassContext, PassManager, Pipeline, copy_graph
 from ..registry import PASSES
 
 if TYPE_CHECKING:
-    from .step import TrainingOptions
+    from .options import TrainingOptions
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def data_parallel_graph(gm: fx.GraphModule, group: ProcessGroupInfo, options: "T
     collectives inserted by the ``allreduce_gradients`` pass; ``gm`` is unchanged. With
     ``shard_frozen``, ``release(name)`` is called as each frozen weight's shard is stored, and
     ``shards`` (name -> this rank's shard) are used as they are (their whole tensors may be meta)."""
-    from .step import verify_training
+    from .signature import verify_training
 
     names = [ALLREDUCE_PASS] + ([SHARD_PASS] if options.shard_frozen else [])
     missing = [n for n in names if n not in PASSES]

@@ -308,7 +308,7 @@ class _BlockedLinearCrossEntropy(torch.autograd.Function):
         lse = top + torch.log(sum_exp)
         total = ((lse - target) * scale).sum()
         # sweep 2: each block again (dequantized again: a recompute, not merged by CSE) for dh
-        from .step import RECOMPUTE_KEY
+        from .trace_step import RECOMPUTE_KEY
 
         dh, start = None, 0
         with torch.fx.traceback.annotate({RECOMPUTE_KEY: "quantized head block"}):

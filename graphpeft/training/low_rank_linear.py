@@ -23,7 +23,7 @@ import torch
 import torch.fx.traceback as fxt
 import torch.nn.functional as F
 
-from .step import RECOMPUTE_KEY
+from .trace_step import RECOMPUTE_KEY
 
 Tensor = torch.Tensor
 
