@@ -5,17 +5,8 @@
         loss = step(*batch)              # trains cm through the compiled graph
     step.export_onnx("train.onnx")       # the same step for plain onnxruntime
 
-How the graph is made. The adapted graph is called functionally (an ``fx.Interpreter`` that
-reads every tensor from an explicit dict) with the trainable tensors as explicit inputs;
-``torch.func.grad_and_value`` differentiates the loss toward them only, so autograd never builds
-a backward for frozen parts; a functional optimizer (:mod:`graphpeft.training.optim`) turns gradients
-and state into new tensors; ``make_fx`` with the core ATen decomposition table traces all of it
-into one graph. An adapter method may finish its tensors' update with a step of its own
-(:meth:`~graphpeft.method.AdapterMethod.after_update`, e.g. SoRA's proximal L1 step on its
-gates): it is traced right after the optimizer's update, so it is in the graph and in its ONNX
-export too (:func:`apply_after_update` runs the same step in an eager ``torch.optim`` loop).
-Every node is tagged with its phase (``forward``, ``loss``, ``backward``,
-``accumulate``, ``clip``, ``optimizer``) in its provenance, which the training passes use.
+How the graph is made: :mod:`graphpeft.training.trace_step`. Its parts: :mod:`.signature`,
+:mod:`.options`, :mod:`.memory_report`, :mod:`.checkpoints`.
 
 The graph's signature (flat, in this order)::
 

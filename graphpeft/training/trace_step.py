@@ -1,13 +1,26 @@
 """Tracing one training step (forward, pruned backward, optimizer update) into one fx graph:
 :func:`trace_training_step`, the functional interpreter it differentiates through, and the
 update forms (one update per tensor, or fused over 1 MiB chunks of the trainable tensors).
+
+How the graph is made. The adapted graph is called functionally (an ``fx.Interpreter`` that
+reads every tensor from an explicit dict) with the trainable tensors as explicit inputs;
+``torch.func.grad_and_value`` differentiates the loss toward them only, so autograd never builds
+a backward for frozen parts; a functional optimizer (:mod:`graphpeft.training.optim`) turns gradients
+and state into new tensors; ``make_fx`` with the core ATen decomposition table traces all of it
+into one graph. An adapter method may finish its tensors' update with a step of its own
+(:meth:`~graphpeft.method.AdapterMethod.after_update`, e.g. SoRA's proximal L1 step on its
+gates): it is traced right after the optimizer's update, so it is in the graph and in its ONNX
+export too (:func:`apply_after_update` runs the same step in an eager ``torch.optim`` loop).
+Every node is tagged with its phase (``forward``, ``loss``, ``backward``,
+``accumulate``, ``clip``, ``optimizer``) in its provenance, which the training passes use.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any, Collection, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -300,14 +313,56 @@ def lower_forward(gm: fx.GraphModule, options: TrainingOptions) -> fx.GraphModul
     return PassManager(verifier=verify).run(lowered, pipeline, ctx).gm
 
 
+@dataclasses.dataclass
+class _StepParts:
+    """What the traced step function closes over: the lowered forward and the names and
+    example tensors of its inputs (made by :func:`_step_parts`)."""
+
+    src: fx.GraphModule
+    loss: Loss
+    role_map: dict[str, Role]
+    param_names: list[str]
+    const_names: list[str]
+    state_names: list[str]
+    n_in: int
+    num_targets: int
+    params: list[Tensor]
+    consts: list[Tensor]
+    batch: list[Any]
+    out_spec: Any
+    fake_mode: Any = None
+
+
 def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, batch: Sequence[Tensor],
                         options: TrainingOptions, lr: Optional[float] = None,
                         stand_ins: Collection[str] = ()) -> fx.GraphModule:
     """Trace one training step of ``cm`` for ``batch`` into a graph (no passes run yet).
     ``stand_ins``: frozen tensors that are meta here but real on every rank as shards (a sharded
     step's released weights): traced as fake tensors on the device of the others."""
-    from torch.fx.experimental.proxy_tensor import make_fx
+    parts = _step_parts(cm, loss, optimizer, batch, options, stand_ins)
+    state = optimizer.init_state(dict(zip(parts.param_names, parts.params)))
+    lr_value = float(optimizer.lr if lr is None else lr)
+    lr_example = torch.tensor(lr_value, dtype=torch.float32)
+    example_state = [state[s] for s in parts.state_names]
+    if parts.params and parts.params[0].is_meta:  # a meta trace: every input on meta
+        lr_example, example_state = lr_example.to("meta"), [t.to("meta") for t in example_state]
+    elif parts.fake_mode is not None:  # stand-ins: every input fake, in their mode
+        lr_example = parts.fake_mode.from_tensor(lr_example)
+        example_state = [_fake(parts.fake_mode, t) for t in example_state]
+    train_step = _step_function(parts, optimizer, options)
+    traced = _trace(cm, train_step, options, parts.params + parts.consts,
+                    (parts.params, parts.consts, example_state, lr_example, *parts.batch))
+    gm = _lift_frozen_tensors(traced, parts)
+    _tag_provenance(gm)
+    graph_meta(gm)[TRAINING_META] = _signature(gm, parts, example_state, lr_example, optimizer, options, lr_value)
+    gm.recompile()
+    return gm
 
+
+def _step_parts(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, batch: Sequence[Tensor],
+                options: TrainingOptions, stand_ins: Collection[str]) -> _StepParts:
+    """The lowered forward (logits fused into the loss where they are only its input), the
+    trainable and frozen tensors, and the example inputs on the device the trace runs on."""
     was_training = cm.training
     cm.train(True)  # adapter dropout on in the graph the step is traced from (a lowered copy)
     try:
@@ -325,6 +380,15 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
     if not param_names:
         raise PlanError("the model has no trainable tensors: the plan selected no layer (see cm.explain())")
     n_in = sum(1 for n in src.graph.nodes if n.op == "placeholder")
+    batch = _checked_batch(batch, n_in)
+    parts = _StepParts(src, loss, role_map, param_names, const_names, optimizer.state_names(param_names), n_in,
+                       len(batch) - n_in, [get_tensor(src, n).detach() for n in param_names],
+                       [get_tensor(src, n).detach() for n in const_names], batch, cm._traced.out_spec)
+    _place_examples(parts, stand_ins)
+    return parts
+
+
+def _checked_batch(batch: Sequence[Tensor], n_in: int) -> list[Tensor]:
     batch = list(batch)
     if len(batch) < n_in:
         raise PlanError(f"the batch has {len(batch)} tensors but the model takes {n_in} inputs: call "
@@ -332,86 +396,46 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
     for i, t in enumerate(batch):
         if not isinstance(t, Tensor):
             raise PlanError(f"batch element {i} is a {type(t).__name__}; every batch element must be a tensor")
-    num_targets = len(batch) - n_in
-    k = options.accumulation_steps
-    clip = options.clip_grad_norm
-    state_names = optimizer.state_names(param_names)
-    out_spec = cm._traced.out_spec
-    params = [get_tensor(src, n).detach() for n in param_names]
-    consts = [get_tensor(src, n).detach() for n in const_names]
-    fake_mode = None
-    if any(t.is_meta for n, t in zip(param_names + const_names, params + consts) if n not in stand_ins):
-        # a model compiled on the meta device (its memory report): trace every tensor on meta,
-        # real ones (buffers of accelerate.init_empty_weights, the batch) included, as fake
-        # tensors must share one device
+    return batch
+
+
+def _place_examples(parts: _StepParts, stand_ins: Collection[str]) -> None:
+    """Move the example tensors to where the trace runs: all on meta for a model compiled on the
+    meta device (its memory report), or all fake when some frozen tensors are stand-ins."""
+    names = parts.param_names + parts.const_names
+    if any(t.is_meta for n, t in zip(names, parts.params + parts.consts) if n not in stand_ins):
+        # real tensors beside meta ones (buffers of accelerate.init_empty_weights, the batch)
+        # go to meta too: fake tensors must share one device
         from ..weights import retarget
 
-        params, consts = [t.to("meta") for t in params], [t.to("meta") for t in consts]
-        batch = [t.to("meta") if isinstance(t, Tensor) else t for t in batch]
-        src = retarget(copy_graph(src), "meta", source=None, fake_values=False)
-    elif any(t.is_meta for t in consts):
-        fake_mode, consts = _fake_stand_ins(const_names, consts, params, stand_ins)
-        params, batch = [fake_mode.from_tensor(t) for t in params], [_fake(fake_mode, t) for t in batch]
-    state = optimizer.init_state(dict(zip(param_names, params)))
-    lr_value = float(optimizer.lr if lr is None else lr)
-    # methods with a step of their own after the optimizer's (SoRA's proximal L1 step)
-    hooks = after_update_hooks(src, param_names)
-    # a method's own post-update step (SoRA) runs per tensor, before the non-finite check
-    own_steps = any(type(m).after_update is not AdapterMethod.after_update for m, _, _ in hooks.values())
-    fuse_update = _fuse_update(options.fuse_optimizer, params) and not own_steps
+        parts.params = [t.to("meta") for t in parts.params]
+        parts.consts = [t.to("meta") for t in parts.consts]
+        parts.batch = [t.to("meta") if isinstance(t, Tensor) else t for t in parts.batch]
+        parts.src = retarget(copy_graph(parts.src), "meta", source=None, fake_values=False)
+    elif any(t.is_meta for t in parts.consts):
+        parts.fake_mode, parts.consts = _fake_stand_ins(parts.const_names, parts.consts, parts.params, stand_ins)
+        parts.params = [parts.fake_mode.from_tensor(t) for t in parts.params]
+        parts.batch = [_fake(parts.fake_mode, t) for t in parts.batch]
 
-    def run_model(tensors: dict[str, Tensor], inputs: Sequence[Tensor], micro: int) -> Any:
-        flat = _FunctionalInterpreter(src, tensors, {"phase": "forward", "micro": micro}).run(*inputs)
-        return pytree.tree_unflatten(list(flat), out_spec)
+
+def _step_function(parts: _StepParts, optimizer: Optimizer, options: TrainingOptions) -> Callable[..., Any]:
+    """The function ``make_fx`` traces: ``(params, consts, state, lr, *batch) -> (loss, *new
+    params, *new state, skipped)``."""
+    src, param_names = parts.src, parts.param_names
+    # methods with a step of their own after the optimizer's (SoRA's proximal L1 step) run per
+    # tensor, before the non-finite check
+    hooks = after_update_hooks(src, param_names)
+    own_steps = any(type(m).after_update is not AdapterMethod.after_update for m, _, _ in hooks.values())
+    fuse_update = _fuse_update(options.fuse_optimizer, parts.params) and not own_steps
 
     def train_step(p_list: list[Tensor], c_list: list[Tensor], s_list: list[Tensor], lr_t: Tensor,
                    *batch_t: Tensor) -> tuple[Tensor, ...]:
         pdict = dict(zip(param_names, p_list))
-        cdict = dict(zip(const_names, c_list))
-        sdict = dict(zip(state_names, s_list))
-        micro_inputs = _split_batch(batch_t[:n_in], k)
-        micro_targets = _split_batch(batch_t[n_in:], k) if num_targets else [[] for _ in range(k)]
-        weights: list[Any] = [1.0]
-        if k > 1:
-            with _annotate("accumulate"):
-                raw = [loss.weight(mi, mt) for mi, mt in zip(micro_inputs, micro_targets)]
-                total = raw[0]
-                for w in raw[1:]:
-                    total = total + w
-                weights = [w / total for w in raw]
-        grads: Optional[dict[str, Tensor]] = None
-        loss_value: Optional[Tensor] = None
-        for i, (mi, mt) in enumerate(zip(micro_inputs, micro_targets)):
-            w = weights[i] if k > 1 else None
-
-            def objective(trainable: dict[str, Tensor], mi: list = mi, mt: list = mt, i: int = i, w: Any = w) -> Any:
-                outputs = run_model({**cdict, **trainable}, mi, i)
-                if isinstance(loss, FusedHeadLoss):
-                    loss.bind({**cdict, **trainable})
-                with _annotate("loss", micro=i):
-                    value = loss(outputs, mi, mt)
-                    if value.dim() != 0:
-                        raise PlanError(f"the loss must be a scalar, got shape {tuple(value.shape)}")
-                    scaled = value * w if w is not None else value
-                return scaled, scaled
-
-            with _annotate("backward", micro=i):
-                g, (_, scaled) = torch.func.grad_and_value(objective, has_aux=True)(pdict)
-            for n in param_names:
-                _tag_traced(g[n], GRAD_KEY, n)
-            if grads is None:
-                grads, loss_value = g, scaled
-            else:
-                with _annotate("accumulate", micro=i):
-                    loss_value = loss_value + scaled
-                    grads = {n: grads[n] + g[n] for n in param_names}
-        assert grads is not None and loss_value is not None
-        if clip is not None:
-            with _annotate("clip"):
-                norms = [torch.linalg.vector_norm(grads[n], 2.0) for n in param_names]
-                total_norm = torch.linalg.vector_norm(torch.stack(norms), 2.0)
-                coef = torch.clamp(float(clip) / (total_norm + 1e-6), max=1.0)
-                grads = {n: grads[n] * coef for n in param_names}
+        sdict = dict(zip(parts.state_names, s_list))
+        loss_value, grads = _loss_and_grads(parts, dict(zip(parts.const_names, c_list)), pdict, batch_t,
+                                            options.accumulation_steps)
+        if options.clip_grad_norm is not None:
+            grads = _clip(grads, param_names, float(options.clip_grad_norm))
         for n in param_names:
             _tag_traced(grads[n], FINAL_GRAD_KEY, n)
         flat_grads = _flat_grads(param_names, pdict, grads) if fuse_update else []
@@ -428,21 +452,83 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
         new_state[STEP_KEY] = step_count
         with _annotate("check"):
             skipped = torch.logical_not(finite)
-        return (loss_value, *new_params, *[new_state[s] for s in state_names], skipped)
+        return (loss_value, *new_params, *[new_state[s] for s in parts.state_names], skipped)
 
-    lr_example = torch.tensor(lr_value, dtype=torch.float32)
-    example_state = [state[s] for s in state_names]
-    if params and params[0].is_meta:  # a meta trace (above): every input on meta
-        lr_example, example_state = lr_example.to("meta"), [t.to("meta") for t in example_state]
-    elif fake_mode is not None:  # stand-ins (above): every input fake, in their mode
-        lr_example, example_state = fake_mode.from_tensor(lr_example), [_fake(fake_mode, t) for t in example_state]
+    return train_step
+
+
+def _loss_and_grads(parts: _StepParts, cdict: dict[str, Tensor], pdict: dict[str, Tensor],
+                    batch_t: Sequence[Tensor], k: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss and the trainable tensors' gradients, accumulated over ``k`` micro-batches
+    (each weighted by its share of the loss's elements)."""
+    n_in, loss = parts.n_in, parts.loss
+    micro_inputs = _split_batch(batch_t[:n_in], k)
+    micro_targets = _split_batch(batch_t[n_in:], k) if parts.num_targets else [[] for _ in range(k)]
+    weights: list[Any] = [None] * k
+    if k > 1:
+        with _annotate("accumulate"):
+            raw = [loss.weight(mi, mt) for mi, mt in zip(micro_inputs, micro_targets)]
+            total = raw[0]
+            for w in raw[1:]:
+                total = total + w
+            weights = [w / total for w in raw]
+    grads: Optional[dict[str, Tensor]] = None
+    loss_value: Optional[Tensor] = None
+    for i, (mi, mt) in enumerate(zip(micro_inputs, micro_targets)):
+        objective = _objective(parts, cdict, mi, mt, i, weights[i])
+        with _annotate("backward", micro=i):
+            g, (_, scaled) = torch.func.grad_and_value(objective, has_aux=True)(pdict)
+        for n in parts.param_names:
+            _tag_traced(g[n], GRAD_KEY, n)
+        if grads is None or loss_value is None:
+            grads, loss_value = g, scaled
+        else:
+            with _annotate("accumulate", micro=i):
+                loss_value = loss_value + scaled
+                grads = {n: grads[n] + g[n] for n in parts.param_names}
+    assert grads is not None and loss_value is not None
+    return loss_value, grads
+
+
+def _objective(parts: _StepParts, cdict: dict[str, Tensor], mi: Sequence[Tensor], mt: Sequence[Tensor], micro: int,
+               weight: Any) -> Callable[[dict[str, Tensor]], tuple[Tensor, Tensor]]:
+    """The (weighted) loss of one micro-batch as a function of the trainable tensors."""
+
+    def objective(trainable: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        tensors = {**cdict, **trainable}
+        flat = _FunctionalInterpreter(parts.src, tensors, {"phase": "forward", "micro": micro}).run(*mi)
+        outputs = pytree.tree_unflatten(list(flat), parts.out_spec)
+        if isinstance(parts.loss, FusedHeadLoss):
+            parts.loss.bind(tensors)
+        with _annotate("loss", micro=micro):
+            value = parts.loss(outputs, mi, mt)
+            if value.dim() != 0:
+                raise PlanError(f"the loss must be a scalar, got shape {tuple(value.shape)}")
+            scaled = value * weight if weight is not None else value
+        return scaled, scaled
+
+    return objective
+
+
+def _clip(grads: dict[str, Tensor], names: Sequence[str], clip: float) -> dict[str, Tensor]:
+    """``torch.nn.utils.clip_grad_norm_`` on the gradients, functionally."""
+    with _annotate("clip"):
+        norms = [torch.linalg.vector_norm(grads[n], 2.0) for n in names]
+        total_norm = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+        coef = torch.clamp(clip / (total_norm + 1e-6), max=1.0)
+        return {n: grads[n] * coef for n in names}
+
+
+def _trace(cm: "CompiledModel", train_step: Callable[..., Any], options: TrainingOptions, tensors: Sequence[Tensor],
+           args: tuple) -> fx.GraphModule:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
     was_training = cm.training
     cm.train(True)  # adapter dropout on in the training graph
     try:
-        attention, table = _attention_tracing(options.fused_attention, params + consts)
+        attention, table = _attention_tracing(options.fused_attention, tensors)
         with fxt.preserve_node_meta(), attention:
-            traced = make_fx(train_step, decomposition_table=table,
-                             tracing_mode="fake")(params, consts, example_state, lr_example, *batch)
+            return make_fx(train_step, decomposition_table=table, tracing_mode="fake")(*args)
     except GraphPeftError:
         raise
     except Exception as e:
@@ -452,26 +538,27 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
     finally:
         cm.train(was_training)
 
-    # -- frozen tensors become get_attr nodes named by their paths; the rest keep stable names
+
+def _lift_frozen_tensors(traced: fx.GraphModule, parts: _StepParts) -> fx.GraphModule:
+    """Frozen tensors become ``get_attr`` nodes named by their paths (sharing the model's
+    storage); the other inputs get stable names (``param_i``, ``state_i``, ``lr``, ``batch_i``)."""
     graph = traced.graph
     graph._codegen = fx.graph.CodeGen()
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    n_p, n_c, n_s = len(param_names), len(const_names), len(state_names)
-    if len(placeholders) != n_p + n_c + n_s + 1 + len(batch):
+    n_p, n_c, n_s = len(parts.param_names), len(parts.const_names), len(parts.state_names)
+    if len(placeholders) != n_p + n_c + n_s + 1 + len(parts.batch):
         raise TraceError(f"internal: traced graph has {len(placeholders)} inputs, expected "
-                         f"{n_p + n_c + n_s + 1 + len(batch)}")
+                         f"{n_p + n_c + n_s + 1 + len(parts.batch)}")
     root = torch.nn.Module()
-    for name in const_names:
-        attach_tensor(root, name, get_tensor(src, name), role_map[name])
-    extra_consts: dict[str, Tensor] = {}
+    for name in parts.const_names:
+        attach_tensor(root, name, get_tensor(parts.src, name), parts.role_map[name])
+    extra_consts: list[str] = []
     for node in graph.nodes:  # constants make_fx lifted while tracing (e.g. torch.tensor(...))
-        if node.op == "get_attr":
-            value = getattr(traced, node.target)
-            if isinstance(value, Tensor):
-                attach_tensor(root, node.target, value, Role.BUFFER)
-                extra_consts[node.target] = value
+        if node.op == "get_attr" and isinstance(value := getattr(traced, node.target), Tensor):
+            attach_tensor(root, node.target, value, Role.BUFFER)
+            extra_consts.append(node.target)
     first_op = next(n for n in graph.nodes if n.op != "placeholder")
-    for node, name in zip(placeholders[n_p:n_p + n_c], const_names):
+    for node, name in zip(placeholders[n_p:n_p + n_c], parts.const_names):
         with graph.inserting_before(first_op):
             attr = graph.create_node("get_attr", name)  # (get_attr() warns: the root is built below)
         attr.meta.update(node.meta)
@@ -479,59 +566,68 @@ def trace_training_step(cm: "CompiledModel", loss: Loss, optimizer: Optimizer, b
         graph.erase_node(node)
     kept = placeholders[:n_p] + placeholders[n_p + n_c:]
     names = ([f"param_{i}" for i in range(n_p)] + [f"state_{i}" for i in range(n_s)] + ["lr"]
-             + [f"batch_{i}" for i in range(len(batch))])
+             + [f"batch_{i}" for i in range(len(parts.batch))])
     for node, name in zip(kept, names):
         _rename(node, name)
     gm = fx.GraphModule(root, graph)
     rmap = roles(gm)
-    for name in const_names:
-        rmap[name] = role_map[name]
+    for name in parts.const_names:
+        rmap[name] = parts.role_map[name]
     for name in extra_consts:
         rmap[name] = Role.BUFFER
+    return gm
 
-    # -- provenance and phases on every op
+
+def _tag_provenance(gm: fx.GraphModule) -> None:
+    """Provenance with a phase (and the trace order) on every node of the traced step."""
     for i, node in enumerate(gm.graph.nodes):
         node.meta[ORDER_KEY] = i
         if node.op == "get_attr":  # tensors read by the step (adapter constants included)
             node.meta[META_KEY] = Provenance(COMPILER_PASS_NAME, rule="input", origin=str(node.target),
                                              part="input").as_dict()
-            continue
-        if node.op != "call_function":
-            continue
-        custom = node.meta.get("custom") or {}
-        origin = custom.get("src_origin") or _module_path(node)
-        phase = custom.get("phase", "forward")
-        prov = Provenance(COMPILER_PASS_NAME, rule=custom.get("src_rule", "") or phase, origin=origin,
-                          adapter=custom.get("src_adapter", ""), part=phase).as_dict()
-        if "param" in custom:
-            prov["param"] = custom["param"]
-        if "micro" in custom:
-            prov["micro"] = custom["micro"]
-        if custom.get(RECOMPUTE_KEY):
-            prov["recompute"] = custom[RECOMPUTE_KEY]
-        for key, tag in ((GRAD_KEY, "grad_of"), (FINAL_GRAD_KEY, "final_grad_of")):
-            if key in node.meta:
-                prov[tag] = list(node.meta.pop(key))
-        node.meta[META_KEY] = prov
+        elif node.op == "call_function":
+            node.meta[META_KEY] = _op_provenance(node)
 
-    # -- signature
-    inputs = ([IOSpec.of("param", n, PARAM_IN + n, t) for n, t in zip(param_names, params)]
-              + [IOSpec.of("state", s, STATE_IN + s, t) for s, t in zip(state_names, example_state)]
+
+def _op_provenance(node: fx.Node) -> dict[str, Any]:
+    custom = node.meta.get("custom") or {}
+    phase = custom.get("phase", "forward")
+    prov = Provenance(COMPILER_PASS_NAME, rule=custom.get("src_rule", "") or phase,
+                      origin=custom.get("src_origin") or _module_path(node), adapter=custom.get("src_adapter", ""),
+                      part=phase).as_dict()
+    for key in ("param", "micro"):
+        if key in custom:
+            prov[key] = custom[key]
+    if custom.get(RECOMPUTE_KEY):
+        prov["recompute"] = custom[RECOMPUTE_KEY]
+    for key, tag in ((GRAD_KEY, "grad_of"), (FINAL_GRAD_KEY, "final_grad_of")):
+        if key in node.meta:
+            prov[tag] = list(node.meta.pop(key))
+    return prov
+
+
+def _signature(gm: fx.GraphModule, parts: _StepParts, example_state: Sequence[Tensor], lr_example: Tensor,
+               optimizer: Optimizer, options: TrainingOptions, lr_value: float) -> TrainingSignature:
+    """The step's inputs and outputs with their stable (ONNX) names, shapes and dtypes."""
+    pairs = list(zip(parts.param_names, parts.params))
+    state = list(zip(parts.state_names, example_state))
+    inputs = ([IOSpec.of("param", n, PARAM_IN + n, t) for n, t in pairs]
+              + [IOSpec.of("state", s, STATE_IN + s, t) for s, t in state]
               + [IOSpec.of("lr", LR_NAME, LR_NAME, lr_example)]
-              + [IOSpec.of("batch", str(i), f"{BATCH_IN}{i}", t) for i, t in enumerate(batch)])
+              + [IOSpec.of("batch", str(i), f"{BATCH_IN}{i}", t) for i, t in enumerate(parts.batch)])
     loss_val = next(n for n in gm.graph.nodes if n.op == "output").args[0][0].meta.get("val")
-    outputs = ([IOSpec("loss", LOSS_NAME, LOSS_NAME, [], str(getattr(loss_val, "dtype", torch.float32)).replace("torch.", ""))]
-               + [IOSpec.of("param", n, PARAM_OUT + n, t) for n, t in zip(param_names, params)]
-               + [IOSpec.of("state", s, STATE_OUT + s, t) for s, t in zip(state_names, example_state)]
+    loss_dtype = str(getattr(loss_val, "dtype", torch.float32)).replace("torch.", "")
+    outputs = ([IOSpec("loss", LOSS_NAME, LOSS_NAME, [], loss_dtype)]
+               + [IOSpec.of("param", n, PARAM_OUT + n, t) for n, t in pairs]
+               + [IOSpec.of("state", s, STATE_OUT + s, t) for s, t in state]
                + [IOSpec("skipped", SKIPPED_NAME, SKIPPED_NAME, [], "bool")])
-    graph_meta(gm)[TRAINING_META] = TrainingSignature(
-        inputs=inputs, outputs=outputs, params=param_names,
-        param_roles={n: role_map[n].value for n in param_names}, state=state_names,
-        num_model_inputs=n_in, num_targets=num_targets, optimizer=optimizer.to_dict(), loss=loss.name,
-        lr=lr_value, accumulation_steps=k, clip_grad_norm=None if clip is None else float(clip),
-        nonfinite=options.nonfinite)
-    gm.recompile()
-    return gm
+    clip = options.clip_grad_norm
+    return TrainingSignature(
+        inputs=inputs, outputs=outputs, params=parts.param_names,
+        param_roles={n: parts.role_map[n].value for n in parts.param_names}, state=parts.state_names,
+        num_model_inputs=parts.n_in, num_targets=parts.num_targets, optimizer=optimizer.to_dict(),
+        loss=parts.loss.name, lr=lr_value, accumulation_steps=options.accumulation_steps,
+        clip_grad_norm=None if clip is None else float(clip), nonfinite=options.nonfinite)
 
 
 def _fake_stand_ins(const_names: Sequence[str], consts: Sequence[Tensor], params: Sequence[Tensor],
