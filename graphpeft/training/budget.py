@@ -146,10 +146,8 @@ def choose_update_scheme(
     Returns:
         An :class:`UpdateScheme`; ``print(scheme)`` shows every candidate and the reason.
     """
-    from ..api import compile_traced
     from ..trace import trace
 
-    Update = _update_rule()
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Integral) or budget_bytes <= 0:
         raise PlanError(f"budget_bytes must be a positive number of bytes, got {budget_bytes!r}")
     fractions = sorted({float(f) for f in fractions}, reverse=True)
@@ -157,128 +155,158 @@ def choose_update_scheme(
         raise PlanError(f"fractions must be numbers in (0, 1], got {list(fractions)!r}")
     inputs, kwargs = tuple(inputs), dict(example_kwargs or {})
     if isinstance(model, CompiledModel):
-        base_traced, base_gm, base_rules = model._traced, model.graph_module, list(model.plan.rules if model.plan else [])
+        base_traced, base_rules = model._traced, list(model.plan.rules if model.plan else [])
+        base_traced = dataclasses.replace(base_traced, gm=model.graph_module)
     else:
-        base_traced = trace(model, inputs, kwargs)
-        base_gm, base_rules = base_traced.gm, []
-    example_flat = tuple(t.detach().clone() for t in base_traced.flatten_inputs(inputs, kwargs))
-    batch = (*example_flat, *targets)
-    opts = {"verify": False, **dict(training_options or {})}
-
+        base_traced, base_rules = trace(model, inputs, kwargs), []
+    base_gm = base_traced.gm
     # every scheme holds all weights for the whole step: below that, nothing can fit
     weight_bytes = sum(t.numel() * t.element_size() for t in (*base_gm.parameters(), *base_gm.buffers()))
     if budget_bytes < weight_bytes:
         return UpdateScheme(None, None, budget_bytes, [], (
             f"nothing fits: the model's weights alone need {weight_bytes / MIB:.3f} MiB > {budget_bytes / MIB:.3f} MiB; "
             "raise the budget or use a smaller model"))
+    example_flat = tuple(t.detach().clone() for t in base_traced.flatten_inputs(inputs, kwargs))
+    search = _SchemeSearch(base_traced, example_flat, (*example_flat, *targets), loss, optimizer, budget_bytes,
+                           {"verify": False, **dict(training_options or {})}, select, include_head)
+    chosen, reason = search.run(fractions)
+    plan = Plan(base_rules + chosen.rules) if chosen is not None else None
+    return UpdateScheme(plan, chosen, budget_bytes, search.candidates, reason)
 
-    layers = find_layers(base_gm)
-    norms = find_norms(base_gm)
-    numbered = sorted({l.layer_index for l in layers + norms if l.layer_index is not None})
-    blocks = len(numbered)
-    order = {l.node: i for i, l in enumerate(layers)}
-    last_numbered = max((order[l.node] for l in layers if l.layer_index is not None), default=-1)
-    heads = [l.path for l in layers if l.layer_index is None and order[l.node] > last_numbered]
-    head_norms = [n.path for n in norms if n.layer_index is None and n.path not in heads
-                  and _after(base_gm, n.node, [l.node for l in layers if l.layer_index is not None])]
-    has_bias = any(l.bias for l in layers)
 
-    def head_rules() -> list[Rule]:
+class _SchemeSearch:
+    """The candidates of :func:`choose_update_scheme`, each compiled and planned: full
+    fine-tuning, then per channel ratio a binary search over the number of last blocks, then
+    biases and norms, then the head alone."""
+
+    def __init__(self, base_traced: Any, example_flat: tuple, batch: tuple, loss: Any, optimizer: Any,
+                 budget_bytes: int, options: dict[str, Any], select: str, include_head: bool) -> None:
+        self.base_traced, self.base_gm = base_traced, base_traced.gm
+        self.example_flat, self.batch, self.loss, self.optimizer = example_flat, batch, loss, optimizer
+        self.budget_bytes, self.options, self.select = budget_bytes, options, select
+        self.Update = _update_rule()
+        self.candidates: list[SchemeCandidate] = []
+        gm = self.base_gm
+        layers, self.norms = find_layers(gm), find_norms(gm)
+        self.numbered = sorted({l.layer_index for l in layers + self.norms if l.layer_index is not None})
+        self.blocks = len(self.numbered)
+        order = {l.node: i for i, l in enumerate(layers)}
+        last_numbered = max((order[l.node] for l in layers if l.layer_index is not None), default=-1)
+        self.heads = [l.path for l in layers if l.layer_index is None and order[l.node] > last_numbered]
+        block_nodes = [l.node for l in layers if l.layer_index is not None]
+        self.head_norms = [n.path for n in self.norms if n.layer_index is None and n.path not in self.heads
+                           and _after(gm, n.node, block_nodes)]
+        self.has_bias = any(l.bias for l in layers)
+        self.include_head = include_head
+
+    def head_rules(self) -> list[Rule]:
         rules: list[Rule] = []
-        if include_head and heads:
-            rules.append(Update(targets=heads))
-        if include_head and head_norms:
-            rules.append(Update(targets=head_norms, part="norm"))
+        if self.include_head and self.heads:
+            rules.append(self.Update(targets=self.heads))
+        if self.include_head and self.head_norms:
+            rules.append(self.Update(targets=self.head_norms, part="norm"))
         return rules
 
-    candidates: list[SchemeCandidate] = []
+    def evaluate(self, c: SchemeCandidate) -> SchemeCandidate:
+        """Compile ``c``'s plan and its training step; record its planned peak."""
+        from ..api import compile_traced
 
-    def evaluate(c: SchemeCandidate) -> SchemeCandidate:
         try:
-            traced = dataclasses.replace(base_traced, gm=clone_graph_module(base_gm))
-            cm = compile_traced(traced, Plan(c.rules), example_flat, verify=False)
+            traced = dataclasses.replace(self.base_traced, gm=clone_graph_module(self.base_gm))
+            cm = compile_traced(traced, Plan(c.rules), self.example_flat, verify=False)
             c.trainable_parameters = cm.num_parameters(trainable_only=True)
-            step = cm.compile_training(loss, optimizer, example_batch=batch, **opts)
+            step = cm.compile_training(self.loss, self.optimizer, example_batch=self.batch, **self.options)
             c.peak_bytes = int(step.memory_report().peak_bytes)
-            c.fits = c.peak_bytes <= budget_bytes
+            c.fits = c.peak_bytes <= self.budget_bytes
         except GraphPeftError as e:
             c.error = str(e).splitlines()[0]
         log.info("scheme %s: peak %s, %d trainable, fits=%s", c.description, c.peak_bytes,
                  c.trainable_parameters, c.fits)
-        candidates.append(c)
+        self.candidates.append(c)
         return c
 
-    def ranged(k: int, f: float) -> SchemeCandidate:
+    def ranged(self, k: int, f: float) -> SchemeCandidate:
+        """The last ``k`` blocks (whole weights, or a fraction ``f`` of their channels) + head."""
+        Update = self.Update
+
         def layer_sel() -> list[int]:
             return list(range(-k, 0))  # a fresh list per rule: YAML would otherwise write anchors
 
         if f >= 1.0:
             rules: list[Rule] = [Update(targets=".*", layers=layer_sel())]
         else:
-            rules = [Update(targets=".*", kind=["linear", "conv"], layers=layer_sel(), fraction=f, select=select)]
-        if any(n.layer_index in numbered[-k:] for n in norms):
+            rules = [Update(targets=".*", kind=["linear", "conv"], layers=layer_sel(), fraction=f, select=self.select)]
+        if any(n.layer_index in self.numbered[-k:] for n in self.norms):
             rules.append(Update(targets=".*", part="norm", layers=layer_sel()))
-        rules += head_rules()
-        ratio = "whole weights" if f >= 1.0 else f"{f:.0%} of channels ({select})"
-        head = " + head" if head_rules() else ""
-        return SchemeCandidate(f"last {k} of {blocks} blocks{head}, {ratio}", rules, k, f)
+        rules += self.head_rules()
+        ratio = "whole weights" if f >= 1.0 else f"{f:.0%} of channels ({self.select})"
+        head = " + head" if self.head_rules() else ""
+        return SchemeCandidate(f"last {k} of {self.blocks} blocks{head}, {ratio}", rules, k, f)
 
-    full_rules: list[Rule] = [Update(targets=".*")] + ([Update(targets=".*", part="norm")] if norms else [])
-    full = evaluate(SchemeCandidate("full fine-tuning", full_rules, blocks, 1.0))
-    best_by_fraction: dict[float, SchemeCandidate] = {}
-    too_big: dict[float, SchemeCandidate] = {}
-    if not full.fits and blocks:
+    def search_depths(self, fractions: Sequence[float]) -> tuple[dict[float, SchemeCandidate],
+                                                                 dict[float, SchemeCandidate]]:
+        """Per ratio, the deepest fitting scheme and the shallowest one that does not fit."""
+        best: dict[float, SchemeCandidate] = {}
+        too_big: dict[float, SchemeCandidate] = {}
         for f in fractions:
-            lo, hi = 1, blocks
+            lo, hi = 1, self.blocks
             while lo <= hi:
                 mid = (lo + hi) // 2
-                c = evaluate(ranged(mid, f))
+                c = self.evaluate(self.ranged(mid, f))
                 if c.fits:
-                    best_by_fraction[f], lo = c, mid + 1
+                    best[f], lo = c, mid + 1
                 else:
                     if c.peak_bytes is not None and (f not in too_big or c.depth < too_big[f].depth):
-                        too_big[f] = c  # the shallowest scheme of this ratio that does not fit
+                        too_big[f] = c
                     hi = mid - 1
-    fallbacks: list[SchemeCandidate] = []
-    if not full.fits and not best_by_fraction:
-        small: list[Rule] = ([Update(targets=".*", part="bias")] if has_bias else []) + \
-                            ([Update(targets=".*", part="norm")] if norms else [])
-        if small:
-            fallbacks.append(evaluate(SchemeCandidate("biases and norms of every layer", small, blocks, None)))
-        if heads and not any(c.fits for c in fallbacks):
-            fallbacks.append(evaluate(SchemeCandidate("head only", head_rules() or [Update(targets=heads)], 0, 1.0)))
+        return best, too_big
 
-    budget = f"{budget_bytes / MIB:.3f} MiB"
-    chosen: Optional[SchemeCandidate] = None
-    if full.fits:
-        chosen = full
-        reason = f"full fine-tuning fits ({full.peak_bytes / MIB:.3f} MiB <= {budget})"  # type: ignore[operator]
-    elif best_by_fraction:
-        chosen = max(best_by_fraction.values(),
-                     key=lambda c: (c.trainable_parameters, c.depth, -(c.peak_bytes or 0)))
+    def fallbacks(self) -> list[SchemeCandidate]:
+        """Biases and norms of every layer, then the head alone."""
+        Update, out = self.Update, []
+        small: list[Rule] = ([Update(targets=".*", part="bias")] if self.has_bias else []) + \
+                            ([Update(targets=".*", part="norm")] if self.norms else [])
+        if small:
+            out.append(self.evaluate(SchemeCandidate("biases and norms of every layer", small, self.blocks, None)))
+        if self.heads and not any(c.fits for c in out):
+            rules = self.head_rules() or [Update(targets=self.heads)]
+            out.append(self.evaluate(SchemeCandidate("head only", rules, 0, 1.0)))
+        return out
+
+    def run(self, fractions: Sequence[float]) -> tuple[Optional[SchemeCandidate], str]:
+        """The chosen candidate (None: nothing fits) and why."""
+        Update = self.Update
+        full_rules: list[Rule] = [Update(targets=".*")] + ([Update(targets=".*", part="norm")] if self.norms else [])
+        full = self.evaluate(SchemeCandidate("full fine-tuning", full_rules, self.blocks, 1.0))
+        budget = f"{self.budget_bytes / MIB:.3f} MiB"
+        if full.fits:
+            return full, f"full fine-tuning fits ({full.peak_bytes / MIB:.3f} MiB <= {budget})"  # type: ignore[operator]
+        best, too_big = self.search_depths(fractions) if self.blocks else ({}, {})
+        if best:
+            return self._best_ranged(best, too_big, full, budget)
+        fitting = [c for c in self.fallbacks() if c.fits]
+        if fitting:
+            return fitting[0], (f"{fitting[0].description}: {fitting[0].peak_bytes / MIB:.3f} MiB <= {budget}; "  # type: ignore[operator]
+                                "no scheme that updates weights of a block fits")
+        smallest = min((c for c in self.candidates if c.peak_bytes is not None), key=lambda c: c.peak_bytes or 0,
+                       default=None)
+        return None, ("nothing fits: " + (f"the smallest scheme tried ({smallest.description}) needs "
+                                          f"{smallest.peak_bytes / MIB:.3f} MiB > {budget}" if smallest else
+                                          "no scheme could be compiled")  # type: ignore[operator]
+                      + "; raise the budget, use a smaller batch, or accumulation_steps in training_options")
+
+    @staticmethod
+    def _best_ranged(best: dict[float, SchemeCandidate], too_big: dict[float, SchemeCandidate],
+                     full: SchemeCandidate, budget: str) -> tuple[SchemeCandidate, str]:
+        chosen = max(best.values(), key=lambda c: (c.trainable_parameters, c.depth, -(c.peak_bytes or 0)))
         deeper = too_big.get(chosen.fraction)  # type: ignore[arg-type]
         why_not = ""
         if deeper is not None and deeper.peak_bytes is not None and deeper.depth > chosen.depth:
             why_not = f"; one more block at this ratio needs {deeper.peak_bytes / MIB:.3f} MiB"
         full_need = f"full fine-tuning needs {full.peak_bytes / MIB:.3f} MiB" if full.peak_bytes else \
             f"full fine-tuning failed ({full.error})"
-        reason = (f"{chosen.description}: {chosen.peak_bytes / MIB:.3f} MiB <= {budget}, the fitting scheme with the "  # type: ignore[operator]
-                  f"most trainable parameters ({chosen.trainable_parameters:,}); {full_need}{why_not}")
-    else:
-        fitting = [c for c in fallbacks if c.fits]
-        if fitting:
-            chosen = fitting[0]
-            reason = (f"{chosen.description}: {chosen.peak_bytes / MIB:.3f} MiB <= {budget}; no scheme that updates "  # type: ignore[operator]
-                      "weights of a block fits")
-        else:
-            smallest = min((c for c in candidates if c.peak_bytes is not None), key=lambda c: c.peak_bytes or 0,
-                           default=None)
-            reason = ("nothing fits: " + (f"the smallest scheme tried ({smallest.description}) needs "
-                                          f"{smallest.peak_bytes / MIB:.3f} MiB > {budget}" if smallest else
-                                          "no scheme could be compiled")  # type: ignore[operator]
-                      + "; raise the budget, use a smaller batch, or accumulation_steps in training_options")
-    plan = Plan(base_rules + chosen.rules) if chosen is not None else None
-    return UpdateScheme(plan, chosen, budget_bytes, candidates, reason)
+        return chosen, (f"{chosen.description}: {chosen.peak_bytes / MIB:.3f} MiB <= {budget}, the fitting scheme "  # type: ignore[operator]
+                        f"with the most trainable parameters ({chosen.trainable_parameters:,}); {full_need}{why_not}")
 
 
 def _after(gm: Any, node: Any, others: list[Any]) -> bool:
