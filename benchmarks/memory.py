@@ -4,6 +4,7 @@
     python -m benchmarks.memory --seq 128 --steps 3 --only eager_full,gp_lora
     python -m benchmarks.memory --worker gp_lora  # one contender, one JSON line (what the runner calls)
     python -m benchmarks.memory --sparse --only eager_norm,gp_norm   # sparse schemes (SPARSE_CONTENDERS)
+    python -m benchmarks.memory --budget-time-ab 10  # LoRA at half its plan vs no budget: step times, alternating
 
 Each contender runs in its own process: it builds its model (and compiles its step), runs one
 step measured on its own (``first_step_extra_mb``: it includes one-time costs, torch's lazily made
@@ -116,7 +117,8 @@ def _gp_report(step: Any, measure: bool = True, **extra: Any) -> dict[str, Any]:
     measured = report.measured_peak_bytes
     info = {"planned_mb": report.peak_bytes / 2**20, "measured_mb": measured / 2**20 if measured else None,
             "plan_vs_measured": report.plan_vs_measured, "plan_extra_mb": (report.peak_bytes - inputs) / 2**20,
-            "nodes": report.num_nodes, "recomputed": len(report.recomputed)}
+            "nodes": report.num_nodes, "recomputed": len(report.recomputed),
+            "recomputed_gemms": len(report.recomputed_gemms), "recomputed_gflop": report.recomputed_gemm_flops / 1e9}
     info.update(extra)
     return info
 
@@ -255,6 +257,29 @@ def run(contenders: list[str], seq: int, steps: int, layers: int) -> list[dict[s
     return rows
 
 
+def budget_time_ab(seq: int, layers: int, repeats: int) -> str:
+    """Step time of the LoRA step at half its planned peak over the unconstrained one, both
+    compiled in this process and timed alternating (``harness.interleave``): a ratio that holds on
+    a loaded machine better than times taken in separate processes."""
+    import graphpeft as gp
+
+    from . import cases
+    from .harness import interleave
+
+    c = case(seq, layers)
+    cm, batch = cases._gp_compiled(c), tuple(c.batch)
+    plain = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-4), example_batch=batch)
+    budget = plain.memory_report().peak_bytes // 2
+    half = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-4), example_batch=batch, memory_budget=budget)
+    stats = interleave({"no budget": lambda: plain(*batch), "half": lambda: half(*batch)}, repeats=repeats)
+    report = half.memory_report()
+    p, h = stats["no budget"].median, stats["half"].median
+    return (f"LoRA step, alternating, {repeats} rounds (load average {os.getloadavg()[0]:.1f}): no budget "
+            f"{p:.0f} ms, memory_budget = half ({budget / 2**20:.1f} MiB; planned {report.peak_bytes / 2**20:.1f}; "
+            f"{len(report.recomputed_gemms)} GEMMs recomputed, {report.recomputed_gemm_flops / 1e9:.2f} GFLOP) "
+            f"{h:.0f} ms: {h / p:.2f}x")
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     by = {r["contender"]: r for r in rows}
 
@@ -273,7 +298,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         note = ""
         if "budget_mb" in r:
             note = (f"budget {r['budget_mb']:.1f} MiB ({r['budget_note']}, {r['budget_fraction']:.2f} of "
-                    f"{r['unconstrained_planned_mb']:.1f}); {r['recomputed']} values recomputed")
+                    f"{r['unconstrained_planned_mb']:.1f}); {r['recomputed']} values recomputed, "
+                    f"{r.get('recomputed_gemms', 0)} of them GEMMs ({r.get('recomputed_gflop', 0):.2f} GFLOP)")
         lines.append(f"| {r['contender']} | {f('extra_mb')} | {f('first_step_extra_mb')} | {f('step_ms', '{:.0f}')} | "
                      f"{f('planned_mb')} | "
                      f"{f('measured_mb')} | {f('plan_vs_measured', '{:.3f}')} | {f('plan_extra_mb')} | {note} |")
@@ -311,7 +337,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--malloc-mmap-threshold", type=int, default=None,
                     help="run the workers with glibc's MALLOC_MMAP_THRESHOLD_ fixed to this many bytes")
+    ap.add_argument("--budget-time-ab", type=int, metavar="ROUNDS", default=None,
+                    help="time the LoRA step with memory_budget = half against no budget in one process, "
+                         "alternating, ROUNDS rounds (and nothing else)")
     a = ap.parse_args(argv)
+    if a.budget_time_ab:
+        logging.basicConfig(level=logging.WARNING)
+        print(budget_time_ab(a.seq, a.layers, a.budget_time_ab))
+        return
     if a.worker:
         logging.basicConfig(level=logging.WARNING)
         print(json.dumps(worker(a.worker, a.seq, a.steps, a.layers)))

@@ -11,7 +11,8 @@ import torch
 
 import graphpeft as gp
 from graphpeft.graph import META_KEY, get_tensor
-from graphpeft.passes.memory.rematerialize import choose, never_recompute
+from graphpeft.passes.memory.rematerialize import (_peak, apply, choose, gemm_flops, never_recompute,
+                                                    recomputable_gemm, undo)
 from graphpeft.passes.memory.schedule_memory import is_random
 from graphpeft.training import phase_of
 
@@ -40,22 +41,44 @@ def plain() -> Any:
     return _CACHE["plain"]
 
 
-def budget() -> int:
-    """Halfway between the plain peak and the smallest feasible budget (the error names it)."""
-    if "budget" not in _CACHE:
-        import re
-
+def floor() -> int:
+    """The smallest feasible budget (the error for an unmeetable one names it)."""
+    if "floor" not in _CACHE:
         with pytest.raises(gp.GraphPeftError) as e:
             compile_step(memory_budget=1)
-        floor = int(re.search(r"smallest feasible budget is (\d+) bytes", str(e.value)).group(1))
-        _CACHE["budget"] = (floor + plain().memory_report().peak_bytes) // 2
-    return _CACHE["budget"]
+        _CACHE["floor"] = int(re.search(r"smallest feasible budget is (\d+) bytes", str(e.value)).group(1))
+    return _CACHE["floor"]
 
 
-def budgeted() -> Any:
-    if "remat" not in _CACHE:
-        _CACHE["remat"] = compile_step(memory_budget=budget())
-    return _CACHE["remat"]
+def cheap_floor() -> int:
+    """The least planned peak without recomputing matrix multiplies (tiers 1 and 2 of the pass)."""
+    if "cheap_floor" not in _CACHE:
+        gm = plain().graph_module
+        peaks = []
+        for tier in (1, 2):
+            made = apply(gm, choose(gm, tier))
+            peaks.append(_peak(gm))
+            undo(gm, made)
+        _CACHE["cheap_floor"] = min(peaks)
+    return _CACHE["cheap_floor"]
+
+
+def budget() -> int:
+    """Halfway between the plain peak and the least peak cheap recomputation reaches."""
+    return (cheap_floor() + plain().memory_report().peak_bytes) // 2
+
+
+def gemm_budget() -> int:
+    """Halfway between the smallest feasible budget and what cheap recomputation reaches: only
+    recomputing matrix multiplies meets it."""
+    assert floor() < cheap_floor()
+    return (floor() + cheap_floor()) // 2
+
+
+def budgeted(kind: str = "cheap") -> Any:
+    if kind not in _CACHE:
+        _CACHE[kind] = compile_step(memory_budget=budget() if kind == "cheap" else gemm_budget())
+    return _CACHE[kind]
 
 
 def copies(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
@@ -85,7 +108,8 @@ def test_budget_is_met_by_recomputing_cheap_forward_values() -> None:
     assert randoms(gm) == randoms(plain().graph_module) > 0
 
 
-def test_rematerialized_step_trains_exactly_like_the_plain_one() -> None:
+@pytest.mark.parametrize("kind", ["cheap", "gemm"])
+def test_rematerialized_step_trains_exactly_like_the_plain_one(kind: str) -> None:
     cm = model()
     start = plain().state_dict()
 
@@ -96,11 +120,33 @@ def test_rematerialized_step_trains_exactly_like_the_plain_one() -> None:
         return losses, {n: get_tensor(cm.graph_module, n).clone() for n in step.param_names}
 
     losses_a, params_a = run(plain())
-    losses_b, params_b = run(budgeted())
+    losses_b, params_b = run(budgeted(kind))
     assert losses_a == losses_b
     for n in params_a:
         torch.testing.assert_close(params_a[n], params_b[n], rtol=0, atol=0)
     plain().load_state_dict(start)
+
+
+def test_budget_below_cheap_recomputation_recomputes_matrix_multiplies() -> None:
+    base, step = plain().memory_report(), budgeted("gemm").memory_report(measure=True)
+    assert step.peak_bytes <= gemm_budget() < cheap_floor() < base.peak_bytes
+    assert abs(step.plan_vs_measured - 1) <= 0.15
+    gm = budgeted("gemm").graph_module
+    made = copies(gm)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    gemms = [by_name[c.meta[META_KEY]["recompute_of"]] for c in made if recomputable_gemm(c)]
+    # the report lists the recomputed GEMMs and what their second run costs
+    assert gemms and sorted(n.name for n in gemms) == sorted(step.recomputed_gemms)
+    assert set(step.recomputed_gemms) <= set(step.recomputed)
+    assert step.recomputed_gemm_flops == sum(gemm_flops(n) for n in gemms) > 0
+    assert "matrix multiplies" in str(step) and step.recomputed_gemms[0] in str(step)
+    for c in made:
+        assert c.meta[META_KEY]["pass_name"] == "rematerialize" and c.meta[META_KEY]["rule"] == "recompute"
+        assert not is_random(c) and all(u in made or phase_of(u) not in ("forward", "loss") for u in c.users)
+    randoms = lambda g: sum(1 for n in g.graph.nodes if n.op == "call_function" and is_random(n))  # noqa: E731
+    assert randoms(gm) == randoms(plain().graph_module) > 0
+    # a budget cheap recomputation meets recomputes no GEMM
+    assert budgeted("cheap").memory_report().recomputed_gemms == []
 
 
 def test_unmeetable_budget_names_the_smallest_feasible_one() -> None:

@@ -52,6 +52,10 @@ class MemoryReport:
     memory_budget: Optional[int] = None
     peak_before_remat_bytes: Optional[int] = None
     recomputed: list[str] = dataclasses.field(default_factory=list)
+    #: the matrix multiplies among ``recomputed`` (only when cheaper recomputation could not meet the
+    #: budget) and the FLOPs their second run costs per step
+    recomputed_gemms: list[str] = dataclasses.field(default_factory=list)
+    recomputed_gemm_flops: int = 0
 
     @property
     def plan_vs_measured(self) -> Optional[float]:
@@ -110,6 +114,9 @@ class MemoryReport:
             lines.append(f"  budget {self.memory_budget * mib:10.3f} MiB; peak before rematerialization "
                          f"{(self.peak_before_remat_bytes or self.peak_bytes) * mib:10.3f} MiB; "
                          f"{len(self.recomputed)} forward values recomputed in the backward")
+            if self.recomputed_gemms:
+                lines.append(f"  of them {len(self.recomputed_gemms)} matrix multiplies "
+                             f"({self.recomputed_gemm_flops / 1e9:.2f} GFLOP a step): {', '.join(self.recomputed_gemms)}")
         if self.measured_peak_bytes is not None:
             lines.append(f"  measured peak (torch executor, live tensor storage) {self.measured_peak_bytes * mib:10.3f} MiB"
                          f" at {self.measured_peak_node}; plan / measured = {self.plan_vs_measured:.3f}")

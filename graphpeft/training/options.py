@@ -71,8 +71,9 @@ class TrainingOptions:
             exported (ONNX) step is the same graph either way.
         memory_budget: bytes the step's planned peak (``step.memory_report().peak_bytes``) must
             not exceed. When the plain graph exceeds it, the ``rematerialize`` pass recomputes
-            cheap forward values in the backward instead of keeping them (a min-cut over the
-            graph; random, matrix-multiply and convolution ops are never recomputed) and
+            forward values in the backward instead of keeping them (a min-cut over the graph:
+            cheap ops first, matrix multiplies only when those cannot meet the budget; random,
+            attention and convolution ops are never recomputed) and
             ``schedule_memory`` reorders; a budget that cannot be met raises
             :class:`~graphpeft.errors.GraphPeftError` naming the smallest feasible one.
         fuse_head_loss: when the logits are an output projection read only by the built-in

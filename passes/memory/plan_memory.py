@@ -135,7 +135,8 @@ def plan_memory(gm: fx.GraphModule) -> MemoryReport:
         extra["memory_budget"] = int(meta["memory_budget"])
     if remat is not None:
         extra.update(memory_budget=remat["budget"], peak_before_remat_bytes=remat["peak_before"],
-                     recomputed=list(remat["recomputed"]))
+                     recomputed=list(remat["recomputed"]), recomputed_gemms=list(remat.get("recomputed_gemms", [])),
+                     recomputed_gemm_flops=int(remat.get("recomputed_gemm_flops", 0)))
     for key, value in extra.items():
         if hasattr(report, key):
             setattr(report, key, value)

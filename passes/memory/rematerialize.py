@@ -15,7 +15,8 @@ What to keep is a minimum cut, the scheme of torch's min-cut partitioner
   are alive all step anyway (``source -> v_in``, capacity 0 to keep);
 * an op that must never run twice is tied to the source (``source -> v_in``): random ops
   (dropout masks stay exactly the masks of the forward), expensive ones (``mm``, ``bmm``,
-  ``convolution``, ``addmm``, attention kernels), collectives and in-place writes; views and
+  ``convolution``, ``addmm``, attention kernels; matrix multiplies only priced in tier 3),
+  collectives and in-place writes; views and
   ``getitem`` are never kept on their own (their storage is kept through what they view); an op
   reading a storage that some op writes in place is not recomputed either (it could read the
   written values).
@@ -26,10 +27,20 @@ before the first backward op that reads it (provenance ``rematerialize`` / ``rec
 ``recompute_of`` naming the original), and the backward reads the copy. The forward original then
 dies at its last forward use.
 
-Two tiers, the first that meets the budget wins: (1) only pointwise ops, views and copies are
-recomputed; (2) also reductions and other ops (``softmax``, ``mean``, ``embedding`` ...), still
-never the ones above. A graph already within the budget is left alone. A budget that neither tier
-meets raises :class:`~graphpeft.errors.GraphPeftError` naming the smallest feasible budget.
+Three tiers, the first that meets the budget wins: (1) only pointwise ops, views and copies are
+recomputed; (2) also reductions and other ops (``softmax``, ``mean``, ``embedding`` ...); (3) also
+matrix multiplies (``mm``, ``bmm``, ``addmm``, ``baddbmm``: a frozen weight's GEMM remade from its
+recomputable input, activation checkpointing found by the cut). Tier 3 prices a GEMM in the cut:
+an edge ``source -> v_in`` of capacity ``price x FLOPs(v)`` is cut when ``v`` is recomputed, so the
+cut minimizes kept bytes + price x recomputed FLOPs (torch's partitioner weighs its
+``activation_memory_budget`` knapsack by runtime the same way). The price starts where no GEMM is
+worth recomputing and falls by sqrt 2 until the budget is met, then bisects back towards fewer
+FLOPs: the GEMMs with the most bytes saved per FLOP are recomputed first, and earlier ones
+(their kept values live longest) are priced a little lower, so equal layers turn over one at a
+time. Random ops, attention kernels, convolutions and collectives are never recomputed. A graph
+already within the budget is left alone. A budget that no tier meets raises
+:class:`~graphpeft.errors.GraphPeftError` naming the smallest feasible budget (the least peak any
+tried cut reached).
 
 The budget is the planned peak in bytes (:class:`~graphpeft.training.MemoryReport.peak_bytes`: weights,
 inputs, activations, gradients and optimizer state). ``compile_training(..., memory_budget=...)``
@@ -42,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import operator
 from typing import Any, Optional
 
@@ -72,6 +84,11 @@ EXPENSIVE = {
     "_scaled_dot_product_flash_attention_for_cpu", "scaled_dot_product_attention", "_flash_attention_forward",
     "convolution_backward",
 }
+#: expensive ops tier 3 may recompute after all, priced by their FLOPs (attention kernels and
+#: convolutions stay kept: their backward reads their own extra outputs)
+GEMMS = {"mm", "bmm", "addmm", "baddbmm"}
+#: how much dearer (at most) the last forward GEMM is priced than the first in tier 3
+POSITION_WEIGHT = 0.5
 #: cheap ops (besides pointwise and views) recomputed already in tier 1
 CHEAP = {"clone", "expand", "_to_copy", "full", "full_like", "zeros", "zeros_like", "ones", "ones_like",
          "scalar_tensor", "arange", "slice", "select", "alias", "_unsafe_view", "unsqueeze", "squeeze",
@@ -82,6 +99,12 @@ def _op_name(node: fx.Node) -> str:
     target = node.target
     packet = getattr(target, "overloadpacket", None)
     return getattr(packet, "__name__", None) or getattr(target, "__name__", str(target))
+
+
+def recomputable_gemm(node: fx.Node) -> bool:
+    """Whether tier 3 may recompute ``node``: a matrix multiply of :data:`GEMMS` (deterministic on
+    the same inputs; what it reads is checked like any other op's)."""
+    return node.op == "call_function" and _op_name(node) in GEMMS and not is_random(node) and not is_mutation(node)
 
 
 def never_recompute(node: fx.Node) -> Optional[str]:
@@ -121,8 +144,19 @@ class RematPlan:
     saved_bytes: int
 
 
-def choose(gm: fx.GraphModule, tier: int = 2) -> RematPlan:
-    """The min-cut choice of kept vs recomputed forward values (no rewrite)."""
+def gemm_flops(node: fx.Node) -> int:
+    """Multiply-add FLOPs of an ``mm`` / ``bmm`` / ``addmm`` / ``baddbmm`` node (2 x m x k x n per
+    batch), from its inputs' and output's fake tensors; 0 when they are unknown."""
+    a = node.args[1] if _op_name(node) in ("addmm", "baddbmm") else node.args[0]
+    val, lhs = node.meta.get("val"), getattr(a, "meta", {}).get("val")
+    if not isinstance(val, torch.Tensor) or not isinstance(lhs, torch.Tensor):
+        return 0
+    return 2 * val.numel() * int(lhs.shape[-1])
+
+
+def choose(gm: fx.GraphModule, tier: int = 2, gemm_cost: float = 0.0) -> RematPlan:
+    """The min-cut choice of kept vs recomputed forward values (no rewrite). Tier 3 also lets
+    :data:`GEMMS` be recomputed, each at ``gemm_cost`` bytes per FLOP in the cut."""
     import networkx as nx
 
     G = to_networkx(gm)
@@ -137,6 +171,7 @@ def choose(gm: fx.GraphModule, tier: int = 2) -> RematPlan:
         return G.nodes[a.name]["alias_of"] or a.name
 
     written = {root(m.args[0]) for m in nodes if is_mutation(m) and m.args and isinstance(m.args[0], fx.Node)}
+    position = {n: k for k, n in enumerate(fwd)}
     H = nx.DiGraph()
     for n in inputs:
         H.add_edge("source", n.name + ".in")
@@ -144,10 +179,16 @@ def choose(gm: fx.GraphModule, tier: int = 2) -> RematPlan:
     for n in fwd:
         i, o = n.name + ".in", n.name + ".out"
         size = G.nodes[n.name]["bytes"]
-        banned = (never_recompute(n) is not None or (tier < 2 and not _cheap(n))
+        gemm = tier >= 3 and recomputable_gemm(n) and gemm_flops(n) > 0  # unknown shapes: kept
+        banned = ((never_recompute(n) is not None and not gemm) or (tier < 2 and not _cheap(n))
                   or any(root(a) in written for a in n.all_input_nodes))
         if banned:
             H.add_edge("source", i)
+        elif gemm:  # recomputing costs its FLOPs: the cut pays them when the GEMM lands on the sink side
+            # earlier GEMMs a little cheaper: their saved values live longest, and equal layers then
+            # become recomputable one at a time as the price falls (first layers first)
+            weight = 1 + POSITION_WEIGHT * position[n] / len(fwd)
+            H.add_edge("source", i, capacity=max(1, math.ceil(gemm_cost * weight * gemm_flops(n))))
         if _is_view_like(n, G) and not banned:
             H.add_edge(i, o)  # never kept on its own: keep what it views
         else:
@@ -158,7 +199,7 @@ def choose(gm: fx.GraphModule, tier: int = 2) -> RematPlan:
             H.add_edge(o, "sink")
     if not needed:
         return RematPlan([], [], 0)
-    cut_value, (reachable, _) = nx.minimum_cut(H, "source", "sink")
+    _, (reachable, _) = nx.minimum_cut(H, "source", "sink")
     saved = [n for n in fwd if n.name + ".in" in reachable and n.name + ".out" not in reachable]
     on_sink = {n for n in fwd if n.name + ".in" not in reachable}
     # what the backward needs from the sink side, with everything it is made from
@@ -170,7 +211,8 @@ def choose(gm: fx.GraphModule, tier: int = 2) -> RematPlan:
             continue
         recompute.add(n)
         stack.extend(a for a in n.all_input_nodes if a in on_sink)
-    return RematPlan(saved, [n for n in fwd if n in recompute], int(cut_value))
+    # the kept bytes (in tier 3 the cut's value also holds the GEMMs' price)
+    return RematPlan(saved, [n for n in fwd if n in recompute], sum(G.nodes[n.name]["bytes"] for n in saved))
 
 
 def apply(gm: fx.GraphModule, plan: RematPlan) -> dict[fx.Node, fx.Node]:
@@ -217,6 +259,31 @@ def undo(gm: fx.GraphModule, copies: dict[fx.Node, fx.Node]) -> None:
         gm.graph.erase_node(c)
 
 
+#: geometric steps of the GEMM price (factor sqrt 2) and bisection steps after the first that meets
+PRICE_STEP = math.sqrt(2.0)
+REFINE_STEPS = 6
+
+
+def gemm_prices(gm: fx.GraphModule) -> list[float]:
+    """Prices (bytes per FLOP) tier 3 tries, highest first: from twice the largest output-bytes per
+    FLOP of a forward GEMM (none is worth recomputing) down to 1/64 of the smallest."""
+    ratios = [_bytes(n) / f for n in gm.graph.nodes
+              if n.op == "call_function" and phase_of(n) in FORWARD_PHASES and recomputable_gemm(n)
+              and (f := gemm_flops(n)) > 0 and _bytes(n) > 0]
+    if not ratios:
+        return []
+    price, low, out = 2 * max(ratios), min(ratios) / 64, []
+    while price >= low:
+        out.append(price)
+        price /= PRICE_STEP
+    return out
+
+
+def _bytes(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
+
+
 def _peak(gm: fx.GraphModule) -> int:
     return liveness(list(gm.graph.nodes), _categories(gm))["peak"]
 
@@ -239,31 +306,79 @@ class Rematerialize(PassBase):
         budget = int(budget)
         before = _peak(gm)
         record: dict[str, Any] = {"budget": budget, "peak_before": before, "peak_after": before, "tier": 0,
-                                  "recomputed": [], "recomputed_bytes": 0}
+                                  "recomputed": [], "recomputed_bytes": 0, "recomputed_gemms": [],
+                                  "recomputed_gemm_flops": 0}
         graph_meta(gm)[REMAT_META] = record
         if before <= budget:
             log.info("rematerialize: planned peak %.2f MiB is within the budget %.2f MiB; nothing recomputed",
                      before / 2**20, budget / 2**20)
             return PassResult(gm, False)
-        best = before
+        self._before, self._budget, self._best = before, budget, before
         for tier in (1, 2):
-            plan = choose(gm, tier)
-            if not plan.recomputed:
-                continue
-            copies = apply(gm, plan)
-            after = _peak(gm)
-            log.info("rematerialize tier %d: %d values recomputed, planned peak %.2f -> %.2f MiB (budget %.2f MiB)",
-                     tier, len(copies), before / 2**20, after / 2**20, budget / 2**20)
-            if after <= budget:
-                sizes = to_networkx(gm).nodes
-                record.update(peak_after=after, tier=tier, recomputed=[n.name for n in plan.recomputed],
-                              recomputed_bytes=sum(sizes[n.name]["bytes"] for n in plan.recomputed),
-                              saved_bytes=plan.saved_bytes)
+            if self._meets(gm, choose(gm, tier), record, tier):
                 return PassResult(gm, True)
-            best = min(best, after)
-            undo(gm, copies)
+        if self._gemm_tier(gm, record):
+            return PassResult(gm, True)
+        best = self._best
         raise GraphPeftError(
             f"memory_budget={budget} bytes ({budget / 2**20:.2f} MiB) cannot be met: the planned peak is "
-            f"{before / 2**20:.2f} MiB and recomputing every forward value that may be recomputed (never random, "
-            f"matrix-multiply, convolution or in-place ops) brings it to {best / 2**20:.2f} MiB; the smallest "
-            f"feasible budget is {best} bytes ({best / 2**20:.2f} MiB)")
+            f"{before / 2**20:.2f} MiB and the least any tier of recomputation reaches (pointwise ops, then "
+            f"reductions, then matrix multiplies; never random, attention, convolution or in-place ops) is "
+            f"{best / 2**20:.2f} MiB; the smallest feasible budget is {best} bytes ({best / 2**20:.2f} MiB)")
+
+    def _meets(self, gm: fx.GraphModule, plan: RematPlan, record: dict[str, Any], tier: int,
+               gemm_cost: Optional[float] = None) -> bool:
+        """Apply ``plan``; keep it when the planned peak meets the budget (recorded), else undo it."""
+        if not plan.recomputed:
+            return False
+        copies = apply(gm, plan)
+        after = _peak(gm)
+        log.info("rematerialize tier %d%s: %d values recomputed, planned peak %.2f -> %.2f MiB (budget %.2f MiB)",
+                 tier, "" if gemm_cost is None else f" (GEMM price {gemm_cost:.3g} bytes/FLOP)", len(copies),
+                 self._before / 2**20, after / 2**20, self._budget / 2**20)
+        if after <= self._budget:
+            sizes = to_networkx(gm).nodes
+            gemms = [n for n in plan.recomputed if recomputable_gemm(n)]
+            record.update(peak_after=after, tier=tier, recomputed=[n.name for n in plan.recomputed],
+                          recomputed_bytes=sum(sizes[n.name]["bytes"] for n in plan.recomputed),
+                          saved_bytes=plan.saved_bytes, recomputed_gemms=[n.name for n in gemms],
+                          recomputed_gemm_flops=sum(gemm_flops(n) for n in gemms), gemm_cost=gemm_cost)
+            return True
+        self._best = min(self._best, after)
+        undo(gm, copies)
+        return False
+
+    def _gemm_tier(self, gm: fx.GraphModule, record: dict[str, Any]) -> bool:
+        """Tier 3: matrix multiplies become recomputable at a price in bytes per FLOP, lowered step
+        by step from where no GEMM is worth recomputing (the least recompute first); the first price
+        whose cut meets the budget is refined by bisection towards fewer recomputed FLOPs."""
+        prices = gemm_prices(gm)
+        if not prices:
+            return False
+        above = None  # the last price tried that did not meet the budget
+        for price in prices:
+            plan = choose(gm, 3, price)
+            if not any(recomputable_gemm(n) for n in plan.recomputed):
+                above = price
+                continue
+            copies = apply(gm, plan)
+            if _peak(gm) <= self._budget:
+                undo(gm, copies)
+                return self._refine(gm, record, above, price)
+            self._best = min(self._best, _peak(gm))
+            undo(gm, copies)
+        return False
+
+    def _refine(self, gm: fx.GraphModule, record: dict[str, Any], above: Optional[float], price: float) -> bool:
+        """Bisect (geometrically) between a price that fails and one that meets the budget; apply the
+        highest meeting price found (the fewest recomputed FLOPs)."""
+        if above is not None:
+            for _ in range(REFINE_STEPS):
+                mid = math.sqrt(above * price)
+                plan = choose(gm, 3, mid)
+                copies = apply(gm, plan) if plan.recomputed else {}
+                ok = bool(copies) and _peak(gm) <= self._budget
+                if copies:
+                    undo(gm, copies)
+                above, price = (above, mid) if ok else (mid, price)
+        return self._meets(gm, choose(gm, 3, price), record, 3, gemm_cost=price)
