@@ -43,6 +43,9 @@ class CompiledModel(torch.nn.Module):
         self._dropout_training: Optional[bool] = None
         #: every named adapter once the model has more than its plan's (graphpeft.adapter_bank)
         self._bank: Any = None
+        #: frozen weights whose whole tensors a sharded data-parallel step released (each rank
+        #: keeps its shard): they are meta here, yet the model is not "compiled on meta"
+        self.released_weights: set[str] = set()
         self.train(True)
 
     # -- calling -------------------------------------------------------------------------------
@@ -167,7 +170,7 @@ class CompiledModel(torch.nn.Module):
         meta = self.__dict__.get("_meta_cache")
         if meta is None:
             meta = self.__dict__["_meta_cache"] = self.meta_tensors()
-        released = self.__dict__.get("_released_weights", set())
+        released = self.released_weights
         if allow_released:
             meta = [n for n in meta if n not in released]
         if meta and not all(getattr(x, "is_meta", False) for x in flat):

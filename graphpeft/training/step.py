@@ -73,9 +73,8 @@ def _batch_key(batch: Sequence[Any]) -> tuple:
 def _on_meta(cm: "CompiledModel") -> bool:
     """Whether ``cm`` holds tensors on the meta device (compiled without weights); whole weights
     a sharded data-parallel step released (or read as shards only) do not count."""
-    released = cm.__dict__.get("_released_weights", set())
     gm = cm.graph_module
-    return any(t.is_meta and n not in released for n, t in (*gm.named_parameters(), *gm.named_buffers()))
+    return any(t.is_meta and n not in cm.released_weights for n, t in (*gm.named_parameters(), *gm.named_buffers()))
 
 
 class TrainingStep:
@@ -273,7 +272,7 @@ class TrainingStep:
                 else:
                     self._shards[name] = part
         self._released.update(names)
-        self.cm.__dict__.setdefault("_released_weights", set()).update(names)
+        self.cm.released_weights.update(names)
         self.cm._weights_changed()
         self._reinit_meta_state()
         self._dp_synced = False  # rank 0's trainable tensors are broadcast again
@@ -332,7 +331,7 @@ class TrainingStep:
         single-device graphs (a meta tensor of its shape takes its place)."""
         self._released_bytes += release_whole_weights([name], [self.cm.graph_module, *self._graphs.values()])
         self._released.add(name)
-        self.cm.__dict__.setdefault("_released_weights", set()).add(name)
+        self.cm.released_weights.add(name)
         self.cm._weights_changed()
 
     def frozen_bytes_held(self) -> int:
