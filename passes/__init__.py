@@ -46,6 +46,7 @@ from .legalize.slice_scatter_onnx import SliceScatterOnnx
 from .legalize.upcast_low_precision import UpcastLowPrecision
 from .lower.fold_linear_scale import FoldLinearScale
 from .lower.fuse_shared_input_linears import FuseSharedInputLinears
+from .lower.fused_optimizer_kernel import FusedOptimizerKernel
 from .lower.merge_low_rank_branch import MergeLowRankPass
 from .legalize.decompose_attention import DecomposeAttention
 from .memory.plan_memory import PlanMemory
@@ -80,3 +81,4 @@ __all__ += ["SliceScatterOnnx"]
 __all__ += ["InsertTrainableTokens", "TrainableTokens", "TrainableTokensMethod"]
 __all__ += ["MergeLowRankPass", "DecomposeAttention"]
 __all__ += ["UseCausalAttention"]
+__all__ += ["FusedOptimizerKernel"]

@@ -8,7 +8,8 @@ import torch
 import torch.fx as fx
 
 import graphpeft as gp
-from graphpeft.training.runner import NATIVE_FUNCTIONS, NATIVE_METHODS, NativeRunner, TensorRefs, native_graph
+from graphpeft.training.runner import (NATIVE_FUNCTIONS, NATIVE_METHODS, NativeRunner, TensorRefs, lower_for_torch,
+                                       native_graph)
 
 from models import tiny_llama, token_batch
 
@@ -40,18 +41,45 @@ def test_native_graph_structure() -> None:
     assert NativeRunner(step.graph_module).num_native == mapped
 
 
-def test_native_runner_is_bit_identical_to_the_fx_graph() -> None:
-    """Default executor vs executor="fx": same loss, tensors and AdamW state, step after step."""
+def _two_steps(executor: object, other: object = "fx", opt: object = None) -> tuple:
     a, b = _model(), _model()
     b.load_adapter_state_dict(a.adapter_state_dict())
-    sa = a.compile_training("causal_lm", gp.optim.AdamW(lr=1e-2, weight_decay=0.1))
-    sb = b.compile_training("causal_lm", gp.optim.AdamW(lr=1e-2, weight_decay=0.1), executor="fx")
+    opt = opt or gp.optim.AdamW(lr=1e-2, weight_decay=0.1)
+    return a, b, a.compile_training("causal_lm", opt, executor=executor), b.compile_training("causal_lm", opt,
+                                                                                            executor=other)
+
+
+def test_native_runner_is_bit_identical_to_the_fx_graph() -> None:
+    """The runner's bindings without its lowering vs executor="fx": same loss, tensors and AdamW
+    state, step after step."""
+    a, b, sa, sb = _two_steps(NativeRunner)
     for _ in range(3):
         assert torch.equal(sa(IDS), sb(IDS))
     pa, pb = a.trainable_parameters(), b.trainable_parameters()
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     assert all(torch.equal(sa.state_dict()["optimizer"][k], sb.state_dict()["optimizer"][k])
                for k in sa.state_dict()["optimizer"])
+
+
+def test_default_runner_fused_adamw_matches_the_fx_graph() -> None:
+    """The default executor runs each fused AdamW chunk as torch's fused kernel: the same losses,
+    tensors and state as the traced arithmetic (executor="fx") to float rounding; with SGD the
+    lowering does not apply and the runs stay bit-identical."""
+    a, b, sa, sb = _two_steps(None)
+    assert sum(1 for n in lower_for_torch(sa.graph_module).nodes
+               if n.target == torch.ops.graphpeft.adamw_update.default) == 1
+    for _ in range(3):
+        torch.testing.assert_close(sa(IDS), sb(IDS), rtol=1e-5, atol=1e-6)
+    pa, pb = a.trainable_parameters(), b.trainable_parameters()
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-6)
+    oa, ob = sa.state_dict()["optimizer"], sb.state_dict()["optimizer"]
+    for k in oa:
+        torch.testing.assert_close(oa[k], ob[k], rtol=1e-4, atol=1e-6)  # via the parameters
+    _, _, sa, sb = _two_steps(None, opt=gp.optim.SGD(lr=1e-2, momentum=0.9))
+    assert lower_for_torch(sa.graph_module) is sa.graph_module.graph
+    for _ in range(2):
+        assert torch.equal(sa(IDS), sb(IDS))
 
 
 def test_native_runner_reads_frozen_weights_from_the_graph_module() -> None:

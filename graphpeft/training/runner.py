@@ -19,7 +19,7 @@ so reading and writing them each step is one attribute lookup per tensor.
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -96,9 +96,9 @@ class NativeRunner:
     (``get_attr``: frozen weights) go to ``gm`` itself at every call, so tensors a later load or
     release puts into ``gm`` are the ones used."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, graph: Optional[fx.Graph] = None) -> None:
         self.gm = gm
-        code = native_graph(gm.graph).python_code(root_module="self")
+        code = native_graph(graph if graph is not None else gm.graph).python_code(root_module="self")
         scope: dict[str, Any] = dict(code.globals)
         exec(compile(code.src, f"<graphpeft native runner {id(self):x}>", "exec"), scope)  # noqa: S102 - our codegen
         self._forward: Callable[..., Any] = scope["forward"]
@@ -109,9 +109,35 @@ class NativeRunner:
         return self._forward(self.gm, *args)
 
 
+#: lowering passes (by registered name) the default runner applies to its own copy of a step graph
+TORCH_EXECUTOR_LOWERING: tuple[str, ...] = ("fused_optimizer_kernel",)
+
+
+def lower_for_torch(gm: fx.GraphModule, names: Sequence[str] = TORCH_EXECUTOR_LOWERING) -> fx.Graph:
+    """The graph the torch executor runs: a copy of ``gm``'s graph after the torch-only
+    lowering passes ``names`` (each fused AdamW chunk as one fused-kernel call), or ``gm``'s own
+    graph when none applies. ``gm`` itself is not changed."""
+    from ..infra import PassContext, copy_graph
+    from ..registry import PASSES
+
+    passes = [PASSES[n]() for n in names if n in PASSES]
+    if not passes:
+        return gm.graph
+    lowered = copy_graph(gm)
+    ctx = PassContext(verify=False)
+    changed = False
+    for p in passes:  # call, not __call__: the copy's own code is never generated (NativeRunner does)
+        result = p.call(lowered, ctx)
+        lowered, changed = result.gm, changed or result.modified
+    if changed:
+        lowered.graph.lint()
+    return lowered.graph if changed else gm.graph
+
+
 def native_runner(gm: fx.GraphModule) -> Callable[..., Any]:
-    """The torch executor's default runner for a step graph (see the module docstring)."""
-    return NativeRunner(gm)
+    """The torch executor's default runner for a step graph (see the module docstring): the
+    graph after :func:`lower_for_torch`, through PyTorch's Python bindings."""
+    return NativeRunner(gm, lower_for_torch(gm))
 
 
 class TensorRefs:
