@@ -105,6 +105,45 @@ def test_formats_use_torchao_and_meet_the_byte_targets(dtype: str) -> None:
     assert ratio <= (0.30 if dtype == "int8" else 0.20), ratio
 
 
+def test_int4_dequantize_makes_one_weight_sized_tensor() -> None:
+    """The int4 dequantization (formats._dequantize_int4) allocates the float weight once (the
+    floor division), then writes in place: structure (ops), what the memory planner counts (one
+    weight's bytes, where the out-of-place unpack/stack/subtract/multiply held two), and numerics
+    bit for bit against the out-of-place formula it replaced."""
+    from graphpeft.graph import alias_source, tensor_bytes
+    from graphpeft.passes.memory.plan_memory import liveness
+
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(1))
+    t = formats.quantize(w, "int4", 64)
+    # numerics: (codes - zero) * scale with codes unpacked high nibble first, exactly
+    codes = torch.stack([t["qdata"] >> 4, t["qdata"] & 15], -1).reshape(48, 4, 64).float()
+    expected = ((codes - t["zero"]) * t["scale"]).reshape(48, 256)
+    ours = formats.dequantize(formats.EagerOps(), t, "int4", (48, 256), 64, torch.float32)
+    assert torch.equal(ours, expected)
+    # rows gathered (an embedding) or sliced (a head's row blocks) dequantize the same way
+    rows = torch.tensor([5, 0, 47])
+    taken = formats.dequantize(formats.EagerOps(), formats.take_rows(formats.EagerOps(), t, rows), "int4",
+                               (-1, 256), 64, torch.float32)
+    assert torch.equal(taken, expected[rows])
+    # structure and planned bytes: the graph of one int4 layer
+    cm = compile_model("llama", [gp.Quantize(targets=["down_proj"], dtype="int4", group_size=GS)])
+    gm = cm.graph_module
+    rec = quantized(gm)["model.layers.0.mlp.down_proj.weight"]
+    chain = [n for n in gm.graph.nodes if (n.meta.get(META_KEY) or {}).get("origin") == "model.layers.0.mlp.down_proj"
+             and n.op == "call_function"]
+    assert [n.target for n in chain] == DEQUANT_OPS["int4"]
+    allocating = [n for n in chain if alias_source(n) is None]
+    assert [n.target for n in allocating] == [aten.arange.start_step, aten.div.Tensor_mode]
+    weight_bytes = rec["float_bytes"]
+    assert tensor_bytes(allocating[1].meta["val"]) == weight_bytes
+    # the planner's live bytes over the chain: the stored tensors, then one float weight (+ the 2 divisors)
+    order = list(gm.graph.nodes)
+    plan = liveness(order, {n: "weights" if n.op == "get_attr" else "activations" for n in order})
+    at = [plan["by_category"][order.index(n)]["activations"] for n in chain]
+    before = plan["by_category"][order.index(chain[0]) - 1]["activations"]
+    assert max(at) - before <= weight_bytes + 8, (max(at) - before, weight_bytes)
+
+
 # -- structure, match count, numerics ---------------------------------------------------------
 
 
@@ -121,8 +160,9 @@ def _quantized(cache: dict, dtype: str) -> gp.CompiledModel:
 
 DEQUANT_OPS = {
     "int8": [aten.view.default, aten._to_copy.default, aten.mul.Tensor, aten.view.default],
-    "int4": [aten._to_copy.default, aten.div.Tensor_mode, aten.mul.Tensor, aten.sub.Tensor, aten.stack.default,
-             aten.view.default, aten.sub.Tensor, aten.mul.Tensor, aten.view.default],
+    # one weight-sized temporary: [high, byte] by one floor division, then in place (formats._dequantize_int4)
+    "int4": [aten.view.default, aten.arange.start_step, aten.div.Tensor_mode, aten.remainder_.Scalar,
+             aten.view.default, aten.sub_.Tensor, aten.mul_.Tensor, aten.view.default],
     "bfloat16": [aten._to_copy.default],
 }
 

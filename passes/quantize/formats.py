@@ -150,6 +150,31 @@ def _unpack(ops: Ops, packed: Any) -> Any:
     return ops.call(aten.stack.default, [hi, lo], -1)
 
 
+def _device(x: Any) -> torch.device:
+    """The device of a tensor, or of a graph node's value."""
+    return x.meta["val"].device if hasattr(x, "meta") else x.device
+
+
+def _dequantize_int4(ops: Ops, t: Mapping[str, Any], rows: int, ng: int, g: int) -> Any:
+    """int4 codes -> ``(codes - zero) * scale`` as ``(rows, ng, g)`` float32 (high nibble first)
+    with a single weight-sized temporary: the floor division of the packed bytes (viewed
+    ``(rows, cols/2, 1)``) by ``[16, 1]`` makes ``[high, byte]`` pairs straight in the final
+    layout, and the remainder by 16 (``[high, low]``), the zero point and the scale are applied
+    in place. Out of place (unpack, stack, subtract, multiply) two float weights were alive at
+    each step; the memory plan counts an in-place op as its input's storage. Exact as before:
+    every value is an integer below 256 until the one multiplication by the scale. Every op
+    translates to plain ONNX (Range, Div + Floor, Mod's Floor/Sub, Sub, Mul: the export makes the
+    writes into this fresh tensor functional); the float scales are read as stored (a reshape of
+    them would be folded into a new initializer by the ONNX export)."""
+    packed = ops.call(aten.view.default, t["qdata"], [rows, ng * g // 2, 1])
+    shifts = ops.call(aten.arange.start_step, 16, 0, -15, dtype=torch.float32, device=_device(t["qdata"]))
+    x = ops.call(aten.div.Tensor_mode, packed, shifts, rounding_mode="floor")  # [high, byte]: a new tensor
+    x = ops.call(aten.remainder_.Scalar, x, 16)  # [high, low]
+    x = ops.call(aten.view.default, x, [rows, ng, g])
+    x = ops.call(aten.sub_.Tensor, x, t["zero"])
+    return ops.call(aten.mul_.Tensor, x, t["scale"])
+
+
 def dequantize(ops: Ops, t: Mapping[str, Any], dtype: str, shape: tuple, group_size: Optional[int],
                out_dtype: torch.dtype) -> Any:
     """The weight (``shape``, ``out_dtype``) from its stored tensors ``t`` (tensors, or graph
@@ -165,9 +190,7 @@ def dequantize(ops: Ops, t: Mapping[str, Any], dtype: str, shape: tuple, group_s
         x = ops.call(aten._to_copy.default, q, dtype=torch.float32)
         x = ops.call(aten.mul.Tensor, x, t["scale"])
     elif dtype == "int4":
-        codes = ops.call(aten.view.default, _unpack(ops, t["qdata"]), [rows, ng, g])
-        x = ops.call(aten.sub.Tensor, codes, t["zero"])
-        x = ops.call(aten.mul.Tensor, x, t["scale"])
+        x = _dequantize_int4(ops, t, rows, ng, g)
     elif dtype == "nf4":
         n_blocks = rows * ng
         codes = ops.call(aten.view.default, _unpack(ops, t["qdata"]), [n_blocks, g])
