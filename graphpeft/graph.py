@@ -188,9 +188,17 @@ def remove_tensor(gm: fx.GraphModule, name: str) -> None:
 
 
 def fake_mode_of(gm: fx.GraphModule):
-    """The fake mode the graph's ``meta['val']`` tensors live in (None if there are none)."""
-    from torch._guards import detect_fake_mode
+    """The fake mode the graph's ``meta['val']`` tensors live in (None if there are none).
 
+    Read from the first node with a fake value: a graph's values share one mode, and every
+    builder asks this, so checking them all made legalizing a 9,000-node step quadratic
+    (Qwen2-0.5B-shaped step: 190 builders, over half of the export's legalization, profiled)."""
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    first = next((n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), FakeTensor)), None)
+    if first is not None:
+        return detect_fake_mode([first])
     vals = [n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
     return detect_fake_mode(vals) if vals else None
 

@@ -15,6 +15,7 @@ import time
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch.fx as fx
+from torch.fx._lazy_graph_module import _make_graph_module
 
 from .errors import GraphPeftError, PassError, VerificationError
 
@@ -229,7 +230,7 @@ def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
     new_output = graph.output(out)
     new_output.meta = copy.copy(old_output.meta)
     graph._codegen = copy.deepcopy(gm.graph._codegen)
-    new = fx.GraphModule(gm, graph)
+    new = _make_graph_module(gm, graph)  # lazy (recompiled when first run) under _use_lazy_graph_module
     new.meta = dict(gm.meta)
     if META_KEY in gm.meta:
         meta = gm.meta[META_KEY]

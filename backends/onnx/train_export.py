@@ -18,6 +18,7 @@ that model are removed afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -26,7 +27,7 @@ import os
 import time
 import uuid
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -71,8 +72,13 @@ class TrainingExportResult:
 def legalized_copy(gm: fx.GraphModule, verify: bool = True,
                    verifier: Callable[[fx.GraphModule], None] = verify_training) -> tuple[fx.GraphModule, dict[str, int]]:
     """A copy of the graph (tensors shared, not copied) run through ``legalize_onnx`` and
-    dead-code removal, checked by ``verifier`` (the training verifier by default)."""
-    new = copy_graph(gm)
+    dead-code removal, checked by ``verifier`` (the training verifier by default). The copy
+    is a lazy graph module: it generates and compiles its Python code only if it is run, not
+    after every pass (a 9,000-node step's code took ~0.5 s to make each time)."""
+    from torch.fx._lazy_graph_module import _use_lazy_graph_module
+
+    with _use_lazy_graph_module(True):
+        new = copy_graph(gm)
     ctx = PassContext(verify=verify)
     # upcast_low_precision: bf16 / fp16 ops computed in float32 between casts (onnxruntime's CPU
     # provider lacks their kernels), attention first in torch's rounding order; no-ops on float32
@@ -340,12 +346,76 @@ def _translate_fast(ep: Any, input_names: list[str], output_names: list[str], op
         if not ops <= implemented:
             log.debug("decomposing ops without direct ONNX translation: %s", sorted(map(str, ops - implemented)))
             ep = _fx_passes.decompose_with_registry(ep, registry)
-        _fx_passes.insert_type_promotion_nodes(ep.graph_module)
-        ep._graph_module = _fx_passes.remove_assertion_nodes(ep.graph_module)
-    program = _core._exported_program_to_onnx_program(ep, registry=registry)
+        _insert_type_promotion(ep.graph_module)
+        if any(n.op == "call_function" and ("assert" in str(n.target) or "constrain_range" in str(n.target))
+               for n in ep.graph.nodes):
+            ep._graph_module = _fx_passes.remove_assertion_nodes(ep.graph_module)  # recompiles the graph
+    with _lean_translation():
+        program = _core._exported_program_to_onnx_program(ep, registry=registry)
     _ir_passes.rename_inputs(program.model, input_names)
     _ir_passes.rename_outputs(program.model, output_names)
     return program
+
+
+def _insert_type_promotion(gm: fx.GraphModule) -> None:
+    """torch.onnx's explicit type promotion (``InsertTypePromotion``), re-evaluating only the
+    nodes it changes. The stock pass re-runs every node of the graph on fake tensors to know
+    its arguments' dtypes (Qwen2-0.5B-shaped step: ~5 s profiled); a training graph's nodes all carry
+    their fake value already, so a node the rules leave as it is reads that value instead."""
+    from torch.onnx._internal.fx import passes
+    from torch.onnx._internal.fx.passes import type_promotion
+
+    class _ChangedNodesOnly(type_promotion._TypePromotionInterpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            recorded = n.meta.get("val")
+            if n.op != "call_function" or recorded is None:
+                return super().run_node(n)
+            before = (n.target, n.args, n.kwargs)
+            with self._set_current_node(n):
+                if rule := type_promotion.get_type_promotion_rule(n, self.type_promotion_table):
+                    self._maybe_promote_node(n, rule)
+            if (n.target, n.args, n.kwargs) == before:
+                return recorded  # unchanged: its recorded value is what re-running it gives
+            return fx.Interpreter.run_node(self, n)
+
+    for module in gm.modules():
+        transform = passes.InsertTypePromotion(module)
+        transform.interpreter = _ChangedNodesOnly(module, transform.interpreter.type_promotion_table)
+        transform.run()
+
+
+_OP_SIGNATURES: dict[tuple[str, str, int], Any] = {}
+
+
+@contextlib.contextmanager
+def _lean_translation() -> Iterator[None]:
+    """torch.onnx's translation minus two per-node costs a training export does not need:
+    torchlib's builder derives an ``OpSignature`` from the op's schema again for every op it
+    emits (parsing each type constraint; here one per schema: domain, name, version; a
+    signature is only read, so sharing it is safe), and every ONNX node gets the fx node's
+    text, stack trace and module scopes as metadata, which the export then clears (a quarter
+    of translating the Qwen2-0.5B-shaped step). Not thread-safe: it patches both for its
+    duration."""
+    from onnx_ir import schemas
+    from torch.onnx._internal.exporter import _core
+
+    original = schemas.OpSignature.__dict__["from_op_schema"]
+    set_metadata = _core._set_node_metadata
+
+    def cached(cls: Any, op_schema: Any) -> Any:
+        key = (op_schema.domain, op_schema.name, op_schema.since_version)
+        hit = _OP_SIGNATURES.get(key)
+        if hit is None:
+            hit = _OP_SIGNATURES[key] = original.__func__(cls, op_schema)
+        return hit
+
+    schemas.OpSignature.from_op_schema = classmethod(cached)  # type: ignore[method-assign]
+    _core._set_node_metadata = lambda fx_node, ir_node: None
+    try:
+        yield
+    finally:
+        schemas.OpSignature.from_op_schema = original  # type: ignore[method-assign]
+        _core._set_node_metadata = set_metadata
 
 
 def _fold_unless_low_precision(node: Any) -> Any:
@@ -374,13 +444,14 @@ def _safe_optimize(model: Any) -> None:
         log.info("onnxscript's optimizer passes are unavailable; exporting the graph unoptimized")
         return
     # no per-node shape inference: the exporter gives every value its static shape already, and
-    # it was half of this phase (2-layer step: 3.4 s vs 8.0 s, 3 fewer Casts folded of ~900 ops)
+    # it was half of this phase (2-layer step: 3.4 s vs 8.0 s, 3 fewer Casts folded of ~900 ops).
+    # One folding sweep: it visits nodes in order, so folded values reach their users in the same
+    # sweep; a second found nothing more on the training steps (identical files) and doubled the time
     passes = [
         common.InlinePass(),
-        ir.passes.PassManager([_constant_folding.FoldConstantsPass(shape_inference=False, input_size_limit=1024,
-                                                                  output_size_limit=1024 * 1024,
-                                                                  should_fold=_fold_unless_low_precision),
-                               common.RemoveUnusedNodesPass()], steps=2, early_stop=True),
+        _constant_folding.FoldConstantsPass(shape_inference=False, input_size_limit=1024,
+                                            output_size_limit=1024 * 1024, should_fold=_fold_unless_low_precision),
+        common.RemoveUnusedNodesPass(),
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         common.DeduplicateInitializersPass(),
         _cse_keeping_stored_chains(),
