@@ -257,7 +257,7 @@ def run(contenders: list[str], seq: int, steps: int, layers: int) -> list[dict[s
     return rows
 
 
-def budget_time_ab(seq: int, layers: int, repeats: int) -> str:
+def budget_time_ab(seq: int, layers: int, repeats: int, threads: Optional[int] = None) -> str:
     """Step time of the LoRA step at half its planned peak over the unconstrained one, both
     compiled in this process and timed alternating (``harness.interleave``): a ratio that holds on
     a loaded machine better than times taken in separate processes."""
@@ -266,6 +266,8 @@ def budget_time_ab(seq: int, layers: int, repeats: int) -> str:
     from . import cases
     from .harness import interleave
 
+    if threads:
+        torch.set_num_threads(threads)
     c = case(seq, layers)
     cm, batch = cases._gp_compiled(c), tuple(c.batch)
     plain = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-4), example_batch=batch)
@@ -274,7 +276,8 @@ def budget_time_ab(seq: int, layers: int, repeats: int) -> str:
     stats = interleave({"no budget": lambda: plain(*batch), "half": lambda: half(*batch)}, repeats=repeats)
     report = half.memory_report()
     p, h = stats["no budget"].median, stats["half"].median
-    return (f"LoRA step, alternating, {repeats} rounds (load average {os.getloadavg()[0]:.1f}): no budget "
+    return (f"LoRA step, alternating, {repeats} rounds, {torch.get_num_threads()} threads (load average "
+            f"{os.getloadavg()[0]:.1f}): no budget "
             f"{p:.0f} ms, memory_budget = half ({budget / 2**20:.1f} MiB; planned {report.peak_bytes / 2**20:.1f}; "
             f"{len(report.recomputed_gemms)} GEMMs recomputed, {report.recomputed_gemm_flops / 1e9:.2f} GFLOP) "
             f"{h:.0f} ms: {h / p:.2f}x")
@@ -340,10 +343,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--budget-time-ab", type=int, metavar="ROUNDS", default=None,
                     help="time the LoRA step with memory_budget = half against no budget in one process, "
                          "alternating, ROUNDS rounds (and nothing else)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for --budget-time-ab")
     a = ap.parse_args(argv)
     if a.budget_time_ab:
         logging.basicConfig(level=logging.WARNING)
-        print(budget_time_ab(a.seq, a.layers, a.budget_time_ab))
+        print(budget_time_ab(a.seq, a.layers, a.budget_time_ab, a.threads))
         return
     if a.worker:
         logging.basicConfig(level=logging.WARNING)

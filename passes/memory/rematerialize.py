@@ -36,8 +36,8 @@ cut minimizes kept bytes + price x recomputed FLOPs (torch's partitioner weighs 
 ``activation_memory_budget`` knapsack by runtime the same way). The price starts where no GEMM is
 worth recomputing and falls by sqrt 2 until the budget is met, then bisects back towards fewer
 FLOPs: the GEMMs with the most bytes saved per FLOP are recomputed first, and earlier ones
-(their kept values live longest) are priced a little lower, so equal layers turn over one at a
-time. Random ops, attention kernels, convolutions and collectives are never recomputed. A graph
+(their kept values live longest) are priced lower (the last at twice the first's price), so equal
+layers turn over one at a time. Random ops, attention kernels, convolutions and collectives are never recomputed. A graph
 already within the budget is left alone. A budget that no tier meets raises
 :class:`~graphpeft.errors.GraphPeftError` naming the smallest feasible budget (the least peak any
 tried cut reached).
@@ -87,8 +87,8 @@ EXPENSIVE = {
 #: expensive ops tier 3 may recompute after all, priced by their FLOPs (attention kernels and
 #: convolutions stay kept: their backward reads their own extra outputs)
 GEMMS = {"mm", "bmm", "addmm", "baddbmm"}
-#: how much dearer (at most) the last forward GEMM is priced than the first in tier 3
-POSITION_WEIGHT = 0.5
+#: how much dearer (at most) the last forward GEMM is priced than the first in tier 3 (1: twice)
+POSITION_WEIGHT = 1.0
 #: cheap ops (besides pointwise and views) recomputed already in tier 1
 CHEAP = {"clone", "expand", "_to_copy", "full", "full_like", "zeros", "zeros_like", "ones", "ones_like",
          "scalar_tensor", "arange", "slice", "select", "alias", "_unsafe_view", "unsqueeze", "squeeze",
@@ -261,7 +261,7 @@ def undo(gm: fx.GraphModule, copies: dict[fx.Node, fx.Node]) -> None:
 
 #: geometric steps of the GEMM price (factor sqrt 2) and bisection steps after the first that meets
 PRICE_STEP = math.sqrt(2.0)
-REFINE_STEPS = 6
+REFINE_STEPS = 8
 
 
 def gemm_prices(gm: fx.GraphModule) -> list[float]:
