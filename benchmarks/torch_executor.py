@@ -5,7 +5,8 @@
 
 Builds the LoRA step twice: as before the cuts (``executor="fx"``, no ``use_causal_attention``,
 the old per-call wrapper: ``flat_inputs`` + one ``get_tensor`` per trainable tensor) and as now
-(the default). Prints node counts (stored graph, the runner's code) and, for each cut, the
+(the default; its runner's fused AdamW kernel is timed on its own too: the same graph with and
+without ``lower_for_torch``). Prints node counts (stored graph, the runner's code) and, for each cut, the
 median time of ``--rounds`` interleaved A/B runs at one thread with ``time.process_time`` (CPU
 time of this process: other work on the machine inflates it less than wall time; the minimum
 ratio is printed beside the median's). Ratios, not absolute times, are the result.
@@ -45,7 +46,7 @@ def _ab(a: Callable[[], Any], b: Callable[[], Any], rounds: int) -> tuple[float,
 
 def main(argv: Any = None) -> int:
     from graphpeft.graph import get_tensor
-    from graphpeft.training.runner import NativeRunner, native_graph
+    from graphpeft.training.runner import NativeRunner, lower_for_torch, native_graph, native_runner
     from graphpeft.training.options import DEFAULT_TRAINING_PASSES
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,12 +71,15 @@ def main(argv: Any = None) -> int:
             get_tensor(cm_old.graph_module, name).copy_(t)
         old._state = dict(zip(sig.state, (t.detach() for t in out[1 + len(sig.params):])))
 
-    run_old, run_new = NativeRunner(g_old), NativeRunner(g_new)
+    run_old, run_new, run_fused = NativeRunner(g_old), NativeRunner(g_new), native_runner(g_new)
     lines = [f"{case.name}: step graph before {_count(g_old.graph)}, now {_count(g_new.graph)}; "
-             f"the runner's code {_count(native_graph(g_new.graph))}"]
+             f"the runner's code {_count(native_graph(g_new.graph))}, "
+             f"with its lowering {_count(native_graph(lower_for_torch(g_new)))}"]
     with torch.no_grad():
         for name, a, b in (("fx module -> runner (same graph)", lambda: g_old(*old_in), lambda: run_old(*old_in)),
                            ("use_causal_attention (runner both)", lambda: run_old(*old_in), lambda: run_new(*new_in)),
+                           ("fused AdamW kernel (runner without -> with its lowering)", lambda: run_new(*new_in),
+                            lambda: run_fused(*new_in)),
                            ("whole step, before -> now", old_step, lambda: new(*batch))):
             ma, mb, ratio, low = _ab(a, b, args.rounds)
             lines.append(f"{name}: {ma:.1f} -> {mb:.1f} ms, ratio {ratio:.3f} (of minima {low:.3f})")

@@ -121,7 +121,9 @@ def test_exported_llama_step_has_no_scatter_transposes_and_matches_torch(llama_s
 
     cm, step = llama_step
     gm, _ = legalized_copy(step.graph_module)
-    assert aten.slice_scatter.default in _ops(step.graph_module) and aten.slice_scatter.default not in _ops(gm)
+    # simplify_algebra already writes rotary's backward as a cat in the step graph; what is left
+    # (none on this model) is slice_scatter_onnx's to rewrite
+    assert aten.slice_scatter.default not in _ops(gm)
     path = tmp_path / "train.onnx"
     step.export_onnx(path)
     # every op has a direct translation: one that lacks it (rsub.Scalar did) re-traces the whole graph

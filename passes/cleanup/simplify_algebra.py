@@ -1,21 +1,27 @@
 """Algebraic clean-up of a traced graph: identities, view/permute chains, scalar ops before
-broadcasts, and the in-place ``1 - sigmoid`` of silu's decomposed backward.
+broadcasts, the in-place ``1 - sigmoid`` of silu's decomposed backward, and the zero-filled
+``slice_scatter`` sums of ``cat``'s backward.
 
 Decomposing to core ATen leaves ops that compute nothing (``pow(x, 1)``, ``mul(x, 1)``, a
 permute undone by the next one, a view of a view), runs scalar arithmetic on broadcast copies
 (RMSNorm's backward divides an ``expand``-ed tensor by the width) and spells ``1 - s`` as four
-ops with two in-place writes into an uninitialised buffer. Every op costs a dispatch in the
+ops with two in-place writes into an uninitialised buffer; the backward of a ``cat`` (rotary
+embeddings' ``rotate_half``) writes each part into a tensor of zeros and adds them up, and a
+slice of a whole dimension is scattered into zeros as a copy. Every op costs a dispatch in the
 torch executor and a node in the ONNX exporter; these rules remove them. Each rule is
 match → check (reason) → rewrite; a replaced node's provenance (phase, parameter) moves to the
 node that replaces it.
 
 Exact: no rule changes a value (``x * 1``, ``x ** 1`` and dropped assertions are identities;
-the scalar moved before an ``expand`` is applied to the very same numbers). Only exact identity
+the scalar moved before an ``expand`` is applied to the very same numbers; a power of two moved
+through a product scales an exponent; a sum with zeros is its other term, but for the sign of a
+zero). Only exact identity
 constants match (an ``add`` of a tiny epsilon is never dropped: AdamW's ``eps``).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Callable, Optional
 
@@ -74,8 +80,8 @@ def _mutated(node: fx.Node) -> bool:
 _FAKE_MODE = "graphpeft_simplify_fake_mode"  # cached for the length of one pass run
 
 
-def _replace(gm: fx.GraphModule, old: fx.Node, target: Callable, args: tuple, rule: str) -> fx.Node:
-    """A new ``target(*args)`` node in place of ``old``, with ``old``'s provenance (and its fake
+def _make(gm: fx.GraphModule, old: fx.Node, target: Callable, args: tuple, rule: str) -> fx.Node:
+    """A new ``target(*args)`` node just before ``old``, with ``old``'s provenance (and its fake
     value evaluated in the graph's fake mode, found once per pass run: finding it scans the graph)."""
     with gm.graph.inserting_before(old):
         new = gm.graph.call_function(target, args)
@@ -85,6 +91,12 @@ def _replace(gm: fx.GraphModule, old: fx.Node, target: Callable, args: tuple, ru
     new.meta[META_KEY] = prov
     mode = gm.meta.get(_FAKE_MODE) if _FAKE_MODE in gm.meta else gm.meta.setdefault(_FAKE_MODE, fake_mode_of(gm))
     new.meta["val"] = fake_eval(mode, target, args, {}) if mode is not None else old.meta.get("val")
+    return new
+
+
+def _replace(gm: fx.GraphModule, old: fx.Node, target: Callable, args: tuple, rule: str) -> fx.Node:
+    """:func:`_make` a ``target(*args)`` node that takes ``old``'s users."""
+    new = _make(gm, old, target, args, rule)
     old.replace_all_uses_with(new)
     return new
 
@@ -254,6 +266,129 @@ class OneMinus(RewriteRule):
                 gm.graph.erase_node(n)
 
 
+def _zeros(node: object) -> bool:
+    """Whether ``node`` is ``full(shape, 0)`` (a fresh tensor of zeros)."""
+    return (isinstance(node, fx.Node) and node.target == aten.full.default and len(node.args) == 2
+            and _is_number(node.args[1]) and node.args[1] == 0)
+
+
+def _scatter_range(node: fx.Node) -> Optional[tuple[int, int, int]]:
+    """``(dim, start, end)`` of ``slice_scatter(base, src, dim, start, end)``, normalized with
+    the base's shape (step 1 only), else None."""
+    args = list(node.args) + [0, None, None, 1][len(node.args) - 2:]
+    base, dim, start, end, step = val(node.args[0]), args[2], args[3], args[4], args[5]
+    if not isinstance(base, torch.Tensor) or step != 1 or node.kwargs:
+        return None
+    dim = dim % base.dim()
+    size = int(base.shape[dim])
+    start = 0 if start is None else (start + size if start < 0 else min(start, size))
+    end = size if end is None else (end + size if end < 0 else min(end, size))
+    return dim, start, end
+
+
+class WholeSliceScatter(RewriteRule):
+    """``slice_scatter(base, src, dim, 0, end)`` whose slice is the whole of ``base`` → ``src``
+    (its values; nothing of ``base`` is left)."""
+
+    name = "whole_slice_scatter"
+
+    def match(self, gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> Optional[MatchResult]:
+        if node.op != "call_function" or node.target != aten.slice_scatter.default or not isinstance(node.args[1], fx.Node):
+            return None
+        return MatchResult.success(self.name, node, src=node.args[1])
+
+    def check(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> Optional[str]:
+        node, src = match.node, match.bindings["src"]
+        if not _same_tensor_type(node, src):
+            return "the source is a part of the result (or another dtype)"
+        if _mutated(node) or _mutated(src):
+            return "an in-place op writes into the result or the source"
+        return None
+
+    def rewrite(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> None:
+        _forward(match.node, match.bindings["src"])
+
+
+class ScattersAsCat(RewriteRule):
+    """``slice_scatter(zeros, a, d, 0, k) + slice_scatter(zeros, b, d, k, n)`` → ``cat([a, b], d)``:
+    the backward of ``cat`` / ``rotate_half`` (rotary embeddings) writes each half into its own
+    zero tensor and adds them, three passes over the whole tensor where one copy does."""
+
+    name = "scatters_as_cat"
+
+    def match(self, gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> Optional[MatchResult]:
+        if node.op != "call_function" or node.target != aten.add.Tensor or len(node.args) != 2 or node.kwargs:
+            return None
+        parts = node.args
+        if not all(isinstance(p, fx.Node) and p.target == aten.slice_scatter.default and _zeros(p.args[0])
+                   for p in parts):
+            return None
+        ranges = [_scatter_range(p) for p in parts]
+        if None in ranges:
+            return None
+        return MatchResult.success(self.name, node, parts=parts, ranges=ranges)
+
+    def check(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> Optional[str]:
+        (d1, s1, e1), (d2, s2, e2) = match.bindings["ranges"]
+        size = int(val(match.node).shape[d1]) if isinstance(val(match.node), torch.Tensor) else -1
+        if d1 != d2:
+            return "the slices are along different dimensions"
+        if sorted([(s1, e1), (s2, e2)]) != [(0, min(e1, e2)), (min(e1, e2), size)]:
+            return "the two slices do not tile the dimension"
+        if not all(_same_tensor_type(match.node, p) for p in match.bindings["parts"]):
+            return "the sum broadcasts or promotes"
+        if _mutated(match.node):
+            return "an in-place op writes into the sum"
+        return None
+
+    def rewrite(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> None:
+        parts, ranges = match.bindings["parts"], match.bindings["ranges"]
+        ordered = [p.args[1] for _, p in sorted(zip([r[1] for r in ranges], parts), key=lambda t: t[0])]
+        _replace(gm, match.node, aten.cat.default, (ordered, ranges[0][0]), self.name)
+
+
+class PowerOfTwoThroughExpand(RewriteRule):
+    """``expand(s) * (x * c)`` with ``c`` a power of two → ``expand(s * c) * x``: the scaling
+    runs on the small tensor (RMSNorm's backward scales the whole input by 2 for ``d(x²)``).
+    Exact: multiplying by a power of two only changes the exponent (barring over/underflow)."""
+
+    name = "power_of_two_through_expand"
+
+    def match(self, gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> Optional[MatchResult]:
+        if node.op != "call_function" or node.target != aten.mul.Tensor or len(node.args) != 2 or node.kwargs:
+            return None
+        for e, m in (node.args, node.args[::-1]):
+            if (isinstance(e, fx.Node) and e.target == aten.expand.default and isinstance(m, fx.Node)
+                    and m.target in (aten.mul.Tensor, aten.mul.Scalar) and len(m.args) == 2
+                    and isinstance(m.args[0], fx.Node) and _is_number(m.args[1])):
+                return MatchResult.success(self.name, node, expand=e, scaled=m, x=m.args[0], c=m.args[1])
+        return None
+
+    def check(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> Optional[str]:
+        b = match.bindings
+        c = float(b["c"])
+        if c <= 0 or math.frexp(c)[0] != 0.5:
+            return f"the scale {b['c']} is not a power of two: moving it would round differently"
+        if len(b["scaled"].users) != 1 or len(b["expand"].users) != 1:
+            return "the scaled or the expanded tensor has other users"
+        small = val(b["expand"].args[0])
+        if not (_same_tensor_type(match.node, b["x"]) and _same_tensor_type(b["scaled"], b["x"])
+                and isinstance(small, torch.Tensor) and small.dtype == val(match.node).dtype):
+            return "the ops change the dtype or shape"
+        if not _views_allowed(val(match.node), match.node):
+            return "a view reads the product"
+        return None
+
+    def rewrite(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> None:
+        b, node = match.bindings, match.node
+        e = b["expand"]
+        small = _make(gm, node, aten.mul.Tensor, (e.args[0], b["c"]), self.name)
+        wide = _make(gm, node, aten.expand.default, (small, *e.args[1:]), self.name)
+        _replace(gm, node, aten.mul.Tensor, (wide, b["x"]), self.name)
+        for n in (node, e, b["scaled"]):
+            gm.graph.erase_node(n)
+
+
 class DropAssertions(RewriteRule):
     """Drops ``_assert_tensor_metadata``: the step is compiled for fixed shapes and dtypes,
     which the step checks on every call, so the per-op runtime assertion is redundant."""
@@ -274,7 +409,7 @@ class DropAssertions(RewriteRule):
 
 #: the rules, in the order they are tried at each node
 RULES: tuple[type[RewriteRule], ...] = (DropIdentity, FoldPermutes, FoldViews, ScalarBeforeExpand, OneMinus,
-                                        DropAssertions)
+                                        DropAssertions, WholeSliceScatter, ScattersAsCat, PowerOfTwoThroughExpand)
 
 
 @register_pass
