@@ -127,11 +127,13 @@ def test_meta_compile_loads_into_the_tied_quantized_embedding(tmp_path) -> None:
     assert float(step(IDS, IDS)) > 0
 
 
-def test_quantized_head_fuses_with_the_loss_in_row_blocks() -> None:
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_quantized_head_fuses_with_the_loss_in_row_blocks(dtype: str) -> None:
     """A row-block (quantized) head and the causal-LM loss run as one op blocked over the vocabulary:
-    no tokens x vocab logits in the step; same loss and updates as the unfused step."""
-    fused = gp.compile(qwen(), rules(), **KW)
-    plain = gp.compile(qwen(), rules(), **KW)
+    no tokens x vocab logits in the step; same loss and updates as the unfused step. (int4's
+    dequantization starts from a constant ``arange``: the block copies take it along.)"""
+    fused = gp.compile(qwen(), rules(dtype), **KW)
+    plain = gp.compile(qwen(), rules(dtype), **KW)
     a = fused.compile_training("causal_lm", gp.optim.SGD(lr=0.1), example_batch=(IDS, IDS))
     b = plain.compile_training("causal_lm", gp.optim.SGD(lr=0.1), example_batch=(IDS, IDS), fuse_head_loss=False)
     gm = a.graph_module
