@@ -358,15 +358,14 @@ class Rematerialize(PassBase):
         above = None  # the last price tried that did not meet the budget
         for price in prices:
             plan = choose(gm, 3, price)
-            if not any(recomputable_gemm(n) for n in plan.recomputed):
-                above = price
-                continue
-            copies = apply(gm, plan)
-            if _peak(gm) <= self._budget:
+            if any(recomputable_gemm(n) for n in plan.recomputed):
+                copies = apply(gm, plan)
+                after = _peak(gm)
                 undo(gm, copies)
-                return self._refine(gm, record, above, price)
-            self._best = min(self._best, _peak(gm))
-            undo(gm, copies)
+                if after <= self._budget:
+                    return self._refine(gm, record, above, price)
+                self._best = min(self._best, after)
+            above = price
         return False
 
     def _refine(self, gm: fx.GraphModule, record: dict[str, Any], above: Optional[float], price: float) -> bool:
