@@ -5,6 +5,7 @@
     python -m benchmarks.compile_time --step-time      # also: step time, eager PEFT vs compiled (torch, ORT)
     python -m benchmarks.compile_time --qwen           # Qwen2-0.5B shape: the four phases and peak RSS
     python -m benchmarks.compile_time --qwen --release-torch   # same, torch's copy dropped before the load
+    python -m benchmarks.compile_time --qwen --release-torch --no-prepack  # and no packed weight copies
 
 For each depth: ``gp.compile`` (trace the model, insert LoRA r=8 on every linear layer), the
 training-step compiler (``make_fx`` trace, then each training pass), the ONNX export (legalize,
@@ -149,13 +150,14 @@ def _vm_rss_mib() -> float:
     return float("nan")
 
 
-def measure_qwen(folder: str, release_torch: bool = False) -> dict[str, Any]:
+def measure_qwen(folder: str, release_torch: bool = False, prepack: bool = True) -> dict[str, Any]:
     """Issue 10's large case: a Qwen2-0.5B-shaped model (hidden 896, 24 layers, vocab 151936,
     random weights), LoRA r=16 on q/v, batch 1x128: compile, training compile, step export and
     onnxruntime load (first and from the saved optimized model), and this process's peak RSS
     against the weight bytes. Run it in a fresh process (``--qwen``) so the peak is its own.
     ``release_torch``: drop the torch model, compiled model and step once the file is written
-    (its weights are on disk then), as a compile-then-train-in-onnxruntime run can."""
+    (its weights are on disk then), as a compile-then-train-in-onnxruntime run can. ``prepack``
+    False: ``OnnxTrainer(prepack_weights=False)`` (no packed weight copies; slower steps)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     import graphpeft as gp
@@ -187,19 +189,27 @@ def measure_qwen(folder: str, release_torch: bool = False) -> dict[str, Any]:
     row["export phases"] = res.timings
     hwm["step export"] = _vm_hwm_mib()
     if release_torch:
+        import ctypes
         import gc
 
         del model, cm, step
         gc.collect()
+        try:  # freed tensors below glibc's (adaptive) mmap threshold stay in its arenas otherwise
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
         row["RSS after release MiB"] = _vm_rss_mib()
     t = time.perf_counter()
-    trainer = OnnxTrainer(path)
+    trainer = OnnxTrainer(path, prepack_weights=prepack)
     row["ort load"] = time.perf_counter() - t
     hwm["ort load"] = _vm_hwm_mib()
+    t = time.perf_counter()
     row["loss ort"] = trainer.step(ids)
+    row["first step"] = time.perf_counter() - t
+    hwm["first step"] = _vm_hwm_mib()
     del trainer
     t = time.perf_counter()
-    OnnxTrainer(path)
+    OnnxTrainer(path, prepack_weights=prepack)
     row["ort reload"] = time.perf_counter() - t
     row["total"] = row["compile"] + row["training compile"] + row["step export"] + row["ort load"]
     row["peak RSS MiB"] = _vm_hwm_mib()
@@ -210,7 +220,7 @@ def measure_qwen(folder: str, release_torch: bool = False) -> dict[str, Any]:
         print(f"  {k:18s} {row[k]:7.1f} s")
     print("  export phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in res.timings.items()))
     print(f"  peak RSS {row['peak RSS MiB']:.0f} MiB = {row['peak RSS MiB'] / weight_mib:.2f}x the weights; "
-          f"first onnxruntime loss {row['loss ort']:.4f}")
+          f"first onnxruntime loss {row['loss ort']:.4f} (step {row['first step']:.1f} s)")
     print("  peak RSS after each phase (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in hwm.items()))
     if release_torch:
         print(f"  torch model released before the load: RSS then {row['RSS after release MiB']:.0f} MiB")
@@ -267,13 +277,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--qwen", action="store_true", help="only the Qwen2-0.5B-shaped case (fresh process)")
     parser.add_argument("--release-torch", action="store_true",
                         help="--qwen: drop the torch model and step before the onnxruntime load")
+    parser.add_argument("--no-prepack", action="store_true",
+                        help="--qwen: OnnxTrainer(prepack_weights=False): no packed weight copies, slower steps")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
     for name in ("torch", "onnxscript", "onnx_ir", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if args.qwen:
-        measure_qwen(tempfile.mkdtemp(prefix="gp-compile-qwen-"), release_torch=args.release_torch)
+        measure_qwen(tempfile.mkdtemp(prefix="gp-compile-qwen-"), release_torch=args.release_torch,
+                     prepack=not args.no_prepack)
         return
     compile_table(args.layers)
     if args.step_time:

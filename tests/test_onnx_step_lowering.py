@@ -175,6 +175,25 @@ def test_trainer_reuses_onnxruntime_optimized_model(llama_step: Any, tmp_path: A
     assert len(now) == 1 and now != cached
 
 
+def test_trainer_skips_the_optimized_model_cache_for_big_external_data(llama_step: Any, tmp_path: Any,
+                                                                        monkeypatch: Any) -> None:
+    """cache_optimized=None keeps onnxruntime's optimized model only up to CACHE_MAX_EXTERNAL_BYTES
+    of external data (the cached model is a second copy of the weights); True always keeps it."""
+    import glob
+
+    from graphpeft.backends.onnx import trainer as trainer_module
+
+    _, step = llama_step
+    path = tmp_path / "train.onnx"
+    step.export_onnx(path, external_data=True)
+    monkeypatch.setattr(trainer_module, "CACHE_MAX_EXTERNAL_BYTES", 1024)
+    auto = trainer_module.OnnxTrainer(path)
+    assert not glob.glob(str(path) + ".ortopt-*.onnx")
+    kept = trainer_module.OnnxTrainer(path, cache_optimized=True)
+    assert len(glob.glob(str(path) + ".ortopt-*.onnx")) == 1
+    assert auto.step(IDS) == kept.step(IDS)
+
+
 def test_trainer_without_prepacked_weights_trains_the_same(llama_step: Any, tmp_path: Any, monkeypatch: Any) -> None:
     import onnxruntime as ort
 
