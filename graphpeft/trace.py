@@ -345,7 +345,14 @@ def _finish(graph: fx.Graph, lifted: list[tuple[fx.Node, str]],
                 root.add_module(node.target, sub)
     for target, (tensor, role) in tensors.items():
         attach_tensor(root, target, tensor.detach() if role != Role.BUFFER else tensor, role)
-    gm = fx.GraphModule(root, graph)
+    # a fresh graph: the exported graph's erased placeholder nodes stay referenced from outside
+    # graphpeft, and through that graph's owning module they kept every weight alive after the
+    # CompiledModel and the model were dropped
+    fresh = fx.Graph()
+    fresh._codegen = graph._codegen
+    out, old_output = fresh.graph_copy(graph, {}, return_output_node=True)
+    fresh.output(out).meta = dict(old_output.meta)
+    gm = fx.GraphModule(root, fresh)
     for target, (_, role) in tensors.items():
         roles(gm)[target] = role
     canonicalize_linears(gm)  # x @ W.T, mm, einsum ... -> aten.linear: one form for every layer
