@@ -155,8 +155,6 @@ def export_training(step: "TrainingStep", path: Union[str, os.PathLike], *, exte
         quantized_weights: ``"packed"`` or ``"qdq"`` (int8 / int4 base weights as standard
             ``DequantizeLinear`` nodes; see :func:`graphpeft.backends.onnx.export.export`).
     """
-    import numpy as np
-
     from .export import check_quantized_weights
 
     path = os.fspath(path)
@@ -174,17 +172,42 @@ def export_training(step: "TrainingStep", path: Union[str, os.PathLike], *, exte
     output_names = [s.name for s in sig.outputs]
 
     t = time.perf_counter()
-    ep = None
+    ep = _capture(gm, inputs, fast)
+    timings["capture"] = time.perf_counter() - t
+    t = time.perf_counter()
+    program = _translate(ep, gm, inputs, input_names, output_names, opset_version, fast)
+    timings["onnx_translate"] = time.perf_counter() - t
+    t = time.perf_counter()
+    _optimize(program, optimize, quantized_weights, step)
+    timings["onnx_optimize"] = time.perf_counter() - t
+    t = time.perf_counter()
+    model = program.model
+    total_bytes = _complete_model(model, sig, inputs, input_names, output_names)
+    if external_data is None:
+        external_data = total_bytes > EXTERNAL_DATA_THRESHOLD
+    data_path = _atomic_save(model, path, bool(external_data))
+    timings["save"] = time.perf_counter() - t
+    num_nodes = len(model.graph)
+    seconds = time.perf_counter() - start
+    log.info("exported training step %s: %d ONNX nodes in %.1f s (%s)", path, num_nodes, seconds,
+             ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+    return TrainingExportResult(path, data_path, input_names, output_names, num_nodes, os.path.getsize(path),
+                                seconds, timings, legalized)
+
+
+def _capture(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], fast: bool) -> Any:
+    """The legalized graph as an ``ExportedProgram``: wrapped directly (fast), else ``torch.export``."""
     if fast:
         try:
-            ep = exported_program(gm)
+            return exported_program(gm)
         except Exception as e:  # noqa: BLE001 - fall back to capturing it with torch.export
             log.info("could not wrap the graph as an ExportedProgram (%s: %s); using torch.export", type(e).__name__, e)
-    if ep is None:
-        ep = _torch_export(gm, inputs)
-    timings["capture"] = time.perf_counter() - t
+    return _torch_export(gm, inputs)
 
-    t = time.perf_counter()
+
+def _translate(ep: Any, gm: fx.GraphModule, inputs: Sequence[torch.Tensor], input_names: list[str],
+               output_names: list[str], opset_version: Optional[int], fast: bool) -> Any:
+    """The ONNX program: the exporter's internals (fast), else ``torch.onnx.export``."""
     program = None
     if fast:
         try:
@@ -206,9 +229,10 @@ def export_training(step: "TrainingStep", path: Union[str, os.PathLike], *, exte
                               "If an op has no translation, add a rewrite for it to the legalize_onnx pass.") from e
     if program is None:
         raise ExportError("torch.onnx.export returned nothing")
-    timings["onnx_translate"] = time.perf_counter() - t
+    return program
 
-    t = time.perf_counter()
+
+def _optimize(program: Any, optimize: Union[bool, str], quantized_weights: str, step: "TrainingStep") -> None:
     for node in program.model.graph.all_nodes():  # stack traces per node: most of the file otherwise
         node.metadata_props.clear()
     if optimize == "safe":
@@ -223,18 +247,20 @@ def export_training(step: "TrainingStep", path: Union[str, os.PathLike], *, exte
         from .qdq import use_dequantize_linear
 
         use_dequantize_linear(program.model, step.cm.graph_module)
-    timings["onnx_optimize"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    model = program.model
+
+def _complete_model(model: Any, sig: Any, inputs: Sequence[torch.Tensor], input_names: list[str],
+                    output_names: list[str]) -> int:
+    """Check the interface, add the trainable tensors, state and lr as initializers named like the
+    inputs (their defaults) and the signature as metadata; returns the initializers' bytes."""
+    import numpy as np
+    import onnx_ir as ir
+
     graph_inputs = [v.name for v in model.graph.inputs]
     graph_outputs = [v.name for v in model.graph.outputs]
     if graph_inputs != input_names or graph_outputs != output_names:
         raise ExportError(f"the exported graph's interface does not match the training signature: inputs "
                           f"{graph_inputs[:4]}..., outputs {graph_outputs[:4]}...")
-    # defaults for the trainable tensors, optimizer state and lr: initializers named like the inputs
-    import onnx_ir as ir
-
     for value, spec, tensor in zip(model.graph.inputs, sig.inputs, inputs):
         if spec.kind in ("param", "state", "lr") and value.name not in model.graph.initializers:
             if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: onnx_ir wraps the torch tensor
@@ -247,17 +273,7 @@ def export_training(step: "TrainingStep", path: Union[str, os.PathLike], *, exte
     meta = sig.to_dict()
     meta["format"], meta["format_version"] = FORMAT, FORMAT_VERSION
     model.metadata_props[METADATA_KEY] = json.dumps(meta)
-    total_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    if external_data is None:
-        external_data = total_bytes > EXTERNAL_DATA_THRESHOLD
-    data_path = _atomic_save(model, path, bool(external_data))
-    timings["save"] = time.perf_counter() - t
-    num_nodes = len(model.graph)
-    seconds = time.perf_counter() - start
-    log.info("exported training step %s: %d ONNX nodes in %.1f s (%s)", path, num_nodes, seconds,
-             ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
-    return TrainingExportResult(path, data_path, input_names, output_names, num_nodes, os.path.getsize(path),
-                                seconds, timings, legalized)
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
 def _torch_export(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Any:
