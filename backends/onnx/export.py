@@ -95,8 +95,6 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool 
     folding, unused-node removal, deduplication, CSE): its pattern rewrites treat constants
     within 1e-8 of zero as zero and would delete e.g. a normalization's small epsilon.
     """
-    import onnx
-
     path = os.fspath(path)
     check_quantized_weights(quantized_weights, inference=True)
     gm = cm.graph_module
@@ -124,6 +122,30 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool 
         dyn = dyn + (None,) * len(values) if dyn is not None else None  # adapter shapes are fixed
     start = time.perf_counter()
     try:
+        program = _translate_inference(gm, inputs, dyn, input_names, output_names, opset_version, dynamic, fast)
+    finally:
+        cm.train(was_training)
+    if quantized_weights == "qdq":
+        from .qdq import use_dequantize_linear
+
+        use_dequantize_linear(program.model, cm.graph_module)
+    elif quantized_weights == "matmulnbits":
+        from .qdq import use_matmul_nbits
+
+        use_matmul_nbits(program.model, cm.graph_module)
+    if external_data is None:
+        external_data = sum(t.numel() * t.element_size() for t in gm.state_dict().values()) > 1_500_000_000
+    _save_inference(program, path, bool(external_data))
+    seconds = time.perf_counter() - start
+    num_nodes = len(program.model.graph) if hasattr(program, "model") else -1
+    log.info("exported %s: %d nodes in %.1f s", path, num_nodes, seconds)
+    return ExportResult(path, input_names, output_names, num_nodes, os.path.getsize(path), seconds, adapter_inputs)
+
+
+def _translate_inference(gm: torch.fx.GraphModule, inputs: Sequence[torch.Tensor], dyn: Any, input_names: list[str],
+                         output_names: list[str], opset_version: Optional[int], dynamic: bool, fast: bool) -> Any:
+    """The ONNX program of an inference graph: translated directly (fast), else ``torch.onnx.export``."""
+    try:
         program = _translate_graph(gm, input_names, output_names, opset_version, dynamic) if fast else None
         if program is None:
             with warnings.catch_warnings(), quiet_exporter():
@@ -134,23 +156,18 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool 
                 _strip_and_optimize(program.model)
     except Exception as e:
         raise ExportError(f"torch.onnx could not export the graph: {type(e).__name__}: {str(e)[:2000]}") from e
-    finally:
-        cm.train(was_training)
     if program is None:
         raise ExportError("torch.onnx.export returned nothing")
-    if quantized_weights == "qdq":
-        from .qdq import use_dequantize_linear
+    return program
 
-        use_dequantize_linear(program.model, cm.graph_module)
-    elif quantized_weights == "matmulnbits":
-        from .qdq import use_matmul_nbits
 
-        use_matmul_nbits(program.model, cm.graph_module)
+def _save_inference(program: Any, path: str, external_data: bool) -> None:
+    """Write ``program`` to ``path`` atomically; external data goes to ``<file>.data`` beside it."""
+    import onnx
+
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    model_bytes = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
-    if external_data is None:
-        external_data = model_bytes > 1_500_000_000
+
     def write(tmp: str) -> None:
         program.save(tmp, external_data=external_data)
         if external_data:
@@ -164,10 +181,6 @@ def export(cm: "CompiledModel", path: Union[str, os.PathLike], *, dynamic: bool 
                     os.unlink(os.path.join(folder, f))
 
     atomic_write(path, write)
-    seconds = time.perf_counter() - start
-    num_nodes = len(program.model.graph) if hasattr(program, "model") else -1
-    log.info("exported %s: %d nodes in %.1f s", path, num_nodes, seconds)
-    return ExportResult(path, input_names, output_names, num_nodes, os.path.getsize(path), seconds, adapter_inputs)
 
 
 def check_quantized_weights(value: str, inference: bool = False) -> None:
