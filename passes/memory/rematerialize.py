@@ -61,7 +61,7 @@ import torch
 import torch.fx as fx
 
 from graphpeft.errors import GraphPeftError
-from graphpeft.graph import META_KEY, Provenance, graph_meta, to_networkx
+from graphpeft.graph import META_KEY, Provenance, graph_meta, tensor_bytes, to_networkx
 from graphpeft.infra import PassBase, PassContext, PassResult
 from graphpeft.registry import register_pass
 from graphpeft.training import ORDER_KEY, phase_of
@@ -267,9 +267,9 @@ REFINE_STEPS = 8
 def gemm_prices(gm: fx.GraphModule) -> list[float]:
     """Prices (bytes per FLOP) tier 3 tries, highest first: from twice the largest output-bytes per
     FLOP of a forward GEMM (none is worth recomputing) down to 1/64 of the smallest."""
-    ratios = [_bytes(n) / f for n in gm.graph.nodes
+    ratios = [tensor_bytes(n.meta.get("val")) / f for n in gm.graph.nodes
               if n.op == "call_function" and phase_of(n) in FORWARD_PHASES and recomputable_gemm(n)
-              and (f := gemm_flops(n)) > 0 and _bytes(n) > 0]
+              and (f := gemm_flops(n)) > 0 and tensor_bytes(n.meta.get("val")) > 0]
     if not ratios:
         return []
     price, low, out = 2 * max(ratios), min(ratios) / 64, []
@@ -279,13 +279,17 @@ def gemm_prices(gm: fx.GraphModule) -> list[float]:
     return out
 
 
-def _bytes(node: fx.Node) -> int:
-    val = node.meta.get("val")
-    return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
-
-
 def _peak(gm: fx.GraphModule) -> int:
     return liveness(list(gm.graph.nodes), _categories(gm))["peak"]
+
+
+def _trial_peak(gm: fx.GraphModule, plan: RematPlan) -> int:
+    """The planned peak with ``plan`` applied; ``gm`` is left as it was."""
+    copies = apply(gm, plan)
+    try:
+        return _peak(gm)
+    finally:
+        undo(gm, copies)
 
 
 @register_pass
@@ -352,32 +356,29 @@ class Rematerialize(PassBase):
         """Tier 3: matrix multiplies become recomputable at a price in bytes per FLOP, lowered step
         by step from where no GEMM is worth recomputing (the least recompute first); the first price
         whose cut meets the budget is refined by bisection towards fewer recomputed FLOPs."""
-        prices = gemm_prices(gm)
-        if not prices:
-            return False
         above = None  # the last price tried that did not meet the budget
-        for price in prices:
+        for price in gemm_prices(gm):
             plan = choose(gm, 3, price)
             if any(recomputable_gemm(n) for n in plan.recomputed):
-                copies = apply(gm, plan)
-                after = _peak(gm)
-                undo(gm, copies)
+                after = _trial_peak(gm, plan)
                 if after <= self._budget:
-                    return self._refine(gm, record, above, price)
+                    price, plan = self._refine(gm, above, price, plan)
+                    return self._meets(gm, plan, record, 3, gemm_cost=price)
                 self._best = min(self._best, after)
             above = price
         return False
 
-    def _refine(self, gm: fx.GraphModule, record: dict[str, Any], above: Optional[float], price: float) -> bool:
-        """Bisect (geometrically) between a price that fails and one that meets the budget; apply the
-        highest meeting price found (the fewest recomputed FLOPs)."""
-        if above is not None:
-            for _ in range(REFINE_STEPS):
-                mid = math.sqrt(above * price)
-                plan = choose(gm, 3, mid)
-                copies = apply(gm, plan) if plan.recomputed else {}
-                ok = bool(copies) and _peak(gm) <= self._budget
-                if copies:
-                    undo(gm, copies)
-                above, price = (above, mid) if ok else (mid, price)
-        return self._meets(gm, choose(gm, 3, price), record, 3, gemm_cost=price)
+    def _refine(self, gm: fx.GraphModule, above: Optional[float], price: float,
+                plan: RematPlan) -> tuple[float, RematPlan]:
+        """Bisect (geometrically) between a price that fails and one whose ``plan`` meets the
+        budget: the highest meeting price found (the fewest recomputed FLOPs) and its plan."""
+        if above is None:
+            return price, plan
+        for _ in range(REFINE_STEPS):
+            mid = math.sqrt(above * price)
+            candidate = choose(gm, 3, mid)
+            if candidate.recomputed and _trial_peak(gm, candidate) <= self._budget:
+                price, plan = mid, candidate
+            else:
+                above = mid
+        return price, plan
