@@ -117,21 +117,14 @@ def lower_for_torch(gm: fx.GraphModule, names: Sequence[str] = TORCH_EXECUTOR_LO
     """The graph the torch executor runs: a copy of ``gm``'s graph after the torch-only
     lowering passes ``names`` (each fused AdamW chunk as one fused-kernel call), or ``gm``'s own
     graph when none applies. ``gm`` itself is not changed."""
-    from ..infra import PassContext, copy_graph
+    from ..infra import PassContext, PassManager, Pipeline, copy_graph
     from ..registry import PASSES
 
     passes = [PASSES[n]() for n in names if n in PASSES]
     if not passes:
         return gm.graph
-    lowered = copy_graph(gm)
-    ctx = PassContext(verify=False)
-    changed = False
-    for p in passes:  # call, not __call__: the copy's own code is never generated (NativeRunner does)
-        result = p.call(lowered, ctx)
-        lowered, changed = result.gm, changed or result.modified
-    if changed:
-        lowered.graph.lint()
-    return lowered.graph if changed else gm.graph
+    result = PassManager().run(copy_graph(gm), Pipeline("torch_executor_lowering", passes), PassContext(verify=False))
+    return result.gm.graph if result.modified else gm.graph
 
 
 def native_runner(gm: fx.GraphModule) -> Callable[..., Any]:

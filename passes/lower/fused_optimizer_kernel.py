@@ -33,7 +33,7 @@ from graphpeft.registry import register_pass
 from graphpeft.rewrite import MatchResult, RewritePass, RewriteRule
 from graphpeft.training.fused_kernels import adamw_update
 from graphpeft.training.optim import STEP_KEY
-from graphpeft.training.signature import TRAINING_META, phase_of
+from graphpeft.training.signature import TRAINING_META, TrainingSignature, phase_of
 
 aten = torch.ops.aten
 VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
@@ -70,12 +70,13 @@ def _kept(split: fx.Node) -> Optional[tuple[fx.Node, fx.Node, list[fx.Node]]]:
 
 
 def _inputs(gm: fx.GraphModule) -> dict[tuple[str, str], fx.Node]:
-    sig = graph_meta_signature(gm)
+    sig = _signature(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return {(s.kind, s.key): n for s, n in zip(sig.inputs, placeholders)} if sig is not None else {}
 
 
-def graph_meta_signature(gm: fx.GraphModule):  # noqa: ANN201 - TrainingSignature or None
+def _signature(gm: fx.GraphModule) -> Optional[TrainingSignature]:
+    """The step's signature (None on a graph that is not a training step: nothing to match)."""
     return graph_meta(gm).get(TRAINING_META)
 
 
@@ -143,7 +144,7 @@ class AdamWChunk(RewriteRule):
                                    names=[names[p] for p in kept[2]], inputs=inputs)
 
     def check(self, gm: fx.GraphModule, match: MatchResult, ctx: PassContext) -> Optional[str]:
-        sig = graph_meta_signature(gm)
+        sig = _signature(gm)
         opt = dict(sig.optimizer) if sig is not None else {}
         if opt.get("name") != "adamw" or opt.get("amsgrad"):
             return f"optimizer {opt.get('name')!r}{' with amsgrad' if opt.get('amsgrad') else ''}: only AdamW has a kernel here"
