@@ -66,6 +66,20 @@ def is_random(node: fx.Node) -> bool:
     return any(k in name for k in ("rand", "bernoulli", "dropout", "normal_", "uniform_", "multinomial"))
 
 
+def is_mutation(node: fx.Node) -> bool:
+    """Whether ``node`` writes into one of its inputs (an in-place aten op)."""
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
+def is_constant_factory(node: fx.Node) -> bool:
+    """Whether ``node`` makes a tensor from literal arguments alone (``arange``, ``full``): no
+    input node, no random draw, and no later op writes into it, so a copy of it made elsewhere
+    (a recompute, a block of the fused head loss) has the same value."""
+    return (node.op == "call_function" and not node.all_input_nodes and not is_random(node)
+            and not any(is_mutation(u) and u.args and u.args[0] is node for u in node.users))
+
+
 # --- graph-level metadata -------------------------------------------------------------------
 
 

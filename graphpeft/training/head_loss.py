@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from ..graph import is_random
+from ..graph import is_constant_factory
 from .losses import CausalLM, CrossEntropy, Loss, _need_target, primary_output
 
 Tensor = torch.Tensor
@@ -173,7 +173,7 @@ def _copy_chain(weight: Any, bias: Any, role_map: dict) -> Optional[WeightBlock]
             if role is None or role.trainable:
                 return None
             refs[n] = _Stored(n.target)
-        elif n.op == "call_function" and (n.all_input_nodes or not is_random(n)):
+        elif n.op == "call_function" and (n.all_input_nodes or is_constant_factory(n)):
             # (no input nodes: a constant made from literals, e.g. the int4 unpacking's arange)
             inputs = [ref(a) for a in n.all_input_nodes]
             if any(r is None for r in inputs):

@@ -61,13 +61,12 @@ import torch
 import torch.fx as fx
 
 from graphpeft.errors import GraphPeftError
-from graphpeft.graph import META_KEY, Provenance, graph_meta, tensor_bytes, to_networkx
+from graphpeft.graph import META_KEY, Provenance, graph_meta, is_mutation, is_random, tensor_bytes, to_networkx
 from graphpeft.infra import PassBase, PassContext, PassResult
 from graphpeft.registry import register_pass
 from graphpeft.training import ORDER_KEY, phase_of
 
 from .plan_memory import _categories, liveness
-from .schedule_memory import is_mutation, is_random
 
 log = logging.getLogger(__name__)
 

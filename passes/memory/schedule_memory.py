@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 import torch.fx as fx
 
-from graphpeft.graph import graph_meta, is_random, to_networkx  # is_random: re-exported for rematerialize
+from graphpeft.graph import graph_meta, is_mutation, is_random, to_networkx  # re-exported for rematerialize
 from graphpeft.infra import PassBase, PassContext, PassResult
 from graphpeft.registry import register_pass
 from graphpeft.training import UPDATE_PHASES, phase_of
@@ -43,12 +43,6 @@ from .reorder_updates import schedule as place_updates
 log = logging.getLogger(__name__)
 
 SCHEDULE_META = "schedule"
-
-
-def is_mutation(node: fx.Node) -> bool:
-    """Whether ``node`` writes into one of its inputs (an in-place aten op)."""
-    schema = getattr(node.target, "_schema", None)
-    return node.op == "call_function" and schema is not None and schema.is_mutable
 
 
 def ordering_edges(gm: fx.GraphModule, G: Any) -> list[tuple[fx.Node, fx.Node]]:

@@ -18,21 +18,13 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from graphpeft.graph import META_KEY, is_random, roles
+from graphpeft.graph import META_KEY, is_constant_factory, roles
 from graphpeft.infra import PassBase, PassContext, PassResult
 from graphpeft.registry import register_pass
 from graphpeft.training import phase_of
 
-from ..memory.schedule_memory import is_mutation
-
 FORWARD_PHASES = ("forward", "loss", "input")
 LOW = (torch.int8, torch.uint8, torch.bfloat16, torch.float16)
-
-
-def _constant_factory(node: fx.Node) -> bool:
-    """A tensor made from constant arguments alone (``arange``), drawn from no generator and
-    written into by no later op, so a copy of it made elsewhere has the same value."""
-    return not is_random(node) and not any(is_mutation(u) and u.args and u.args[0] is node for u in node.users)
 
 
 @register_pass
@@ -57,7 +49,7 @@ class RematerializeDequantized(PassBase):
                     if isinstance(v, torch.Tensor) and v.dtype in LOW:
                         quant.add(n)
             elif n.op == "call_function" and not n.all_input_nodes:
-                if _constant_factory(n):  # e.g. the int4 unpacking's arange of nibble divisors
+                if is_constant_factory(n):  # e.g. the int4 unpacking's arange of nibble divisors
                     const.add(n)
             elif n.op == "call_function" and all(a in const for a in n.all_input_nodes):
                 const.add(n)
