@@ -28,6 +28,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .memory import status_mb  # VmHWM: this process's peak (ru_maxrss would include subprocesses)
+
 HIDDEN = 256
 VOCAB = 2048
 BATCH, SEQ = 4, 128
@@ -133,23 +135,6 @@ def compile_table(depths: Sequence[int]) -> list[dict[str, Any]]:
     return rows
 
 
-def _vm_hwm_mib() -> float:
-    """This process's peak resident memory (VmHWM; ru_maxrss would include subprocesses)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _vm_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def measure_qwen(folder: str, release_torch: bool = False, prepack: bool = True) -> dict[str, Any]:
     """Issue 10's large case: a Qwen2-0.5B-shaped model (hidden 896, 24 layers, vocab 151936,
     random weights), LoRA r=16 on q/v, batch 1x128: compile, training compile, step export and
@@ -171,23 +156,23 @@ def measure_qwen(folder: str, release_torch: bool = False, prepack: bool = True)
     weight_mib = sum(t.numel() * t.element_size() for t in {id(p): p for p in model.parameters()}.values()) / 2**20
     ids = torch.randint(0, cfg.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
     row: dict[str, Any] = {"weights MiB": weight_mib}
-    peak_model = _vm_hwm_mib()
+    peak_model = status_mb("VmHWM")
     t = time.perf_counter()
     cm = gp.compile(model, gp.Plan([gp.LoRA(targets=["q_proj", "v_proj"], r=16, alpha=32)]), (ids,),
                     {"use_cache": False})
     row["compile"] = time.perf_counter() - t
-    hwm = {"model": peak_model, "compile": _vm_hwm_mib()}  # which phase sets the peak
+    hwm = {"model": peak_model, "compile": status_mb("VmHWM")}  # which phase sets the peak
     t = time.perf_counter()
     step = cm.compile_training("causal_lm", gp.optim.AdamW(lr=1e-4), example_batch=(ids,))
     row["training compile"] = time.perf_counter() - t
-    hwm["training compile"] = _vm_hwm_mib()
+    hwm["training compile"] = status_mb("VmHWM")
     row["fx nodes"] = len(step.graph_module.graph.nodes)
     path = os.path.join(folder, "qwen.onnx")
     t = time.perf_counter()
     res = step.export_onnx(path)
     row["step export"] = time.perf_counter() - t
     row["export phases"] = res.timings
-    hwm["step export"] = _vm_hwm_mib()
+    hwm["step export"] = status_mb("VmHWM")
     if release_torch:
         import ctypes
         import gc
@@ -198,21 +183,21 @@ def measure_qwen(folder: str, release_torch: bool = False, prepack: bool = True)
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
             pass
-        row["RSS after release MiB"] = _vm_rss_mib()
+        row["RSS after release MiB"] = status_mb("VmRSS")
     t = time.perf_counter()
     trainer = OnnxTrainer(path, prepack_weights=prepack)
     row["ort load"] = time.perf_counter() - t
-    hwm["ort load"] = _vm_hwm_mib()
+    hwm["ort load"] = status_mb("VmHWM")
     t = time.perf_counter()
     row["loss ort"] = trainer.step(ids)
     row["first step"] = time.perf_counter() - t
-    hwm["first step"] = _vm_hwm_mib()
+    hwm["first step"] = status_mb("VmHWM")
     del trainer
     t = time.perf_counter()
     OnnxTrainer(path, prepack_weights=prepack)
     row["ort reload"] = time.perf_counter() - t
     row["total"] = row["compile"] + row["training compile"] + row["step export"] + row["ort load"]
-    row["peak RSS MiB"] = _vm_hwm_mib()
+    row["peak RSS MiB"] = status_mb("VmHWM")
     row["peak RSS after"] = hwm
     print(f"\nQwen2-0.5B shape ({weight_mib:.0f} MiB of weights), LoRA q/v r=16, batch 1x128, "
           f"{row['fx nodes']} fx nodes, {res.num_nodes} ONNX nodes")
