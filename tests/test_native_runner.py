@@ -62,9 +62,10 @@ def test_native_runner_is_bit_identical_to_the_fx_graph() -> None:
 
 
 def test_default_runner_fused_adamw_matches_the_fx_graph() -> None:
-    """The default executor runs each fused AdamW chunk as torch's fused kernel: the same losses,
-    tensors and state as the traced arithmetic (executor="fx") to float rounding; with SGD the
-    lowering does not apply and the runs stay bit-identical."""
+    """The default executor runs each fused AdamW chunk as torch's fused kernel (and silu as
+    ATen's kernels: tests/test_silu_kernels.py): the same losses, tensors and state as the traced
+    arithmetic (executor="fx") to float rounding, which AdamW's normalized step can amplify in an
+    element whose moments are tiny; with SGD no fused AdamW kernel."""
     a, b, sa, sb = _two_steps(None)
     assert sum(1 for n in lower_for_torch(sa.graph_module).nodes
                if n.target == torch.ops.graphpeft.adamw_update.default) == 1
@@ -72,14 +73,15 @@ def test_default_runner_fused_adamw_matches_the_fx_graph() -> None:
         torch.testing.assert_close(sa(IDS), sb(IDS), rtol=1e-5, atol=1e-6)
     pa, pb = a.trainable_parameters(), b.trainable_parameters()
     for k in pa:
-        torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-5)
     oa, ob = sa.state_dict()["optimizer"], sb.state_dict()["optimizer"]
     for k in oa:
         torch.testing.assert_close(oa[k], ob[k], rtol=1e-4, atol=1e-6)  # via the parameters
     _, _, sa, sb = _two_steps(None, opt=gp.optim.SGD(lr=1e-2, momentum=0.9))
-    assert lower_for_torch(sa.graph_module) is sa.graph_module.graph
+    assert not any(n.target == torch.ops.graphpeft.adamw_update.default for n in lower_for_torch(sa.graph_module).nodes)
+    assert lower_for_torch(sa.graph_module, ("fused_optimizer_kernel",)) is sa.graph_module.graph
     for _ in range(2):
-        assert torch.equal(sa(IDS), sb(IDS))
+        torch.testing.assert_close(sa(IDS), sb(IDS), rtol=1e-6, atol=1e-7)  # silu kernels: rounding only
 
 
 def test_native_runner_reads_frozen_weights_from_the_graph_module() -> None:

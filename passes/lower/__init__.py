@@ -12,4 +12,11 @@ backward is cheaper too; the compiled model's own graph is never touched:
   products ``h Bᵀ`` and ``(g B) A`` and two activation-sized adds disappear);
 - ``fuse_shared_input_linears`` — trainable projections that read one input (the LoRA ``A``
   factors of q/k/v, of gate/up) become one GEMM on the concatenated weights, split after.
+
+Torch-executor lowering runs on the default runner's private copy of a traced step
+(``graphpeft.training.runner.TORCH_EXECUTOR_LOWERING``); exports never see it:
+
+- ``silu_kernels`` — silu's math form (forward and backward) → ATen's ``silu`` /
+  ``silu_backward`` kernels;
+- ``fused_optimizer_kernel`` — each fused AdamW chunk → one call of torch's fused kernel.
 """
