@@ -291,6 +291,71 @@ def _trial_peak(gm: fx.GraphModule, plan: RematPlan) -> int:
         undo(gm, copies)
 
 
+class _BudgetSearch:
+    """One run's search for a plan that meets ``budget``: the graph, the peak before, the least
+    peak any tried plan reached (for the error) and the report record. The pass itself stays
+    stateless: a new search per call."""
+
+    def __init__(self, gm: fx.GraphModule, budget: int, before: int, record: dict[str, Any]) -> None:
+        self.gm, self.budget, self.before, self.best, self.record = gm, budget, before, before, record
+
+    def run(self) -> bool:
+        """Tiers 1 and 2 (pointwise ops, then reductions), then the GEMM tier; True once one meets."""
+        return any(self.meets(choose(self.gm, tier), tier) for tier in (1, 2)) or self.gemm_tier()
+
+    def meets(self, plan: RematPlan, tier: int, gemm_cost: Optional[float] = None) -> bool:
+        """Apply ``plan``; keep it when the planned peak meets the budget (recorded), else undo it."""
+        if not plan.recomputed:
+            return False
+        gm = self.gm
+        copies = apply(gm, plan)
+        after = _peak(gm)
+        log.info("rematerialize tier %d%s: %d values recomputed, planned peak %.2f -> %.2f MiB (budget %.2f MiB)",
+                 tier, "" if gemm_cost is None else f" (GEMM price {gemm_cost:.3g} bytes/FLOP)", len(copies),
+                 self.before / 2**20, after / 2**20, self.budget / 2**20)
+        if after <= self.budget:
+            sizes = to_networkx(gm).nodes
+            gemms = [n for n in plan.recomputed if recomputable_gemm(n)]
+            self.record.update(peak_after=after, tier=tier, recomputed=[n.name for n in plan.recomputed],
+                               recomputed_bytes=sum(sizes[n.name]["bytes"] for n in plan.recomputed),
+                               saved_bytes=plan.saved_bytes, recomputed_gemms=[n.name for n in gemms],
+                               recomputed_gemm_flops=sum(gemm_flops(n) for n in gemms), gemm_cost=gemm_cost)
+            return True
+        self.best = min(self.best, after)
+        undo(gm, copies)
+        return False
+
+    def gemm_tier(self) -> bool:
+        """Tier 3: matrix multiplies become recomputable at a price in bytes per FLOP, lowered step
+        by step from where no GEMM is worth recomputing (the least recompute first); the first price
+        whose cut meets the budget is refined by bisection towards fewer recomputed FLOPs."""
+        above = None  # the last price tried that did not meet the budget
+        for price in gemm_prices(self.gm):
+            plan = choose(self.gm, 3, price)
+            if any(recomputable_gemm(n) for n in plan.recomputed):
+                after = _trial_peak(self.gm, plan)
+                if after <= self.budget:
+                    price, plan = self.refine(above, price, plan)
+                    return self.meets(plan, 3, gemm_cost=price)
+                self.best = min(self.best, after)
+            above = price
+        return False
+
+    def refine(self, above: Optional[float], price: float, plan: RematPlan) -> tuple[float, RematPlan]:
+        """Bisect (geometrically) between a price that fails and one whose ``plan`` meets the
+        budget: the highest meeting price found (the fewest recomputed FLOPs) and its plan."""
+        if above is None:
+            return price, plan
+        for _ in range(REFINE_STEPS):
+            mid = math.sqrt(above * price)
+            candidate = choose(self.gm, 3, mid)
+            if candidate.recomputed and _trial_peak(self.gm, candidate) <= self.budget:
+                price, plan = mid, candidate
+            else:
+                above = mid
+        return price, plan
+
+
 @register_pass
 class Rematerialize(PassBase):
     """Meets a memory budget by recomputing forward values in the backward (min-cut choice);
@@ -316,68 +381,12 @@ class Rematerialize(PassBase):
             log.info("rematerialize: planned peak %.2f MiB is within the budget %.2f MiB; nothing recomputed",
                      before / 2**20, budget / 2**20)
             return PassResult(gm, False)
-        self._before, self._budget, self._best = before, budget, before
-        for tier in (1, 2):
-            if self._meets(gm, choose(gm, tier), record, tier):
-                return PassResult(gm, True)
-        if self._gemm_tier(gm, record):
+        search = _BudgetSearch(gm, budget, before, record)
+        if search.run():
             return PassResult(gm, True)
-        best = self._best
+        best = search.best
         raise GraphPeftError(
             f"memory_budget={budget} bytes ({budget / 2**20:.2f} MiB) cannot be met: the planned peak is "
             f"{before / 2**20:.2f} MiB and the least any tier of recomputation reaches (pointwise ops, then "
             f"reductions, then matrix multiplies; never random, attention, convolution or in-place ops) is "
             f"{best / 2**20:.2f} MiB; the smallest feasible budget is {best} bytes ({best / 2**20:.2f} MiB)")
-
-    def _meets(self, gm: fx.GraphModule, plan: RematPlan, record: dict[str, Any], tier: int,
-               gemm_cost: Optional[float] = None) -> bool:
-        """Apply ``plan``; keep it when the planned peak meets the budget (recorded), else undo it."""
-        if not plan.recomputed:
-            return False
-        copies = apply(gm, plan)
-        after = _peak(gm)
-        log.info("rematerialize tier %d%s: %d values recomputed, planned peak %.2f -> %.2f MiB (budget %.2f MiB)",
-                 tier, "" if gemm_cost is None else f" (GEMM price {gemm_cost:.3g} bytes/FLOP)", len(copies),
-                 self._before / 2**20, after / 2**20, self._budget / 2**20)
-        if after <= self._budget:
-            sizes = to_networkx(gm).nodes
-            gemms = [n for n in plan.recomputed if recomputable_gemm(n)]
-            record.update(peak_after=after, tier=tier, recomputed=[n.name for n in plan.recomputed],
-                          recomputed_bytes=sum(sizes[n.name]["bytes"] for n in plan.recomputed),
-                          saved_bytes=plan.saved_bytes, recomputed_gemms=[n.name for n in gemms],
-                          recomputed_gemm_flops=sum(gemm_flops(n) for n in gemms), gemm_cost=gemm_cost)
-            return True
-        self._best = min(self._best, after)
-        undo(gm, copies)
-        return False
-
-    def _gemm_tier(self, gm: fx.GraphModule, record: dict[str, Any]) -> bool:
-        """Tier 3: matrix multiplies become recomputable at a price in bytes per FLOP, lowered step
-        by step from where no GEMM is worth recomputing (the least recompute first); the first price
-        whose cut meets the budget is refined by bisection towards fewer recomputed FLOPs."""
-        above = None  # the last price tried that did not meet the budget
-        for price in gemm_prices(gm):
-            plan = choose(gm, 3, price)
-            if any(recomputable_gemm(n) for n in plan.recomputed):
-                after = _trial_peak(gm, plan)
-                if after <= self._budget:
-                    price, plan = self._refine(gm, above, price, plan)
-                    return self._meets(gm, plan, record, 3, gemm_cost=price)
-                self._best = min(self._best, after)
-            above = price
-        return False
-
-    def _refine(self, gm: fx.GraphModule, above: Optional[float], price: float,
-                plan: RematPlan) -> tuple[float, RematPlan]:
-        """Bisect (geometrically) between a price that fails and one whose ``plan`` meets the
-        budget: the highest meeting price found (the fewest recomputed FLOPs) and its plan."""
-        if above is None:
-            return price, plan
-        for _ in range(REFINE_STEPS):
-            mid = math.sqrt(above * price)
-            candidate = choose(gm, 3, mid)
-            if candidate.recomputed and _trial_peak(gm, candidate) <= self._budget:
-                price, plan = mid, candidate
-            else:
-                above = mid
-        return price, plan
