@@ -19,7 +19,7 @@ products in another order (a few units in the last place).
 from __future__ import annotations
 
 import numbers
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -46,7 +46,7 @@ def _is_one(x: object) -> bool:
     return isinstance(x, numbers.Number) and not isinstance(x, bool) and x == 1
 
 
-def _pair(node: fx.Node, pred) -> Optional[tuple[fx.Node, object]]:  # noqa: ANN001 - a node predicate
+def _pair(node: fx.Node, pred: Callable[[object], bool]) -> Optional[tuple[fx.Node, object]]:
     """``(a, b)`` for a two-operand ``node`` whose operand ``a`` satisfies ``pred`` (either order)."""
     if len(node.args) != 2 or node.kwargs:
         return None
