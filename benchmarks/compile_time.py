@@ -135,14 +135,19 @@ def compile_table(depths: Sequence[int]) -> list[dict[str, Any]]:
     return rows
 
 
-def measure_qwen(folder: str, release_torch: bool = False, prepack: bool = True) -> dict[str, Any]:
+def measure_qwen(folder: str, release_torch: bool = False, prepack: bool = True, share: bool = True,
+                 pack_once: bool = True) -> dict[str, Any]:
     """Issue 10's large case: a Qwen2-0.5B-shaped model (hidden 896, 24 layers, vocab 151936,
     random weights), LoRA r=16 on q/v, batch 1x128: compile, training compile, step export and
     onnxruntime load (first and from the saved optimized model), and this process's peak RSS
     against the weight bytes. Run it in a fresh process (``--qwen``) so the peak is its own.
     ``release_torch``: drop the torch model, compiled model and step once the file is written
     (its weights are on disk then), as a compile-then-train-in-onnxruntime run can. ``prepack``
-    False: ``OnnxTrainer(prepack_weights=False)`` (no packed weight copies; slower steps)."""
+    False: ``OnnxTrainer(prepack_weights=False)`` (no packed weight copies; slower steps).
+    ``share`` (unless ``release_torch``): the session reads the frozen weights from the torch
+    model (``OnnxTrainer(initializers=step.onnx_initializers())``), else its own copy from the
+    file. ``pack_once`` False: ``export_onnx(pack_once_min_bytes=None)`` (each weight packed
+    twice: forward and input gradient)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     import graphpeft as gp
@@ -169,10 +174,11 @@ def measure_qwen(folder: str, release_torch: bool = False, prepack: bool = True)
     row["fx nodes"] = len(step.graph_module.graph.nodes)
     path = os.path.join(folder, "qwen.onnx")
     t = time.perf_counter()
-    res = step.export_onnx(path)
+    res = step.export_onnx(path, **({} if pack_once else {"pack_once_min_bytes": None}))
     row["step export"] = time.perf_counter() - t
     row["export phases"] = res.timings
     hwm["step export"] = status_mb("VmHWM")
+    shared = step.onnx_initializers() if share and not release_torch else None
     if release_torch:
         import ctypes
         import gc
@@ -185,16 +191,21 @@ def measure_qwen(folder: str, release_torch: bool = False, prepack: bool = True)
             pass
         row["RSS after release MiB"] = status_mb("VmRSS")
     t = time.perf_counter()
-    trainer = OnnxTrainer(path, prepack_weights=prepack)
+    row["RSS before load MiB"] = status_mb("VmRSS")
+    trainer = OnnxTrainer(path, prepack_weights=prepack, initializers=shared)
     row["ort load"] = time.perf_counter() - t
     hwm["ort load"] = status_mb("VmHWM")
     t = time.perf_counter()
     row["loss ort"] = trainer.step(ids)
     row["first step"] = time.perf_counter() - t
     hwm["first step"] = status_mb("VmHWM")
+    t = time.perf_counter()
+    trainer.step(ids)  # onnxruntime's memory pattern (with its arena) allocates from the second step on
+    row["second step"] = time.perf_counter() - t
+    hwm["second step"] = status_mb("VmHWM")
     del trainer
     t = time.perf_counter()
-    OnnxTrainer(path, prepack_weights=prepack)
+    OnnxTrainer(path, prepack_weights=prepack, initializers=shared)
     row["ort reload"] = time.perf_counter() - t
     row["total"] = row["compile"] + row["training compile"] + row["step export"] + row["ort load"]
     row["peak RSS MiB"] = status_mb("VmHWM")
@@ -205,8 +216,12 @@ def measure_qwen(folder: str, release_torch: bool = False, prepack: bool = True)
         print(f"  {k:18s} {row[k]:7.1f} s")
     print("  export phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in res.timings.items()))
     print(f"  peak RSS {row['peak RSS MiB']:.0f} MiB = {row['peak RSS MiB'] / weight_mib:.2f}x the weights; "
-          f"first onnxruntime loss {row['loss ort']:.4f} (step {row['first step']:.1f} s)")
-    print("  peak RSS after each phase (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in hwm.items()))
+          f"first onnxruntime loss {row['loss ort']:.4f} (step {row['first step']:.1f} s, "
+          f"second {row['second step']:.1f} s)")
+    print("  peak RSS after each phase (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in hwm.items())
+          + f"; RSS before the load {row['RSS before load MiB']:.0f}")
+    print(f"  session weights: {'from the torch model' if shared else 'its own copy from the file'}; "
+          f"each weight packed {'once' if pack_once else 'twice'}")
     if release_torch:
         print(f"  torch model released before the load: RSS then {row['RSS after release MiB']:.0f} MiB")
     return row
@@ -264,6 +279,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="--qwen: drop the torch model and step before the onnxruntime load")
     parser.add_argument("--no-prepack", action="store_true",
                         help="--qwen: OnnxTrainer(prepack_weights=False): no packed weight copies, slower steps")
+    parser.add_argument("--file-weights", action="store_true",
+                        help="--qwen: the session reads its own copy of the weights from the file (no initializers=)")
+    parser.add_argument("--pack-twice", action="store_true",
+                        help="--qwen: export_onnx(pack_once_min_bytes=None), the form before pack_once")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
@@ -271,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     if args.qwen:
         measure_qwen(tempfile.mkdtemp(prefix="gp-compile-qwen-"), release_torch=args.release_torch,
-                     prepack=not args.no_prepack)
+                     prepack=not args.no_prepack, share=not args.file_weights, pack_once=not args.pack_twice)
         return
     compile_table(args.layers)
     if args.step_time:

@@ -8,7 +8,9 @@ Qwen2-0.5B-shaped step, the tied 151936 x 896 embedding: 520 MiB more). On an ac
 ONNX, one kernel, no copy. Exact: the same products, summed by the same GEMM routine.
 
 Rule: a ``Transpose`` with ``perm = [1, 0]`` whose every consumer is a ``MatMul`` of 2-D operands
-(the transposed value as either operand) is removed; each such ``MatMul`` becomes a ``Gemm``.
+(the transposed value as either operand) or a ``Gemm`` reading it as ``A`` or ``B`` is removed; each
+such ``MatMul`` becomes a ``Gemm``, each such ``Gemm`` flips its ``transA`` / ``transB`` (a linear
+layer with a bias exports as ``Gemm(x, Transpose(W), b)``).
 """
 
 from __future__ import annotations
@@ -35,12 +37,25 @@ def _foldable(node: Any) -> bool:
     out = node.outputs[0]
     if out.is_graph_output() or not out.uses():
         return False
-    for user, _ in out.uses():
-        if user.op_type != "MatMul" or user.domain not in ("", "ai.onnx") or user.graph is not node.graph:
+    for user, index in out.uses():
+        if user.domain not in ("", "ai.onnx") or user.graph is not node.graph or user.inputs[0] is user.inputs[1]:
             return False
-        if _rank(user.inputs[0]) != 2 or _rank(user.inputs[1]) != 2 or user.inputs[0] is user.inputs[1]:
+        if user.op_type == "Gemm" and index < 2:
+            continue
+        if user.op_type != "MatMul" or _rank(user.inputs[0]) != 2 or _rank(user.inputs[1]) != 2:
             return False
     return True
+
+
+def _fold_into_gemm(user: Any, out: Any, source: Any) -> None:
+    """A ``Gemm`` reading ``out`` (``source`` transposed) reads ``source`` with its flag flipped."""
+    import onnx_ir as ir
+
+    for index, flag in ((0, "transA"), (1, "transB")):
+        if user.inputs[index] is out:
+            old = user.attributes.get(flag)
+            user.attributes[flag] = ir.AttrInt64(flag, 1 - (old.as_int() if old is not None else 0))
+            user.replace_input_with(index, source)
 
 
 def fold_transposes_into_gemm(model: Any) -> int:
@@ -52,6 +67,9 @@ def fold_transposes_into_gemm(model: Any) -> int:
     for node in [n for n in graph if _foldable(n)]:
         source, out = node.inputs[0], node.outputs[0]
         for user in {u for u, _ in out.uses()}:
+            if user.op_type == "Gemm":
+                _fold_into_gemm(user, out, source)
+                continue
             a, b = user.inputs
             attrs = [ir.AttrInt64("transA", int(a is out)), ir.AttrInt64("transB", int(b is out))]
             gemm = ir.Node("", "Gemm", [source if a is out else a, source if b is out else b], attrs,

@@ -39,6 +39,7 @@ from graphpeft.registry import PASSES
 from graphpeft.training import TRAINING_META, TrainingSignature, signature_of, verify_training
 
 from .fold_transpose import fold_transposes_into_gemm
+from .pack_once import PACK_ONCE_MIN_BYTES, pack_weights_once
 
 if TYPE_CHECKING:
     from graphpeft.training import TrainingStep
@@ -136,7 +137,8 @@ def _atomic_save(model: Any, path: str, external_data: bool) -> Optional[str]:
 def export_training(step: "TrainingStep", path: Union[str, os.PathLike], *, external_data: Optional[bool] = None,
                     opset_version: Optional[int] = None, optimize: Union[bool, str] = "safe", verify: bool = True,
                     batch: Optional[Sequence[torch.Tensor]] = None, fast: bool = True,
-                    quantized_weights: str = "packed") -> TrainingExportResult:
+                    quantized_weights: str = "packed",
+                    pack_once_min_bytes: Optional[int] = PACK_ONCE_MIN_BYTES) -> TrainingExportResult:
     """Export ``step`` (its graph for the first compiled batch shape, or for ``batch``'s) to
     ``path``.
 
@@ -154,6 +156,10 @@ def export_training(step: "TrainingStep", path: Union[str, os.PathLike], *, exte
             to ``torch.onnx.export`` if that fails).
         quantized_weights: ``"packed"`` or ``"qdq"`` (int8 / int4 base weights as standard
             ``DequantizeLinear`` nodes; see :func:`graphpeft.backends.onnx.export.export`).
+        pack_once_min_bytes: frozen weights of at least this many bytes (default 1 MiB) get
+            their input gradient with the weight as a ``Gemm``'s A operand, so onnxruntime keeps
+            one packed copy of each instead of two (:mod:`~graphpeft.backends.onnx.pack_once`);
+            ``None``: the plain ``MatMul`` (a little faster on small weights).
     """
     from .export import check_quantized_weights
 
@@ -178,7 +184,7 @@ def export_training(step: "TrainingStep", path: Union[str, os.PathLike], *, exte
     program = _translate(ep, gm, inputs, input_names, output_names, opset_version, fast)
     timings["onnx_translate"] = time.perf_counter() - t
     t = time.perf_counter()
-    _optimize(program, optimize, quantized_weights, step)
+    _optimize(program, optimize, quantized_weights, step, pack_once_min_bytes)
     timings["onnx_optimize"] = time.perf_counter() - t
     t = time.perf_counter()
     model = program.model
@@ -232,7 +238,8 @@ def _translate(ep: Any, gm: fx.GraphModule, inputs: Sequence[torch.Tensor], inpu
     return program
 
 
-def _optimize(program: Any, optimize: Union[bool, str], quantized_weights: str, step: "TrainingStep") -> None:
+def _optimize(program: Any, optimize: Union[bool, str], quantized_weights: str, step: "TrainingStep",
+              pack_once_min_bytes: Optional[int]) -> None:
     for node in program.model.graph.all_nodes():  # stack traces per node: most of the file otherwise
         node.metadata_props.clear()
     if optimize == "safe":
@@ -243,6 +250,8 @@ def _optimize(program: Any, optimize: Union[bool, str], quantized_weights: str, 
         program.optimize()
     if optimize:  # no per-step Transpose, no transposed copy of a frozen weight in onnxruntime
         fold_transposes_into_gemm(program.model)
+        if pack_once_min_bytes is not None:  # after the fold: it reads the forward's Gemm(x, W, transB=1)
+            pack_weights_once(program.model, pack_once_min_bytes)
     if quantized_weights == "qdq":
         from .qdq import use_dequantize_linear
 

@@ -479,6 +479,24 @@ class TrainingStep:
         check_output_file(path, "export_onnx", ExportError)  # before any work: nothing half-written
         return get_backend("onnx").export_training(self, path, **options)
 
+    def onnx_initializers(self) -> dict[str, Tensor]:
+        """The stored tensors of the step's graph (frozen weights, constants, buffers; not the
+        trainable ones) by the names its ONNX export gives their initializers, sharing memory
+        with the model: ``OnnxTrainer(path, initializers=step.onnx_initializers())`` runs the
+        exported step without a second copy of the weights."""
+        gm = self.graph_module
+        role_map = roles(gm)
+        out: dict[str, Tensor] = {}
+        for node in gm.graph.nodes:
+            if node.op != "get_attr" or node.target in out:
+                continue
+            if isinstance(getattr(gm, node.target, None), torch.nn.Module):
+                continue  # a higher-order op's subgraph
+            role = role_map.get(node.target)
+            if role is None or not role.trainable:
+                out[node.target] = get_tensor(gm, node.target).detach()
+        return out
+
     def export_executorch(self, path: Union[str, os.PathLike], **options: Any) -> Any:
         """Export the training step as one ExecuTorch method (see
         ``graphpeft.backends.executorch.export_training``)."""
