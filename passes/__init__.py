@@ -48,6 +48,7 @@ from .lower.fold_linear_scale import FoldLinearScale
 from .lower.fuse_shared_input_linears import FuseSharedInputLinears
 from .lower.fused_optimizer_kernel import FusedOptimizerKernel
 from .lower.merge_low_rank_branch import MergeLowRankPass
+from .lower.onednn_matmul import OneDNNMatmul
 from .lower.silu_kernels import SiluKernels
 from .legalize.decompose_attention import DecomposeAttention
 from .memory.plan_memory import PlanMemory
@@ -83,3 +84,4 @@ __all__ += ["InsertTrainableTokens", "TrainableTokens", "TrainableTokensMethod"]
 __all__ += ["MergeLowRankPass", "DecomposeAttention"]
 __all__ += ["UseCausalAttention"]
 __all__ += ["FusedOptimizerKernel", "SiluKernels"]
+__all__ += ["OneDNNMatmul"]

@@ -161,8 +161,16 @@ class TrainingOptions:
                             "compile with data_parallel=True too")
 
 
+#: lowering passes (by registered name) the inductor executor applies to its own copy of a step
+#: graph before ``torch.compile`` (float32 CPU GEMMs through oneDNN: ``passes/lower/onednn_matmul.py``)
+INDUCTOR_LOWERING: tuple[str, ...] = ("onednn_matmul",)
+
+
 def _inductor(gm: fx.GraphModule) -> Callable[..., Any]:
-    return torch.compile(gm, dynamic=False)
+    from .runner import lower_for_torch
+
+    graph = lower_for_torch(gm, INDUCTOR_LOWERING)
+    return torch.compile(gm if graph is gm.graph else fx.GraphModule(gm, graph), dynamic=False)
 
 
 #: named executors of :attr:`TrainingOptions.executor`

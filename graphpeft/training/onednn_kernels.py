@@ -1,0 +1,46 @@
+"""float32 CPU matrix products through oneDNN, as a functional graph op, for the PyTorch executors.
+
+PyTorch's float32 CPU ``mm`` / ``addmm`` call MKL's ``sgemm``. On an AMD CPU MKL does not take
+its AVX-512 code path: on this machine's AMD EPYC (AVX-512) one core ran ``sgemm`` at ~100
+GFLOP/s where oneDNN's ``brg_matmul`` (which picks its kernels by instruction set, not by vendor)
+ran the same products at ~220 GFLOP/s, for every GEMM shape of the benchmark Llama's step.
+``graphpeft::onednn_mm`` computes ``a @ b (+ bias)`` with oneDNN (PyTorch's own
+``mkldnn::_linear_pointwise``, the kernel inductor uses for prepacked linears), taking any operand
+layout: a plain or transposed dense operand goes as it is, any other view is copied dense first
+(oneDNN's reference kernel handles odd strides at a few GFLOP/s). The ``onednn_matmul`` lowering
+pass puts it into an executor's private copy of a step graph; the stored graph (exports, memory
+plans) never holds it. Results equal ``torch.mm`` up to rounding (another summation order).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _dense(t: Tensor) -> Tensor:
+    """``t`` when oneDNN reads it directly (row-major or its transpose), else a dense copy."""
+    return t if t.is_contiguous() or t.t().is_contiguous() else t.contiguous()
+
+
+@torch.library.custom_op("graphpeft::onednn_mm", mutates_args=())
+def onednn_mm(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``a @ b`` (2-D float32 CPU tensors), plus ``bias`` (shape ``[b.shape[1]]``) when given,
+    computed by oneDNN; a new row-major tensor. Nothing passed in is modified."""
+    return torch.ops.mkldnn._linear_pointwise(_dense(a), _dense(b).t(), bias, "none", [], "")
+
+
+@onednn_mm.register_fake
+def _(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+def available() -> bool:
+    """Whether this PyTorch build has oneDNN (``torch.backends.mkldnn``) for ``onednn_mm``."""
+    return torch.backends.mkldnn.is_available()
+
+
+__all__ = ["available", "onednn_mm"]

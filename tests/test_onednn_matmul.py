@@ -1,0 +1,86 @@
+"""onednn_matmul (passes/lower): the inductor executor's copy of a step graph runs float32 CPU
+GEMMs through oneDNN (``graphpeft::onednn_mm``). Structure, match count, declines with reasons,
+the verifier on the lowered graph, numerics against the stored graph, the op on strided views."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+
+import graphpeft as gp
+from graphpeft.graph import META_KEY
+from graphpeft.infra import PassContext, copy_graph
+from graphpeft.registry import PASSES
+from graphpeft.training import onednn_kernels
+from graphpeft.training.options import INDUCTOR_LOWERING
+from graphpeft.training.runner import lower_for_torch
+from graphpeft.training.signature import verify_training
+
+from models import tiny_llama, token_batch
+
+pytestmark = pytest.mark.skipif(not onednn_kernels.available(), reason="this PyTorch build has no oneDNN")
+
+IDS = token_batch()
+aten = torch.ops.aten
+ONEDNN_MM = torch.ops.graphpeft.onednn_mm.default
+
+
+def _step(**options: object) -> gp.TrainingStep:
+    cm = gp.compile(tiny_llama(layers=2), gp.Plan([gp.LoRA(targets=["q_proj", "v_proj", "down_proj"], r=4,
+                                                            init="random")]), (IDS,), {"use_cache": False})
+    return cm.compile_training("causal_lm", gp.optim.SGD(lr=0.5), example_batch=(IDS,), **options)
+
+
+def _targets(graph: fx.Graph) -> list:
+    return [n.target for n in graph.nodes if n.op == "call_function"]
+
+
+def test_structure_match_count_declines_and_verifier() -> None:
+    step = _step()
+    before = _targets(step.graph_module.graph)
+    p = PASSES["onednn_matmul"]()
+    gm = p(copy_graph(step.graph_module), PassContext()).gm
+    after = _targets(gm.graph)
+    full_addmm = before.count(aten.addmm.default)  # the merged LoRA branch: base + (x A) Bᵀ
+    assert p.match_count() == before.count(aten.mm.default) > 0
+    assert after.count(ONEDNN_MM) == p.match_count() and aten.mm.default not in after
+    assert after.count(aten.addmm.default) == full_addmm
+    declined = [m for m in p.results if not m.ok]
+    assert len(declined) == full_addmm and all("whole matrix" in m.reason for m in declined)
+    assert all(n.meta[META_KEY]["pass_name"] == "onednn_matmul" for n in gm.graph.nodes if n.target == ONEDNN_MM)
+    assert ONEDNN_MM not in _targets(step.graph_module.graph)  # the stored graph is untouched
+    verify_training(gm)
+
+
+def test_lowered_step_matches_the_stored_graph() -> None:
+    """The stored graph with oneDNN GEMMs (run by fx, no compile) against it run as is, three SGD steps."""
+    ours = _step(executor=lambda gm: fx.GraphModule(gm, lower_for_torch(gm, INDUCTOR_LOWERING)))
+    ref = _step(executor="fx")
+    for _ in range(3):
+        torch.testing.assert_close(ours(IDS), ref(IDS), rtol=1e-5, atol=1e-6)
+    for (k, a), b in zip(ours.cm.trainable_parameters().items(), ref.cm.trainable_parameters().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_op_on_views_and_bias() -> None:
+    g = torch.Generator().manual_seed(0)
+    a, b, bias = torch.randn(6, 40, generator=g), torch.randn(40, 24, generator=g), torch.randn(24, generator=g)
+    for x, y in [(a, b), (a.t().contiguous().t(), b), (a, b.t().contiguous().t()),
+                 (a, torch.randn(40, 48, generator=g)[:, ::2]), (torch.randn(6, 80, generator=g)[:, 20:60], b)]:
+        torch.testing.assert_close(onednn_kernels.onednn_mm(x, y), x @ y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(onednn_kernels.onednn_mm(a, b, bias), torch.addmm(bias, a, b), rtol=1e-5, atol=1e-5)
+
+
+def test_declines_other_dtypes_and_scaled_addmm() -> None:
+    class M(torch.nn.Module):
+        def forward(self, x: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> tuple:
+            return torch.mm(x.double(), w.double()), torch.addmm(c, x, w, beta=0.5)
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(M())(torch.randn(4, 8), torch.randn(8, 3), torch.randn(3))
+    p = PASSES["onednn_matmul"]()
+    p(gm, PassContext())
+    reasons = sorted(m.reason for m in p.results if not m.ok)
+    assert p.match_count() == 0 and reasons == ["addmm with alpha / beta", "not a product of 2-D float32 CPU tensors"]
