@@ -84,3 +84,11 @@ def test_declines_other_dtypes_and_scaled_addmm() -> None:
     p(gm, PassContext())
     reasons = sorted(m.reason for m in p.results if not m.ok)
     assert p.match_count() == 0 and reasons == ["addmm with alpha / beta", "not a product of 2-D float32 CPU tensors"]
+
+
+def test_flop_counter_counts_the_op() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        onednn_kernels.onednn_mm(torch.randn(6, 40), torch.randn(40, 24), torch.randn(24))
+    assert counter.get_total_flops() == 2 * 6 * 40 * 24

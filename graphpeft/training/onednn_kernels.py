@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 Tensor = torch.Tensor
 
@@ -36,6 +37,12 @@ def onednn_mm(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 @onednn_mm.register_fake
 def _(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     return a.new_empty((a.shape[0], b.shape[1]))
+
+
+@register_flop_formula(torch.ops.graphpeft.onednn_mm)
+def _flops(a_shape: torch.Size, b_shape: torch.Size, *args: object, **kwargs: object) -> int:
+    """FLOPs of one call for ``torch.utils.flop_counter`` (the benchmarks' GFLOP column)."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
 def available() -> bool:

@@ -66,7 +66,10 @@ class TrainingOptions:
             ``"fx"`` runs the ``fx.GraphModule`` itself; ``"inductor"`` hands it to
             ``torch.compile`` (fused kernels: on an H100 the compiled LoRA step ran 0.41× the
             time of peft eager, the plain graph 1.64×, ``python -m benchmarks.gpu_step``; the
-            first call per batch shape compiles, tens of seconds); or any callable taking the
+            first call per batch shape compiles, tens of seconds) after the lowering passes
+            :data:`INDUCTOR_LOWERING` on its own copy of the graph (float32 CPU GEMMs through
+            oneDNN, which uses AVX-512 on AMD CPUs where MKL does not); ``torch.compile`` itself
+            is ``executor=lambda gm: torch.compile(gm)``; or any callable taking the
             graph module and returning a callable with the same inputs and outputs. The
             exported (ONNX) step is the same graph either way.
         memory_budget: bytes the step's planned peak (``step.memory_report().peak_bytes``) must
