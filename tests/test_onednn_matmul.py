@@ -68,8 +68,8 @@ def test_op_on_views_and_bias() -> None:
     a, b, bias = torch.randn(6, 40, generator=g), torch.randn(40, 24, generator=g), torch.randn(24, generator=g)
     for x, y in [(a, b), (a.t().contiguous().t(), b), (a, b.t().contiguous().t()),
                  (a, torch.randn(40, 48, generator=g)[:, ::2]), (torch.randn(6, 80, generator=g)[:, 20:60], b)]:
-        torch.testing.assert_close(onednn_kernels.onednn_mm(x, y), x @ y, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(onednn_kernels.onednn_mm(a, b, bias), torch.addmm(bias, a, b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ONEDNN_MM(x, y), x @ y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ONEDNN_MM(a, b, bias), torch.addmm(bias, a, b), rtol=1e-5, atol=1e-5)
 
 
 def test_declines_other_dtypes_and_scaled_addmm() -> None:
@@ -90,5 +90,5 @@ def test_flop_counter_counts_the_op() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        onednn_kernels.onednn_mm(torch.randn(6, 40), torch.randn(40, 24), torch.randn(24))
+        ONEDNN_MM(torch.randn(6, 40), torch.randn(40, 24), torch.randn(24))
     assert counter.get_total_flops() == 2 * 6 * 40 * 24
