@@ -205,12 +205,12 @@ def gp_step_inductor(case: Case) -> Callable[[], Any]:
     return lambda: step(*batch)
 
 
-def gp_step_ort(case: Case) -> Callable[[], Any]:
+def gp_step_ort(case: Case, **export: Any) -> Callable[[], Any]:
     from graphpeft.backends.onnx import OnnxTrainer
 
     _, step = _gp_training_step(case)
     path = os.path.join(tempfile.mkdtemp(prefix="gp-bench-"), "train.onnx")
-    step.export_onnx(path)
+    step.export_onnx(path, **export)
     trainer = OnnxTrainer(path)
     batch = (*case.batch, *_targets(case))
     return lambda: trainer.step(*batch)
@@ -240,6 +240,8 @@ TRAIN = {
     "gp_step_torch": gp_step_torch,
     "gp_step_inductor": gp_step_inductor,
     "gp_step_ort": gp_step_ort,
+    # the export before pack_once (every frozen weight's input gradient a plain MatMul): A/B of its speed
+    "gp_step_ort_pack_twice": lambda case: gp_step_ort(case, pack_once_min_bytes=None),
     "gp_step_pte_xnnpack": _gp_step_pte("xnnpack"),
 }
 

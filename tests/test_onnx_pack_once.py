@@ -61,14 +61,15 @@ def test_pack_weights_once_structure_counts_numerics(unpacked: bool) -> None:
     proto, feed = _weight_model()
     expected = _session(proto).run(None, feed)
     model = ir.from_proto(proto)
-    # all three weights unpacked (W's three readers, V's one; U's is 3-D): 4; else W's two others
-    assert pack_weights_once(model, min_bytes=0, unpacked_min_bytes=0 if unpacked else 1 << 30) == (4 if unpacked else 2)
+    # all unpacked: W's three readers and V's one (U's is 3-D); else only the MatMul packing W otherwise
+    rewritten = pack_weights_once(model, min_bytes=0, unpacked_min_bytes=0 if unpacked else 1 << 30)
+    assert rewritten == (4 if unpacked else 1)
     out = ir.to_proto(model)
     onnx.checker.check_model(out)
-    assert _b_readers(out.graph, "W") == ([] if unpacked else ["Gemm"])  # the forward's Gemm(x, W, transB=1)
+    assert _b_readers(out.graph, "W") == ([] if unpacked else ["Gemm", "Gemm"])  # the forward's, packing alike
     assert _b_readers(out.graph, "V") == ([] if unpacked else ["Gemm"]) and _b_readers(out.graph, "U") == ["MatMul"]
     a_gemms = [n for n in out.graph.node if n.op_type == "Gemm" and n.input[0] in ("W", "V")]
-    assert len(a_gemms) == (4 if unpacked else 2)
+    assert len(a_gemms) == (4 if unpacked else 1)
     for n in a_gemms:  # a one-element zero C with beta=0: onnxruntime does not fuse the Transpose back
         attrs = {a.name: (a.i if a.type == a.INT else a.f) for a in n.attribute}
         assert len(n.input) == 3 and attrs["beta"] == 0.0
@@ -84,7 +85,7 @@ def test_pack_weights_once_leaves_small_and_single_read_weights() -> None:
 
     proto, _ = _weight_model()
     assert pack_weights_once(ir.from_proto(proto)) == 0  # default: from 1 MiB on
-    assert pack_weights_once(ir.from_proto(proto), min_bytes=0, unpacked_min_bytes=1 << 30) == 2
+    assert pack_weights_once(ir.from_proto(proto), min_bytes=0, unpacked_min_bytes=1 << 30) == 1
 
 
 def test_fold_transposes_into_a_gemm_with_bias() -> None:
@@ -177,3 +178,17 @@ def test_trainer_rejects_initializers_of_another_shape(qv_step: Any, tmp_path: A
     step.export_onnx(path)
     with pytest.raises(gp.GraphPeftError, match="embed_tokens"):
         OnnxTrainer(path, initializers={"model.embed_tokens.weight": torch.zeros(3, 3), "unknown": torch.zeros(1)})
+
+
+def test_trainer_turns_the_memory_pattern_off_for_big_files(qv_step: Any, tmp_path: Any, monkeypatch: Any) -> None:
+    from graphpeft.backends.onnx import trainer as trainer_module
+
+    _, step = qv_step
+    path = tmp_path / "train.onnx"
+    step.export_onnx(path, external_data=True)
+    small = trainer_module.OnnxTrainer(path, cache_optimized=False)
+    monkeypatch.setattr(trainer_module, "CACHE_MAX_EXTERNAL_BYTES", 1024)
+    big = trainer_module.OnnxTrainer(path, cache_optimized=False)
+    forced = trainer_module.OnnxTrainer(path, cache_optimized=False, memory_pattern=True)
+    assert [t.session.get_session_options().enable_mem_pattern for t in (small, big, forced)] == [True, False, True]
+    assert small.step(IDS) == big.step(IDS) == forced.step(IDS)

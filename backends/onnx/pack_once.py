@@ -1,14 +1,13 @@
-"""A stored weight read as the *B* operand of one GEMM only, the others reading it as *A*, so
-that onnxruntime keeps one packed copy of it instead of one per consumer.
+"""A stored weight packed by onnxruntime in one layout only: the GEMMs that would pack it in
+another read it as their *A* operand, so the session keeps one packed copy of it instead of two.
 
 onnxruntime pre-packs the constant *B* operand of every ``Gemm`` / ``MatMul`` when a session is
 created (MLAS lays it out for its kernels once; the *A* operand is read as stored and never
-packed). A training step reads each frozen linear weight ``W`` at least twice as *B*: the forward
+packed). A training step reads each frozen linear weight ``W`` twice as *B*: the forward
 ``Gemm(x, W, transB=1)`` packs ``W^T``, the backward ``MatMul(dY, W)`` (the input gradient) packs
-``W``; a loss computed in chunks reads the head's weight once per chunk (the packs are the same
-then, and onnxruntime keeps one, but only after making each: a transient copy). On a
-Qwen2-0.5B-shaped step the packs were most of the session's memory (1.4 GiB each). Each other
-consumer computes its result transposed, reading ``W`` as *A*:
+``W``. (Consumers packing alike, such as a chunked loss's per-chunk head GEMMs, share one pack.)
+On a Qwen2-0.5B-shaped step the two packs were most of the session's memory (1.4 GiB each). The
+other layout's consumers compute their result transposed, reading ``W`` as *A*:
 
     Y = Gemm(X, W, transA=a, transB=b)   ->   Y = Transpose(Gemm(W, X, C, transA=1-b, transB=1-a, beta=0))
 
@@ -17,13 +16,14 @@ order.) ``C`` is a one-element zero that ``beta=0`` ignores: onnxruntime's ``Gem
 turns a ``Gemm`` without ``C`` whose output is transposed back into the form that packs ``W``
 (measured: the second packed copy came back), and it does not fuse a ``Gemm`` that has one.
 
-Rule: a stored 2-D weight of at least ``min_bytes`` read as the second operand of two or more
-2-D ``MatMul`` / ``Gemm`` (without ``C``) nodes: the first ``Gemm`` with ``transB=1`` (the forward's
-layout; else the first consumer) keeps it as *B*, the others are rewritten. Small weights are
-left as they are: the transposes cost a little time per step and their packs little memory.
-A weight of at least ``unpacked_min_bytes`` (a vocabulary head: Qwen2-0.5B's tied 151936 x 896
-embedding, 519 MiB) is read as *A* by every consumer, even a single one: no packed copy at all,
-for a few percent of step time (its forward GEMMs ~1.3x slower, measured on this machine).
+Rule: a stored 2-D weight of at least ``min_bytes`` read as the second operand of 2-D ``MatMul`` /
+``Gemm`` (without ``C``) nodes in two layouts: the first ``Gemm`` with ``transB=1`` (the forward's;
+else the first consumer) and those packing alike keep it as *B*, the others are rewritten. Small
+weights are left as they are: the transposes cost a little time per step, their packs little
+memory. A weight of at least ``unpacked_min_bytes`` (a vocabulary head: Qwen2-0.5B's tied
+151936 x 896 embedding, 519 MiB) is read as *A* by every consumer: no packed copy at all (and
+none made per chunk at load, transiently, before onnxruntime finds them alike), for a few percent
+of that step's time (its head GEMMs ~1.3x slower, measured on this machine).
 """
 
 from __future__ import annotations
@@ -64,6 +64,11 @@ def _b_consumers(weight: Any) -> list[Any]:
     return out
 
 
+def _same_layout(a: Any, b: Any) -> bool:
+    """Whether two consumers pack the weight alike (onnxruntime then keeps one packed copy)."""
+    return a.op_type == b.op_type and _flag(a, "transB") == _flag(b, "transB")
+
+
 def _rewrites(graph: Any, min_bytes: int, unpacked_min_bytes: int) -> list[tuple[Any, Any]]:
     """``(consumer, weight)`` pairs the rule rewrites, in graph order per weight."""
     inputs = set(graph.inputs)
@@ -80,7 +85,7 @@ def _rewrites(graph: Any, min_bytes: int, unpacked_min_bytes: int) -> list[tuple
             continue
         else:
             keep = next((u for u in users if _is(u, "Gemm") and _flag(u, "transB") == 1), users[0])
-        found += [(u, weight) for u in users if u is not keep]
+        found += [(u, weight) for u in users if keep is None or not _same_layout(u, keep)]
     return found
 
 
