@@ -100,9 +100,12 @@ def test_fold_transposes_into_a_gemm_with_bias() -> None:
     nodes = [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
              helper.make_node("Gemm", ["x", "Wt", "b"], ["y"]),              # a linear with a bias
              helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]),
-             helper.make_node("Gemm", ["xt", "Wt", "b"], ["y2"], transA=1)]  # A flips back to 0
+             helper.make_node("Gemm", ["xt", "Wt", "b"], ["y2"], transA=1),  # A flips back to 0
+             helper.make_node("Transpose", ["W"], ["Wt2"], perm=[1, 0]),      # also read by a Relu: stays
+             helper.make_node("Gemm", ["x", "Wt2"], ["y3"]),
+             helper.make_node("Relu", ["Wt2"], ["r"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, [3, 4])],
-                              [helper.make_tensor_value_info(n, F, None) for n in ("y", "y2")],
+                              [helper.make_tensor_value_info(n, F, None) for n in ("y", "y2", "y3", "r")],
                               [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")])
     proto = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
     feed = {"x": rng.standard_normal((3, 4)).astype(np.float32)}
@@ -110,8 +113,8 @@ def test_fold_transposes_into_a_gemm_with_bias() -> None:
     model = ir.from_proto(proto)
     assert fold_transposes_into_gemm(model) == 2
     out = ir.to_proto(model)
-    assert [n.op_type for n in out.graph.node] == ["Gemm", "Gemm"]
-    assert [{a.name: a.i for a in n.attribute} for n in out.graph.node] == [{"transB": 1}, {"transA": 0, "transB": 1}]
+    assert [n.op_type for n in out.graph.node] == ["Gemm", "Gemm", "Transpose", "Gemm", "Relu"]
+    assert [{a.name: a.i for a in n.attribute} for n in out.graph.node[:2]] == [{"transB": 1}, {"transA": 0, "transB": 1}]
     for got, want in zip(_session(out).run(None, feed), expected):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 

@@ -38,7 +38,9 @@ def _foldable(node: Any) -> bool:
     if out.is_graph_output() or not out.uses():
         return False
     for user, index in out.uses():
-        if user.domain not in ("", "ai.onnx") or user.graph is not node.graph or user.inputs[0] is user.inputs[1]:
+        if user.op_type not in ("Gemm", "MatMul") or user.domain not in ("", "ai.onnx") or user.graph is not node.graph:
+            return False
+        if user.inputs[0] is user.inputs[1]:
             return False
         if user.op_type == "Gemm" and index < 2:
             continue
