@@ -67,7 +67,9 @@ def test_op_on_views_and_bias() -> None:
     g = torch.Generator().manual_seed(0)
     a, b, bias = torch.randn(6, 40, generator=g), torch.randn(40, 24, generator=g), torch.randn(24, generator=g)
     for x, y in [(a, b), (a.t().contiguous().t(), b), (a, b.t().contiguous().t()),
-                 (a, torch.randn(40, 48, generator=g)[:, ::2]), (torch.randn(6, 80, generator=g)[:, 20:60], b)]:
+                 (a, torch.randn(40, 48, generator=g)[:, ::2]), (torch.randn(6, 80, generator=g)[:, 20:60], b),
+                 (torch.randn(300, 7, generator=g).t(), torch.randn(300, 48, generator=g)[:, :5]),  # (bᵀ aᵀ)ᵀ
+                 (torch.randn(300, 7, generator=g).t(), torch.randn(5, 300, generator=g).t())]:
         torch.testing.assert_close(ONEDNN_MM(x, y), x @ y, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ONEDNN_MM(a, b, bias), torch.addmm(bias, a, b), rtol=1e-5, atol=1e-5)
 

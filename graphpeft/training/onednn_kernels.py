@@ -35,7 +35,19 @@ torch.library.define("graphpeft::onednn_mm", "(Tensor a, Tensor b, Tensor? bias=
 def onednn_mm(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``a @ b`` (2-D float32 CPU tensors), plus ``bias`` (shape ``[b.shape[1]]``) when given,
     computed by oneDNN; a new row-major tensor. Nothing passed in is modified."""
-    return torch.ops.mkldnn._linear_pointwise(_dense(a), _dense(b).t(), bias, "none", [], "")
+    a, b = _dense(a), _dense(b)
+    if bias is None and not a.is_contiguous():
+        # oneDNN's linear copies a transposed ``a`` (a weight gradient's ``gᵀ``, tokens wide)
+        # row-major; ``(bᵀ aᵀ)ᵀ`` copies ``bᵀ`` and the result instead when those are smaller
+        other = (0 if b.t().is_contiguous() else b.numel()) + a.shape[0] * b.shape[1]
+        if other < a.numel():
+            return _linear(b.t(), a, None).t().contiguous()
+    return _linear(a, b.t(), bias)
+
+
+def _linear(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``x @ wᵀ + bias`` by oneDNN (``x`` is read row-major, ``w`` in either dense order)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
 torch.library.impl("graphpeft::onednn_mm", "CPU")(onednn_mm)
