@@ -195,3 +195,40 @@ def test_trainer_turns_the_memory_pattern_off_for_big_files(qv_step: Any, tmp_pa
     forced = trainer_module.OnnxTrainer(path, cache_optimized=False, memory_pattern=True)
     assert [t.session.get_session_options().enable_mem_pattern for t in (small, big, forced)] == [True, False, True]
     assert small.step(IDS) == big.step(IDS) == forced.step(IDS)
+
+
+def test_pack_weights_once_keeps_the_cheaper_layout_and_a_biased_gemm() -> None:
+    """out <= in: the forward's Gemm is rewritten and the gradient's MatMul keeps W packed; a
+    Gemm with a bias keeps its layout whatever the shape."""
+    import onnx
+    import onnx_ir as ir
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    w, v, b = (rng.standard_normal(s).astype(np.float32) for s in ((3, 5), (4, 4), (4,)))
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["y"], transB=1),
+             helper.make_node("MatMul", ["dy", "W"], ["dx"]),
+             helper.make_node("Gemm", ["x4", "V", "b"], ["z"], transB=1),
+             helper.make_node("MatMul", ["dz", "V"], ["dx4"])]
+    inputs = {"x": (2, 5), "dy": (2, 3), "x4": (2, 4), "dz": (2, 4)}
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(k, F, s) for k, s in inputs.items()],
+                              [helper.make_tensor_value_info(n, F, None) for n in ("y", "dx", "z", "dx4")],
+                              [numpy_helper.from_array(a, n) for a, n in ((w, "W"), (v, "V"), (b, "b"))])
+    proto = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    feed = {k: rng.standard_normal(s).astype(np.float32) for k, s in inputs.items()}
+    expected = _session(proto).run(None, feed)
+    model = ir.from_proto(proto)
+    assert pack_weights_once_(model) == 2
+    out = ir.to_proto(model)
+    assert _b_readers(out.graph, "W") == ["MatMul"] and _b_readers(out.graph, "V") == ["Gemm"]
+    a_reads = {n.input[0]: {a.name: a.i for a in n.attribute if a.name.startswith("trans")}
+               for n in out.graph.node if n.op_type == "Gemm" and n.input[0] in ("W", "V")}
+    assert a_reads == {"W": {"transA": 0, "transB": 1}, "V": {"transA": 1, "transB": 1}}
+    for got, want in zip(_session(out).run(None, feed), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def pack_weights_once_(model: Any) -> int:
+    from graphpeft.backends.onnx.pack_once import pack_weights_once
+
+    return pack_weights_once(model, min_bytes=0, unpacked_min_bytes=1 << 30)

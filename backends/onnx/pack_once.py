@@ -16,20 +16,22 @@ order.) ``C`` is a one-element zero that ``beta=0`` ignores: onnxruntime's ``Gem
 turns a ``Gemm`` without ``C`` whose output is transposed back into the form that packs ``W``
 (measured: the second packed copy came back), and it does not fuse a ``Gemm`` that has one.
 
-Rule: a stored 2-D weight of at least ``min_bytes`` read as the second operand of 2-D ``MatMul`` /
-``Gemm`` (without ``C``) nodes in two layouts: the first ``Gemm`` with ``transB=1`` (the forward's;
-else the first consumer) and those packing alike keep it as *B*, the others are rewritten. Small
-weights are left as they are: the transposes cost a little time per step, their packs little
-memory. A weight of at least ``unpacked_min_bytes`` (a vocabulary head: Qwen2-0.5B's tied
-151936 x 896 embedding, 519 MiB) is read as *A* by every consumer: no packed copy at all (and
-none made per chunk at load, transiently, before onnxruntime finds them alike), for a few percent
-of that step's time (its head GEMMs ~1.3x slower, measured on this machine).
+Rule: a stored 2-D weight ``W`` (``out x in``) of at least ``min_bytes`` that 2-D ``MatMul`` /
+``Gemm`` nodes read as their second operand in two layouts: one layout stays packed, the other's
+consumers are rewritten. Which one stays: that of a ``Gemm`` with a bias (its transposed form
+would need the bias transposed), else the forward's ``Gemm(x, W, transB=1)`` when ``out > in``
+and the gradient's ``MatMul(dY, W)`` when ``out <= in`` (on this CPU at 128-512 tokens, reading
+``W`` as *A* cost 1.06-1.36x the packed GEMM in the form chosen so, 1.16-1.69x in the other).
+Small weights are left as they are: the transposes cost a little time per step, their packs
+little memory. A weight of at least ``unpacked_min_bytes`` (a vocabulary head: Qwen2-0.5B's tied
+151936 x 896 embedding, 519 MiB) is read as *A* by every consumer: no packed copy at all (and none
+made per chunk at load, transiently, before onnxruntime finds them alike).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +56,36 @@ def _flag(node: Any, name: str) -> int:
 
 
 def _b_consumers(weight: Any) -> list[Any]:
-    """The 2-D ``MatMul`` / ``Gemm`` (no ``C``) nodes reading ``weight`` as their second operand only."""
+    """The ``MatMul`` / ``Gemm`` nodes with a 2-D first operand reading ``weight`` as their second only."""
     out = []
     for user, index in weight.uses():
         if index != 1 or user.inputs[0] is weight or _rank(user.inputs[0]) != 2 or user in out:
             continue
-        if (_is(user, "MatMul") or (_is(user, "Gemm") and (len(user.inputs) < 3 or user.inputs[2] is None))):
+        if _is(user, "MatMul") or _is(user, "Gemm"):
             out.append(user)
     return out
 
 
-def _same_layout(a: Any, b: Any) -> bool:
-    """Whether two consumers pack the weight alike (onnxruntime then keeps one packed copy)."""
-    return a.op_type == b.op_type and _flag(a, "transB") == _flag(b, "transB")
+def _rewritable(node: Any) -> bool:
+    """A ``Gemm`` with ``C`` (a bias) stays: its transposed form would need ``C`` transposed."""
+    return _is(node, "MatMul") or len(node.inputs) < 3 or node.inputs[2] is None
+
+
+def _layout(node: Any) -> tuple[str, int]:
+    """How a consumer packs the weight (consumers packing alike share one packed copy)."""
+    return node.op_type, _flag(node, "transB")
+
+
+def _kept_layout(users: list[Any], shape: Sequence[int]) -> Optional[tuple[str, int]]:
+    """The layout that stays packed: a non-rewritable consumer's, else the one whose other
+    form is the cheaper (measured, 128-512 tokens: reading ``W`` as *A* costs least as the
+    forward's ``Gemm(W, x, transB=1)`` when ``out <= in``, as the gradient's when ``out > in``),
+    else the first consumer's; ``None`` if two layouts cannot be rewritten."""
+    fixed = {_layout(u) for u in users if not _rewritable(u)}
+    if fixed:
+        return fixed.pop() if len(fixed) == 1 else None
+    preferred = ("Gemm", 1) if shape[0] > shape[1] else ("MatMul", 0)
+    return preferred if any(_layout(u) == preferred for u in users) else _layout(users[0])
 
 
 def _rewrites(graph: Any, min_bytes: int, unpacked_min_bytes: int) -> list[tuple[Any, Any]]:
@@ -79,13 +98,14 @@ def _rewrites(graph: Any, min_bytes: int, unpacked_min_bytes: int) -> list[tuple
         if weight in inputs or tensor is None or len(tensor.shape) != 2 or tensor.nbytes < min_bytes:
             continue
         users = sorted((u for u in _b_consumers(weight) if u.graph is graph), key=order.__getitem__)
-        if tensor.nbytes >= unpacked_min_bytes:
-            keep = None
-        elif len(users) < 2:
+        if not users:
             continue
-        else:
-            keep = next((u for u in users if _is(u, "Gemm") and _flag(u, "transB") == 1), users[0])
-        found += [(u, weight) for u in users if keep is None or not _same_layout(u, keep)]
+        if tensor.nbytes >= unpacked_min_bytes:
+            found += [(u, weight) for u in users if _rewritable(u)]
+            continue
+        keep = _kept_layout(users, tensor.shape)
+        if keep is not None:
+            found += [(u, weight) for u in users if _rewritable(u) and _layout(u) != keep]
     return found
 
 
