@@ -157,7 +157,7 @@ class OnnxTrainer(TrainerCheckpoints):
             and its packed copies of others would not see the change). Names the file does not
             store as weights are ignored; a dtype or shape other than the file's raises
             :class:`~graphpeft.errors.ExportError`. Turns ``cache_optimized`` off. A
-            Qwen2-0.5B-shaped step's peak RSS with the torch model alive: 2.48x the weight bytes,
+            Qwen2-0.5B-shaped step's peak RSS with the torch model alive: 2.44x the weight bytes,
             3.43x with the session's own copy.
         memory_pattern: onnxruntime's memory pattern (``SessionOptions.enable_mem_pattern``: from
             the second step on, all intermediate values in one block planned from the first).
