@@ -207,8 +207,10 @@ def measure_qwen(folder: str, release_torch: bool = False, prepack: bool = True,
     t = time.perf_counter()
     OnnxTrainer(path, prepack_weights=prepack, initializers=shared)
     row["ort reload"] = time.perf_counter() - t
+    hwm["ort reload"] = status_mb("VmHWM")
     row["total"] = row["compile"] + row["training compile"] + row["step export"] + row["ort load"]
     row["peak RSS MiB"] = status_mb("VmHWM")
+    row["peak set by"] = next(k for k, v in hwm.items() if v >= row["peak RSS MiB"])
     row["peak RSS after"] = hwm
     print(f"\nQwen2-0.5B shape ({weight_mib:.0f} MiB of weights), LoRA q/v r=16, batch 1x128, "
           f"{row['fx nodes']} fx nodes, {res.num_nodes} ONNX nodes")
@@ -218,6 +220,7 @@ def measure_qwen(folder: str, release_torch: bool = False, prepack: bool = True,
     print(f"  peak RSS {row['peak RSS MiB']:.0f} MiB = {row['peak RSS MiB'] / weight_mib:.2f}x the weights; "
           f"first onnxruntime loss {row['loss ort']:.4f} (step {row['first step']:.1f} s, "
           f"second {row['second step']:.1f} s)")
+    print(f"  the peak is set by: {row['peak set by']}")
     print("  peak RSS after each phase (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in hwm.items())
           + f"; RSS before the load {row['RSS before load MiB']:.0f}")
     print(f"  session weights: {'from the torch model' if shared else 'its own copy from the file'}; "
