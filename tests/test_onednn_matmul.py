@@ -4,6 +4,8 @@ the verifier on the lowered graph, numerics against the stored graph, the op on 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.fx as fx
@@ -26,6 +28,12 @@ aten = torch.ops.aten
 ONEDNN_MM = torch.ops.graphpeft.onednn_mm.default
 
 
+@pytest.fixture
+def any_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny model's products are below the pass's size floor: lower them all the same."""
+    monkeypatch.setattr(sys.modules[PASSES["onednn_matmul"].__module__], "MIN_MULTIPLY_ADDS", 0)
+
+
 def _step(**options: object) -> gp.TrainingStep:
     cm = gp.compile(tiny_llama(layers=2), gp.Plan([gp.LoRA(targets=["q_proj", "v_proj", "down_proj"], r=4,
                                                             init="random")]), (IDS,), {"use_cache": False})
@@ -36,7 +44,7 @@ def _targets(graph: fx.Graph) -> list:
     return [n.target for n in graph.nodes if n.op == "call_function"]
 
 
-def test_structure_match_count_declines_and_verifier() -> None:
+def test_structure_match_count_declines_and_verifier(any_size: None) -> None:
     step = _step()
     before = _targets(step.graph_module.graph)
     p = PASSES["onednn_matmul"]()
@@ -53,7 +61,7 @@ def test_structure_match_count_declines_and_verifier() -> None:
     verify_training(gm)
 
 
-def test_lowered_step_matches_the_stored_graph() -> None:
+def test_lowered_step_matches_the_stored_graph(any_size: None) -> None:
     """The stored graph with oneDNN GEMMs (run by fx, no compile) against it run as is, three SGD steps."""
     ours = _step(executor=lambda gm: fx.GraphModule(gm, lower_for_torch(gm, INDUCTOR_LOWERING)))
     ref = _step(executor="fx")
@@ -81,11 +89,14 @@ def test_declines_other_dtypes_and_scaled_addmm() -> None:
 
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    gm = make_fx(M())(torch.randn(4, 8), torch.randn(8, 3), torch.randn(3))
+    gm = make_fx(M())(torch.randn(128, 64), torch.randn(64, 64), torch.randn(64))
     p = PASSES["onednn_matmul"]()
     p(gm, PassContext())
     reasons = sorted(m.reason for m in p.results if not m.ok)
     assert p.match_count() == 0 and reasons == ["addmm with alpha / beta", "not a product of 2-D float32 CPU tensors"]
+    small = make_fx(lambda x, w: torch.mm(x, w))(torch.randn(64, 64), torch.randn(64, 64))
+    p(small, PassContext())
+    assert p.match_count() == 0 and "too small" in p.results[0].reason
 
 
 def test_flop_counter_counts_the_op() -> None:
