@@ -34,6 +34,16 @@ from graphpeft.graph import op_count
 VOCAB = 256
 CYCLE = 16
 PARITY_TOL = 1e-4  # max |ORT - torch| on logits, float32
+# adapters after 5 AdamW steps in two runtimes, relative to each tensor's largest entry: AdamW
+# divides each update by its gradient's running RMS, so a last-bit difference in a tiny gradient
+# (the torch runner's silu and fused-AdamW kernels round in another order) moves an entry by up to lr
+TRAIN_PARITY_TOL = 1e-3
+TRAIN_PARITY = "ORT train step adapters vs torch (rel)"
+
+
+def parity_tol(key: str) -> float:
+    """The tolerance of the parity entry ``key``."""
+    return TRAIN_PARITY_TOL if key == TRAIN_PARITY else PARITY_TOL
 
 
 # --- configuration and report -----------------------------------------------------------------
@@ -74,7 +84,7 @@ class DemoReport:
 
     @property
     def parity_ok(self) -> bool:
-        return bool(self.parity) and all(v <= PARITY_TOL for v in self.parity.values())
+        return bool(self.parity) and all(v <= parity_tol(k) for k, v in self.parity.items())
 
     @property
     def ok(self) -> bool:
@@ -196,7 +206,7 @@ def onnx_training_section(cm: gp.CompiledModel, task: CycleTask, cfg: DemoConfig
               for k in ours)
     report.extra["onnx_train"] = {"torch": torch_losses, "onnxruntime": ort_losses,
                                   "adapter_rel_diff": rel, "graph_nodes": len(step.graph_module.graph.nodes)}
-    report.parity["ORT train step adapters vs torch (rel)"] = rel
+    report.parity[TRAIN_PARITY] = rel
 
 
 
@@ -290,9 +300,9 @@ def print_report(report: DemoReport, cfg: DemoConfig) -> None:
         for i, (a, b) in enumerate(zip(t["torch"], t["onnxruntime"])):
             p(f"    step {i}: torch {a:.6f}   onnxruntime {b:.6f}")
     p("graph ops            : " + ", ".join(f"{k} {v}" for k, v in report.ops.items()))
-    p(f"parity (max |diff| on logits, tolerance {PARITY_TOL:g}):")
+    p(f"parity (max |diff| on logits, tolerance {PARITY_TOL:g}; training step {TRAIN_PARITY_TOL:g}):")
     for k, v in report.parity.items():
-        p(f"    {k:30s} {v:.2e}  {'ok' if v <= PARITY_TOL else 'FAIL'}")
+        p(f"    {k:30s} {v:.2e}  {'ok' if v <= parity_tol(k) else 'FAIL'}")
     p(f"files in {cfg.out}/:")
     for k, v in report.files.items():
         p(f"    {k:34s} {_size(v):>12s}")
