@@ -54,15 +54,29 @@ def interleave(contenders: dict[str, Callable[[], object]], *, warmup: int = 2, 
     return {k: Stats.of(v) for k, v in samples.items()}
 
 
-def gemm_peak_gflops(n: int = 1024, repeats: int = 10) -> float:
-    """Measured float32 GEMM throughput of this machine (the roofline the step times face)."""
+def gemm_peak_gflops(n: int = 1024, repeats: int = 10, kernel: str = "best") -> float:
+    """Measured float32 GEMM throughput of this machine (the roofline the step times face).
+
+    ``kernel``: ``"mkl"`` is ``torch.mm`` (PyTorch's CPU GEMM, MKL: the one eager PyTorch and peft
+    use), ``"onednn"`` is ``graphpeft::onednn_mm`` (oneDNN, the one graphpeft's executors use
+    where it is faster: on AMD CPUs MKL keeps to AVX2), ``"best"`` the faster of the two."""
+    if kernel == "best":
+        return max(gemm_peak_gflops(n, repeats, "mkl"), gemm_peak_gflops(n, repeats, "onednn"))
     a, b = torch.randn(n, n), torch.randn(n, n)
+    if kernel == "onednn":
+        from graphpeft.training import onednn_kernels
+
+        if not onednn_kernels.available():
+            return 0.0
+        mm = onednn_kernels.onednn_mm
+    else:
+        mm = torch.mm
     for _ in range(3):
-        a @ b
+        mm(a, b)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        a @ b
+        mm(a, b)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best / 1e9
 

@@ -110,14 +110,14 @@ class NativeRunner:
 
 
 #: lowering passes (by registered name) the default runner applies to its own copy of a step graph
-TORCH_EXECUTOR_LOWERING: tuple[str, ...] = ("silu_kernels", "fused_optimizer_kernel")
+TORCH_EXECUTOR_LOWERING: tuple[str, ...] = ("silu_kernels", "onednn_matmul", "fused_optimizer_kernel")
 
 
 def lower_for_torch(gm: fx.GraphModule, names: Sequence[str] = TORCH_EXECUTOR_LOWERING) -> fx.Graph:
     """The graph the torch executor runs: a copy of ``gm``'s graph after the torch-only
-    lowering passes ``names`` (silu's math form as ATen's silu kernels, each fused AdamW chunk
-    as one fused-kernel call), or ``gm``'s own graph when none applies. ``gm`` itself is not
-    changed."""
+    lowering passes ``names`` (silu's math form as ATen's silu kernels, float32 CPU GEMMs through
+    oneDNN, each fused AdamW chunk as one fused-kernel call), or ``gm``'s own graph when none
+    applies. ``gm`` itself is not changed."""
     from ..infra import PassContext, PassManager, Pipeline, copy_graph
     from ..registry import PASSES
 

@@ -18,11 +18,10 @@ Torch-executor lowering runs on the default runner's private copy of a traced st
 
 - ``silu_kernels`` — silu's math form (forward and backward) → ATen's ``silu`` /
   ``silu_backward`` kernels;
+- ``onednn_matmul`` — float32 CPU ``mm`` / ``addmm`` (1-D bias) → ``graphpeft::onednn_mm``
+  (oneDNN instead of MKL, which keeps to AVX2 on AMD CPUs);
 - ``fused_optimizer_kernel`` — each fused AdamW chunk → one call of torch's fused kernel.
 
 Inductor-executor lowering runs on that executor's private copy before ``torch.compile``
-(``graphpeft.training.options.INDUCTOR_LOWERING``):
-
-- ``onednn_matmul`` — float32 CPU ``mm`` / ``addmm`` (1-D bias) → ``graphpeft::onednn_mm``
-  (oneDNN instead of MKL, which keeps to AVX2 on AMD CPUs).
+(``graphpeft.training.options.INDUCTOR_LOWERING``): ``onednn_matmul``.
 """

@@ -13,8 +13,9 @@ of fewer than :data:`MIN_MULTIPLY_ADDS` multiply-adds (oneDNN's per-call cost), 
 ``addmm`` adding a whole matrix (the merged LoRA branch's ``base + (x A) Bᵀ``: oneDNN's add
 post-op made the step slower than ATen's ``addmm`` there).
 
-Executor: the inductor executor applies it to its own copy of a step graph
-(``graphpeft.training.options.INDUCTOR_LOWERING``); exports and memory plans read the stored
+Executors: the default torch runner and the inductor executor apply it to their own copy of a
+step graph (``graphpeft.training.runner.TORCH_EXECUTOR_LOWERING``,
+``graphpeft.training.options.INDUCTOR_LOWERING``); exports and memory plans read the stored
 graph. Exact up to rounding (another summation order).
 """
 
