@@ -27,12 +27,16 @@ from .cases import CASES, TRAIN, Case, _gp_training_step, _targets
 
 log = logging.getLogger("benchmarks.profile")
 
+#: operator namespaces counted (ATen ops by bare name; oneDNN's GEMM runs as ``mkldnn::`` under
+#: ``graphpeft::onednn_mm`` in the torch executor)
+OP_NAMESPACES = ("aten", "mkldnn", "graphpeft")
+
 #: contenders this module knows how to profile
 PROFILED = ("peft_lora_eager", "gp_step_torch", "gp_step_ort")
 
 
 def profile_torch(step: Callable[[], Any], steps: int) -> dict[str, float]:
-    """Self CPU milliseconds per step of every ATen op kind while ``step()`` runs."""
+    """Self CPU milliseconds per step of every op kind (ATen, oneDNN, graphpeft) while ``step()`` runs."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
@@ -40,9 +44,10 @@ def profile_torch(step: Callable[[], Any], steps: int) -> dict[str, float]:
         for _ in range(steps):
             step()
     out: dict[str, float] = collections.Counter()
-    for ev in prof.key_averages():
-        if ev.key.startswith("aten::"):
-            out[ev.key[len("aten::"):]] += ev.self_cpu_time_total / 1000 / steps
+    for ev in prof.key_averages():  # self times: a graphpeft op's own time, its kernels' apart
+        ns = ev.key.split("::")[0]
+        if ns in OP_NAMESPACES:
+            out[ev.key[len("aten::"):] if ns == "aten" else ev.key] += ev.self_cpu_time_total / 1000 / steps
     return dict(out)
 
 
