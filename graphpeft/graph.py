@@ -217,8 +217,9 @@ def fake_mode_of(gm: fx.GraphModule):
     return detect_fake_mode(vals) if vals else None
 
 
-def val(node: fx.Node) -> Optional[torch.Tensor]:
-    v = node.meta.get("val")
+def val(node: object) -> Optional[torch.Tensor]:
+    """The traced tensor value of ``node`` (``meta['val']``); None for a non-tensor or a non-node."""
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
     return v if isinstance(v, torch.Tensor) else None
 
 

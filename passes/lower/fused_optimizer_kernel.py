@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from graphpeft.graph import GraphBuilder, Provenance, graph_meta
+from graphpeft.graph import GraphBuilder, Provenance, graph_meta, val
 from graphpeft.infra import PassContext, PassResult
 from graphpeft.registry import register_pass
 from graphpeft.rewrite import MatchResult, RewritePass, RewriteRule
@@ -40,11 +40,6 @@ VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 SLOTS = ("exp_avg", "exp_avg_sq")
 
 
-def _val(node: object) -> Optional[torch.Tensor]:
-    v = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
-
-
 def _flat_sources(cat: object) -> Optional[list[fx.Node]]:
     """The tensors ``cat`` concatenates flattened (``cat([view(t, [-1]), ...])``), else None."""
     if not isinstance(cat, fx.Node) or cat.target != aten.cat.default or cat.kwargs:
@@ -53,8 +48,8 @@ def _flat_sources(cat: object) -> Optional[list[fx.Node]]:
         return None
     out = []
     for piece in cat.args[0]:
-        if not isinstance(piece, fx.Node) or piece.target not in VIEWS or _val(piece) is None \
-                or _val(piece).dim() != 1:
+        if not isinstance(piece, fx.Node) or piece.target not in VIEWS or val(piece) is None \
+                or val(piece).dim() != 1:
             return None
         out.append(piece.args[0])
     return out
@@ -149,7 +144,7 @@ class AdamWChunk(RewriteRule):
         if opt.get("name") != "adamw" or opt.get("amsgrad"):
             return f"optimizer {opt.get('name')!r}{' with amsgrad' if opt.get('amsgrad') else ''}: only AdamW has a kernel here"
         b = match.bindings
-        if any(_val(p) is None or _val(p).dtype != torch.float32 for p in b["params"]):
+        if any(val(p) is None or val(p).dtype != torch.float32 for p in b["params"]):
             return "not every tensor is float32 (the kernel computes low precision in float32: other rounding)"
         inputs, names = b["inputs"], b["names"]
         splits, slots = [match.node], []
@@ -167,7 +162,7 @@ class AdamWChunk(RewriteRule):
         if grads is None:
             return "the first moment does not read one concatenation of the chunk's gradients"
         grads = [g.args[0] if g.target == aten.clone.default else g for g in grads]
-        if any(_val(g) is None or _val(g).shape != _val(p).shape for g, p in zip(grads, b["params"])):
+        if any(val(g) is None or val(g).shape != val(p).shape for g, p in zip(grads, b["params"])):
             return "a gradient's shape differs from its tensor's"
         step, lr = inputs.get(("state", STEP_KEY)), inputs.get(("lr", "lr"))
         if step is None or lr is None:
@@ -181,9 +176,9 @@ class AdamWChunk(RewriteRule):
             for item in split.users:
                 if item.target is not operator.getitem:
                     return f"{split.name} is read by {item.name}, not only indexed"
-                shape = _val(tensors[item.args[1]]).shape
-                if any(u.target not in VIEWS or _val(u).shape != shape for u in item.users) \
-                        and _val(item).shape != shape:
+                shape = val(tensors[item.args[1]]).shape
+                if any(u.target not in VIEWS or val(u).shape != shape for u in item.users) \
+                        and val(item).shape != shape:
                     return f"{item.name} is read other than viewed back to its tensor's shape"
         b.update(splits=splits, slots=[t for _, t in slots], grads=grads, step=step, lr=lr, optimizer=opt)
         return None
@@ -202,7 +197,7 @@ class AdamWChunk(RewriteRule):
             for item in list(split.users):
                 new = g.call(operator.getitem, fused, k * count + item.args[1])
                 for u in list(item.users):
-                    if u.target in VIEWS and _val(u).shape == _val(new).shape:
+                    if u.target in VIEWS and val(u).shape == val(new).shape:
                         u.replace_all_uses_with(new)
                 item.replace_all_uses_with(new)
 

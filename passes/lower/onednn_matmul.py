@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from graphpeft.graph import META_KEY, GraphBuilder, Provenance
+from graphpeft.graph import META_KEY, GraphBuilder, Provenance, val
 from graphpeft.infra import PassContext, PassResult
 from graphpeft.registry import register_pass
 from graphpeft.rewrite import MatchResult, RewritePass, RewriteRule
@@ -38,13 +38,8 @@ aten = torch.ops.aten
 MIN_MULTIPLY_ADDS = 1 << 19
 
 
-def _val(node: object) -> Optional[torch.Tensor]:
-    v = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
-
-
 def _cpu_float32_matrix(node: object) -> bool:
-    v = _val(node)
+    v = val(node)
     return v is not None and v.dim() == 2 and v.dtype == torch.float32 and v.device.type == "cpu"
 
 
@@ -68,13 +63,13 @@ class MatmulToOneDNN(RewriteRule):
             return "this PyTorch build has no oneDNN (torch.backends.mkldnn)"
         if not all(_cpu_float32_matrix(n) for n in (b["a"], b["b"], node)):
             return "not a product of 2-D float32 CPU tensors"
-        (m, k), n = _val(b["a"]).shape, _val(b["b"]).shape[1]
+        (m, k), n = val(b["a"]).shape, val(b["b"]).shape[1]
         if all(isinstance(d, int) for d in (m, k, n)) and m * k * n < MIN_MULTIPLY_ADDS:
             return f"{m}x{k}x{n} is too small: oneDNN's ~15 us per call exceed MKL's time"
         if b["bias"] is not None:
             if node.kwargs or len(node.args) != 3:
                 return "addmm with alpha / beta"
-            bias = _val(b["bias"])
+            bias = val(b["bias"])
             if bias is None or bias.dim() != 1 or bias.dtype != torch.float32:
                 return "addmm adds a whole matrix (ATen's addmm was faster than oneDNN's add post-op)"
         return None

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-from graphpeft.graph import META_KEY, GraphBuilder, Provenance
+from graphpeft.graph import META_KEY, GraphBuilder, Provenance, val
 from graphpeft.infra import PassContext, PassResult
 from graphpeft.registry import register_pass
 from graphpeft.rewrite import MatchResult, RewritePass, RewriteRule
@@ -35,11 +35,6 @@ FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 def _call(node: object, *targets: object) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
-
-
-def _val(node: fx.Node) -> Optional[torch.Tensor]:
-    v = node.meta.get("val")
-    return v if isinstance(v, torch.Tensor) else None
 
 
 def _is_one(x: object) -> bool:
@@ -72,7 +67,7 @@ def _one_minus(node: object, s: fx.Node) -> bool:
 
 
 def _same_float_shape(*nodes: fx.Node) -> Optional[str]:
-    vals = [_val(n) for n in nodes]
+    vals = [val(n) for n in nodes]
     if any(v is None for v in vals):
         return "no traced tensor value"
     if any(v.dtype not in FLOATS for v in vals):
