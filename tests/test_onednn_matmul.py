@@ -32,6 +32,7 @@ ONEDNN_MM = torch.ops.graphpeft.onednn_mm.default
 def any_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """The tiny model's products are below the pass's size floor: lower them all the same."""
     monkeypatch.setattr(sys.modules[PASSES["onednn_matmul"].__module__], "MIN_MULTIPLY_ADDS", 0)
+    monkeypatch.setenv(onednn_kernels.ENV, "1")  # whatever this CPU's measurement says
 
 
 def _step(**options: object) -> gp.TrainingStep:
@@ -82,7 +83,8 @@ def test_op_on_views_and_bias() -> None:
     torch.testing.assert_close(ONEDNN_MM(a, b, bias), torch.addmm(bias, a, b), rtol=1e-5, atol=1e-5)
 
 
-def test_declines_other_dtypes_and_scaled_addmm() -> None:
+def test_declines_other_dtypes_and_scaled_addmm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(onednn_kernels.ENV, "1")  # the reasons below, whatever this CPU measured
     class M(torch.nn.Module):
         def forward(self, x: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> tuple:
             return torch.mm(x.double(), w.double()), torch.addmm(c, x, w, beta=0.5)
@@ -105,3 +107,16 @@ def test_flop_counter_counts_the_op() -> None:
     with FlopCounterMode(display=False) as counter:
         ONEDNN_MM(torch.randn(6, 40), torch.randn(40, 24), torch.randn(24))
     assert counter.get_total_flops() == 2 * 6 * 40 * 24
+
+
+def test_declined_where_onednn_is_not_faster(any_size: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GRAPHPEFT_ONEDNN=0 (or a CPU where oneDNN measured slower): every product stays, with the reason."""
+    monkeypatch.setenv(onednn_kernels.ENV, "0")
+    assert not onednn_kernels.preferred()
+    gm = _step().graph_module
+    p = PASSES["onednn_matmul"]()
+    out = p(copy_graph(gm), PassContext()).gm
+    assert p.match_count() == 0 and not any(n.target == ONEDNN_MM for n in out.graph.nodes)
+    assert p.results and all("not faster than torch.mm" in m.reason for m in p.results if not m.ok)
+    monkeypatch.delenv(onednn_kernels.ENV)
+    assert onednn_kernels.preferred() == onednn_kernels._measured_faster(torch.get_num_threads())  # measured, cached

@@ -14,12 +14,17 @@ plans) never holds it. Results equal ``torch.mm`` up to rounding (another summat
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import logging
+import os
+import time
+from typing import Callable, Optional
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
 
 
 def _dense(t: Tensor) -> Tensor:
@@ -69,4 +74,44 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available()
 
 
-__all__ = ["available", "onednn_mm"]
+#: ``GRAPHPEFT_ONEDNN=1`` / ``0``: use oneDNN's GEMMs / PyTorch's without measuring
+ENV = "GRAPHPEFT_ONEDNN"
+#: how much faster oneDNN must run the probe product to be chosen
+MIN_SPEEDUP = 1.2
+
+
+def _best_seconds(fn: Callable[[], object], repeats: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_faster(threads: int) -> bool:
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    mkl = _best_seconds(lambda: torch.mm(a, b))
+    onednn = _best_seconds(lambda: onednn_mm(a, b))
+    log.info("oneDNN %.3f ms vs torch.mm %.3f ms on a 512^3 product (%d threads): %s", onednn * 1e3, mkl * 1e3,
+             threads, "oneDNN" if onednn * MIN_SPEEDUP <= mkl else "torch.mm")
+    return onednn * MIN_SPEEDUP <= mkl
+
+
+def preferred() -> bool:
+    """Whether the executors should run float32 CPU GEMMs through oneDNN on this machine.
+
+    oneDNN's gain is a CPU's: PyTorch's ``torch.mm`` is MKL, which keeps to AVX2 on AMD CPUs
+    (oneDNN ran this machine's products ~2x faster) but takes AVX-512 on Intel ones, where the
+    two are close. So it is measured, once per process and thread count: a 512³ product both
+    ways, oneDNN chosen when at least :data:`MIN_SPEEDUP` times faster (a ~1 ms probe). The
+    environment variable ``GRAPHPEFT_ONEDNN`` (``1`` / ``0``) decides without measuring."""
+    forced = os.environ.get(ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1" and available()
+    return available() and _measured_faster(torch.get_num_threads())
+
+
+__all__ = ["ENV", "MIN_SPEEDUP", "available", "onednn_mm", "preferred"]

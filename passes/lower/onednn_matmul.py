@@ -8,6 +8,10 @@ from 0.79× to 0.49× of peft eager at one thread. Rewritten:
 - ``mm(a, b)`` → ``onednn_mm(a, b)``;
 - ``addmm(bias, a, b)`` with a 1-D bias and unit ``alpha`` / ``beta`` → ``onednn_mm(a, b, bias)``.
 
+Only where oneDNN is faster: on a CPU where it is not (MKL takes AVX-512 on Intel CPUs) every
+product is declined with that reason (``onednn_kernels.preferred``: measured once per process;
+``GRAPHPEFT_ONEDNN=1`` / ``0`` decides instead).
+
 Left alone, with the reason ``explain`` gives: anything not 2-D float32 on the CPU, products
 of fewer than :data:`MIN_MULTIPLY_ADDS` multiply-adds (oneDNN's per-call cost), and
 ``addmm`` adding a whole matrix (the merged LoRA branch's ``base + (x A) Bᵀ``: oneDNN's add
@@ -61,6 +65,9 @@ class MatmulToOneDNN(RewriteRule):
         node, b = match.node, match.bindings
         if not onednn_kernels.available():
             return "this PyTorch build has no oneDNN (torch.backends.mkldnn)"
+        if not onednn_kernels.preferred():
+            return (f"oneDNN is not faster than torch.mm (MKL) on this CPU (measured once per process; "
+                    f"{onednn_kernels.ENV}=1 forces it)")
         if not all(_cpu_float32_matrix(n) for n in (b["a"], b["b"], node)):
             return "not a product of 2-D float32 CPU tensors"
         (m, k), n = val(b["a"]).shape, val(b["b"]).shape[1]
