@@ -54,14 +54,12 @@ def interleave(contenders: dict[str, Callable[[], object]], *, warmup: int = 2, 
     return {k: Stats.of(v) for k, v in samples.items()}
 
 
-def gemm_peak_gflops(n: int = 1024, repeats: int = 10, kernel: str = "best") -> float:
+def gemm_peak_gflops(n: int = 1024, repeats: int = 10, kernel: str = "mkl") -> float:
     """Measured float32 GEMM throughput of this machine (the roofline the step times face).
 
     ``kernel``: ``"mkl"`` is ``torch.mm`` (PyTorch's CPU GEMM, MKL: the one eager PyTorch and peft
     use), ``"onednn"`` is ``graphpeft::onednn_mm`` (oneDNN, the one graphpeft's executors use
-    where it is faster: on AMD CPUs MKL keeps to AVX2), ``"best"`` the faster of the two."""
-    if kernel == "best":
-        return max(gemm_peak_gflops(n, repeats, "mkl"), gemm_peak_gflops(n, repeats, "onednn"))
+    where it is faster: on AMD CPUs MKL keeps to AVX2; 0 without oneDNN)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     if kernel == "onednn":
         from graphpeft.training import onednn_kernels

@@ -59,9 +59,12 @@ class RewriteRule:
 
 
 class RewritePass(PassBase):
-    """Applies its rules once to every node present when the pass starts (in graph order)."""
+    """Applies its rules once to every node present when the pass starts (in graph order).
+    With ``sweep_dead_code``, the nodes a rewrite left unread are erased after a modifying run
+    (a rule that replaces a whole subgraph by one node rewires only its root)."""
 
     in_place = True
+    sweep_dead_code = False
 
     def __init__(self, rules: Sequence[RewriteRule]) -> None:
         self.rules = list(rules)
@@ -87,6 +90,8 @@ class RewritePass(PassBase):
                 ctx.report.append(m)
                 if m.ok:
                     break  # a node is rewritten by at most one rule per pass
+        if modified and self.sweep_dead_code:
+            gm.graph.eliminate_dead_code()
         return PassResult(gm, modified)
 
     def match_count(self, rule: Optional[str] = None) -> int:

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from graphpeft.graph import GraphBuilder, Provenance, graph_meta, val
-from graphpeft.infra import PassContext, PassResult
+from graphpeft.infra import PassContext
 from graphpeft.registry import register_pass
 from graphpeft.rewrite import MatchResult, RewritePass, RewriteRule
 from graphpeft.training.fused_kernels import adamw_update
@@ -212,15 +212,10 @@ class FusedOptimizerKernel(RewritePass):
     """Replaces each fused AdamW chunk's flat arithmetic by one fused-kernel op (torch executor)."""
 
     name = "fused_optimizer_kernel"
+    sweep_dead_code = True  # the flat arithmetic the kernel replaced
 
     def __init__(self) -> None:
         super().__init__([AdamWChunk()])
-
-    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        result = super().call(gm, ctx)
-        if result.modified:
-            gm.graph.eliminate_dead_code()  # the flat arithmetic the kernel replaced
-        return result
 
 
 __all__ = ["FusedOptimizerKernel", "adamw_update"]

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from graphpeft.graph import META_KEY, GraphBuilder, Provenance, val
-from graphpeft.infra import PassContext, PassResult
+from graphpeft.infra import PassContext
 from graphpeft.registry import register_pass
 from graphpeft.rewrite import MatchResult, RewritePass, RewriteRule
 from graphpeft.training import onednn_kernels
@@ -94,15 +94,10 @@ class OneDNNMatmul(RewritePass):
     """float32 CPU ``mm`` / ``addmm`` → oneDNN (``graphpeft::onednn_mm``; PyTorch executors)."""
 
     name = "onednn_matmul"
+    sweep_dead_code = True  # the replaced products
 
     def __init__(self) -> None:
         super().__init__([MatmulToOneDNN()])
-
-    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        result = super().call(gm, ctx)
-        if result.modified:
-            gm.graph.eliminate_dead_code()  # the replaced products
-        return result
 
 
 __all__ = ["OneDNNMatmul"]

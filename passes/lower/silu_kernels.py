@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from graphpeft.graph import META_KEY, GraphBuilder, Provenance, val
-from graphpeft.infra import PassContext, PassResult
+from graphpeft.infra import PassContext
 from graphpeft.registry import register_pass
 from graphpeft.rewrite import MatchResult, RewritePass, RewriteRule
 
@@ -143,15 +143,10 @@ class SiluKernels(RewritePass):
     """silu's math form → ATen's ``silu`` / ``silu_backward`` kernels (torch executor)."""
 
     name = "silu_kernels"
+    sweep_dead_code = True  # the math form the kernels replaced
 
     def __init__(self) -> None:
         super().__init__([SiluForward(), SiluBackward()])
-
-    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        result = super().call(gm, ctx)
-        if result.modified:
-            gm.graph.eliminate_dead_code()  # the math form the kernels replaced
-        return result
 
 
 __all__ = ["SiluKernels"]
